@@ -1,0 +1,49 @@
+"""dictionary_learning: train, evaluate and load sparse dictionaries (SAEs) on language-model activations.
+
+Dimension key used in tensor names throughout the package (e.g. `x_BD`, `W_dec_FD`):
+
+    B  batch (tokens)          L  sequence length
+    D  activation dimension    F  dictionary size (number of features)
+    K  k of TopK               G  number of Matryoshka groups
+
+Importing the package touches neither the network nor nnsight.
+"""
+
+__version__ = "0.2.0"
+
+from .checkpoint import CheckpointError, get_nested_folders, load_dictionary, save_dictionary
+from .dictionaries import (
+    DICTIONARY_REGISTRY,
+    AutoEncoder,
+    AutoEncoderNew,
+    AutoEncoderTopK,
+    BatchTopKSAE,
+    Dictionary,
+    GatedAutoEncoder,
+    IdentityDict,
+    JumpReluAutoEncoder,
+    MatryoshkaBatchTopKSAE,
+    register_dictionary,
+)
+from .trainers import TRAINER_REGISTRY
+from .training import trainSAE
+
+__all__ = [
+    "DICTIONARY_REGISTRY",
+    "AutoEncoder",
+    "AutoEncoderNew",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "CheckpointError",
+    "Dictionary",
+    "GatedAutoEncoder",
+    "IdentityDict",
+    "JumpReluAutoEncoder",
+    "MatryoshkaBatchTopKSAE",
+    "TRAINER_REGISTRY",
+    "get_nested_folders",
+    "load_dictionary",
+    "register_dictionary",
+    "save_dictionary",
+    "trainSAE",
+]

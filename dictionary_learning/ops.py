@@ -1,0 +1,131 @@
+"""Pure tensor functions shared by the trainers: each piece of math written once and tested once."""
+
+from __future__ import annotations
+
+import torch
+
+
+# ----------------------------------------------------------------------------- decoder-norm constraint
+@torch.no_grad()
+def unit_norm_rows_(W_FD: torch.Tensor) -> torch.Tensor:
+    """Divide each row (feature direction) by its norm, in place; eps = the dtype's machine epsilon."""
+    W_FD.div_(W_FD.norm(dim=-1, keepdim=True) + torch.finfo(W_FD.dtype).eps)
+    return W_FD
+
+
+@torch.no_grad()
+def remove_parallel_grad_(W_FD: torch.Tensor, grad_FD: torch.Tensor) -> torch.Tensor:
+    """Remove from each row's gradient its component along that row, in place.
+
+    Keeps a unit-norm decoder on its sphere to first order (Bricken et al. 2023, "Towards
+    Monosemanticity", appendix on the decoder-norm constraint).
+    """
+    W_hat_FD = W_FD / (W_FD.norm(dim=-1, keepdim=True) + 1e-6)
+    grad_FD.sub_((grad_FD * W_hat_FD).sum(-1, keepdim=True) * W_hat_FD)
+    return grad_FD
+
+
+# -------------------------------------------------------------------------------- initialisation
+@torch.no_grad()
+def geometric_median(points_ND: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """The point minimising the sum of Euclidean distances to the rows (Weiszfeld's iteration).
+
+    Used to initialise `b_dec` of TopK-family SAEs (Gao et al. 2024, section 2.1 / appendix A).
+    """
+    points_ND = points_ND.float()
+    guess_D = points_ND.mean(dim=0)
+    for _ in range(max_iter):
+        previous_D = guess_D
+        weights_N = 1.0 / (points_ND - guess_D).norm(dim=1).clamp_min(1e-12)
+        weights_N = weights_N / weights_N.sum()
+        guess_D = (weights_N[:, None] * points_ND).sum(dim=0)
+        if (guess_D - previous_D).norm() < tol:
+            break
+    return guess_D
+
+
+# ---------------------------------------------------------------------------------- sparsity terms
+def auxk_loss(
+    residual_BD: torch.Tensor,
+    relu_pre_BF: torch.Tensor,
+    dead_F: torch.Tensor,
+    k_aux: int,
+    decoder_FD: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AuxK loss of Gao et al. 2024 (appendix A.2): dead latents' top-k_aux reconstruct the residual.
+
+    Returns `(normalised, raw)`: raw = mean squared error of the dead latents' reconstruction
+    (decoder without bias) of the detached residual; normalised divides it by the residual's
+    variance so that the coefficient (1/32 in appendix B.1) does not depend on scale. Both are 0
+    when no latent is dead. Computed without host synchronisation.
+    """
+    k_aux = min(k_aux, dead_F.numel())
+    masked_BF = torch.where(dead_F, relu_pre_BF, torch.full_like(relu_pre_BF, -torch.inf))
+    values_BK, indices_BK = masked_BF.topk(k_aux, dim=-1, sorted=False)
+    # Entries beyond the number of dead latents are -inf: they contribute nothing.
+    values_BK = torch.where(torch.isfinite(values_BK), values_BK, torch.zeros_like(values_BK))
+    recon_BD = torch.zeros_like(relu_pre_BF).scatter_(-1, indices_BK, values_BK) @ decoder_FD
+    raw = (residual_BD.float() - recon_BD.float()).pow(2).sum(-1).mean()
+    scale = (residual_BD.float() - residual_BD.float().mean(0)).pow(2).sum(-1).mean()
+    any_dead = dead_F.any()
+    normalised = torch.where(any_dead, (raw / scale).nan_to_num(0.0), torch.zeros_like(raw))
+    return normalised, torch.where(any_dead, raw, torch.full_like(raw, -1.0))
+
+
+def lp_norm(f_BF: torch.Tensor, p: float, kind: str = "Lp") -> torch.Tensor:
+    """Sparsity penalty for p-annealing: `"Lp^p"` = mean_b sum_F f^p, `"Lp"` = mean_b (sum_F f^p)^(1/p).
+
+    At `p = 0` both count non-zero features (L0); the reference divides by zero there with its
+    default `p_end=0` and `"Lp"`.
+    """
+    if kind not in ("Lp", "Lp^p"):
+        raise ValueError(f"sparsity_function must be 'Lp' or 'Lp^p', got {kind!r}")
+    if p == 0:
+        return (f_BF != 0).to(f_BF.dtype).sum(-1).mean()
+    s_B = f_BF.pow(p).sum(-1)
+    return s_B.mean() if kind == "Lp^p" else s_B.pow(1.0 / p).mean()
+
+
+# ------------------------------------------------------------------------ JumpReLU estimators
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """`x * 1[x > theta]`; straight-through gradient for theta (Rajamanoharan et al. 2024, eq. 11)."""
+
+    @staticmethod
+    def forward(ctx, x, threshold, bandwidth):
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return x * (x > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_x = (x > threshold) * grad_out
+        grad_theta = -(threshold / bw) * _rectangle((x - threshold) / bw) * grad_out
+        return grad_x, _sum_to(grad_theta, threshold), None
+
+
+class StepFunction(torch.autograd.Function):
+    """`1[x > theta]`; gradient only to theta, `-(1/eps) * rect((x - theta)/eps)` (eq. 12)."""
+
+    @staticmethod
+    def forward(ctx, x, threshold, bandwidth):
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_theta = -(1.0 / bw) * _rectangle((x - threshold) / bw) * grad_out
+        return torch.zeros_like(x), _sum_to(grad_theta, threshold), None
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of `like` (the per-feature threshold)."""
+    return grad.reshape(-1, *like.shape).sum(0) if grad.shape != like.shape else grad

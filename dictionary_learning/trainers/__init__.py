@@ -1,0 +1,30 @@
+"""Training recipes. Each registers itself in TRAINER_REGISTRY (the list trainSAE and the CLI read)."""
+
+from .batch_top_k import BatchTopKSAE, BatchTopKTrainer
+from .gated_anneal import GatedAnnealTrainer
+from .gdm import GatedSAETrainer
+from .jumprelu import JumpReluTrainer
+from .matryoshka_batch_top_k import MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTrainer
+from .p_anneal import PAnnealTrainer
+from .standard import StandardTrainer, StandardTrainerAprilUpdate
+from .top_k import AutoEncoderTopK, TopKTrainer
+from .trainer import TRAINER_REGISTRY, ConstrainedAdam, SAETrainer, register_trainer
+
+__all__ = [
+    "TRAINER_REGISTRY",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "BatchTopKTrainer",
+    "ConstrainedAdam",
+    "GatedAnnealTrainer",
+    "GatedSAETrainer",
+    "JumpReluTrainer",
+    "MatryoshkaBatchTopKSAE",
+    "MatryoshkaBatchTopKTrainer",
+    "PAnnealTrainer",
+    "SAETrainer",
+    "StandardTrainer",
+    "StandardTrainerAprilUpdate",
+    "TopKTrainer",
+    "register_trainer",
+]

@@ -1,0 +1,90 @@
+"""JumpReLU SAE training (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction
+Fidelity with JumpReLU Sparse Autoencoders").
+
+The L0 penalty's gradient reaches the thresholds through straight-through estimators applied to
+the pre-activations (eq. 12), not to the already-jumped features as the reference does (its
+issue #55): pre-activations just below a threshold then pull it down, as the paper intends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dictionaries import JumpReluAutoEncoder
+from ..ops import JumpReLUFunction, StepFunction
+from .trainer import SAETrainer, StepOutput, get_lr_schedule, get_sparsity_warmup_fn, register_trainer
+from .top_k import DEAD_FEATURE_TOKENS
+
+SPARSITY_LOSSES = ("target_l0", "l0")
+
+
+@register_trainer
+class JumpReluTrainer(SAETrainer):
+    """`loss = ||x - x_hat||^2 + s(t) * penalty`, penalty = `sparsity_penalty * (L0/target_l0 - 1)^2`
+    (the reference's target-L0 form, default) or `sparsity_penalty * L0` (the paper's, with
+    `sparsity_loss="l0"`). Adam(beta1=0), unit-norm decoder rows with projected gradients, clip 1.
+    """
+
+    project_decoder_grad = True
+    grad_clip_norm = 1.0
+    state_attrs = ("num_tokens_since_fired",)
+    logging_parameters = ["dead_features"]
+
+    def __init__(
+        self,
+        steps: int,
+        activation_dim: int,
+        dict_size: int,
+        layer: int | None = None,
+        lm_name: str | None = None,
+        dict_class: type = JumpReluAutoEncoder,
+        seed: int | None = None,
+        lr: float = 7e-5,
+        bandwidth: float = 0.001,
+        sparsity_penalty: float = 1.0,
+        warmup_steps: int = 1000,
+        sparsity_warmup_steps: int | None = 2000,
+        decay_start: int | None = None,
+        target_l0: float = 20.0,
+        sparsity_loss: str = "target_l0",
+        device: str | None = None,
+        wandb_name: str = "JumpRelu",
+        submodule_name: str | None = None,
+    ):
+        if sparsity_loss not in SPARSITY_LOSSES:
+            raise ValueError(f"sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
+        if target_l0 <= 0:
+            raise ValueError(f"target_l0 must be > 0, got {target_l0}")
+        self._setup(seed, device, dict_class, activation_dim, dict_size)
+        self.steps = steps
+        self.lr = lr
+        self.bandwidth = bandwidth
+        self.sparsity_coefficient = sparsity_penalty
+        self.target_l0 = target_l0
+        self.sparsity_loss = sparsity_loss
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+        self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start, None, sparsity_warmup_steps))
+        self.sparsity_warmup_fn = get_sparsity_warmup_fn(steps, sparsity_warmup_steps)
+        self.num_tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
+
+    def _compute(self, x, step):
+        x = x.reshape(-1, x.shape[-1]).to(self.ae.W_enc.dtype)
+        pre = self.ae.pre_activations(x)
+        f = JumpReLUFunction.apply(pre, self.ae.threshold, self.bandwidth)
+        x_hat = self.ae.decode(f)
+        recon = (x - x_hat).pow(2).sum(-1).mean()
+        l0 = StepFunction.apply(pre, self.ae.threshold, self.bandwidth).sum(-1).mean()
+        if self.sparsity_loss == "target_l0":
+            penalty = self.sparsity_coefficient * (l0 / self.target_l0 - 1).pow(2)
+        else:
+            penalty = self.sparsity_coefficient * l0
+        scale = 1.0 if step is None else self.sparsity_warmup_fn(step)
+        loss = recon + penalty * scale
+        fired_F = (f.detach() > 0).any(0)
+        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x.shape[0])
+        logs = {"l2_loss": recon, "sparsity_loss": penalty, "l0_estimate": l0, "loss": loss,
+                "dead_features": (counter_F > DEAD_FEATURE_TOKENS).sum()}
+        return StepOutput(loss, x_hat, f, logs, {"counter_F": counter_F})
+
+    def _commit(self, out, step):
+        self.num_tokens_since_fired = out.commit["counter_F"]

@@ -1,0 +1,150 @@
+"""TopK SAE training (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+The loss is plain reconstruction plus the AuxK term for dead latents; sparsity comes from the
+architecture. After `threshold_start_step`, an EMA of the smallest kept activation gives a global
+threshold for JumpReLU-style inference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dictionaries import AutoEncoderTopK
+from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
+from ..ops import auxk_loss, geometric_median
+from .trainer import SAETrainer, StepOutput, default_topk_lr, get_lr_schedule, register_trainer
+
+# Reference re-exports: `from dictionary_learning.trainers.top_k import AutoEncoderTopK, geometric_median`.
+__all__ = ["AutoEncoderTopK", "TopKTrainer", "geometric_median"]
+
+# A latent is dead after this many tokens without firing (Gao et al. 2024, appendix A.2).
+DEAD_FEATURE_TOKENS = 10_000_000
+
+
+@register_trainer
+class TopKTrainer(SAETrainer):
+    """TopK recipe: Adam, decoder kept unit-norm with projected gradients, clipping at 1,
+    geometric-median `b_dec` init, AuxK (coefficient `auxk_alpha`, 1/32 as in appendix B.1),
+    optional k-annealing from `activation_dim` down to `k` over `k_anneal_steps`.
+    """
+
+    project_decoder_grad = True
+    grad_clip_norm = 1.0
+    state_attrs = ("num_tokens_since_fired",)
+    logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
+
+    def __init__(
+        self,
+        steps: int,
+        activation_dim: int,
+        dict_size: int,
+        k: int,
+        layer: int | None = None,
+        lm_name: str | None = None,
+        dict_class: type = AutoEncoderTopK,
+        lr: float | None = None,
+        auxk_alpha: float = 1 / 32,
+        warmup_steps: int = 1000,
+        decay_start: int | None = None,
+        threshold_beta: float = 0.999,
+        threshold_start_step: int = 1000,
+        k_anneal_steps: int | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        wandb_name: str = "AutoEncoderTopK",
+        submodule_name: str | None = None,
+    ):
+        self._setup(seed, device, dict_class, activation_dim, dict_size, k, **self._extra_dict_kwargs())
+        self._init_topk(steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta,
+                        threshold_start_step, k_anneal_steps)
+
+    def _extra_dict_kwargs(self) -> dict:
+        return {}
+
+    def _init_topk(self, steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta,
+                   threshold_start_step, k_anneal_steps) -> None:
+        self.steps = steps
+        self.k = k
+        self.lr = default_topk_lr(self.ae.dict_size) if lr is None else lr
+        self.auxk_alpha = auxk_alpha
+        self.threshold_beta = threshold_beta
+        self.threshold_start_step = threshold_start_step
+        self.top_k_aux = self.ae.activation_dim // 2  # Gao et al. appendix B.1 use k_aux = d_model / 2
+        if k_anneal_steps is not None and not 0 < k_anneal_steps < steps:
+            raise ValueError(f"k_anneal_steps={k_anneal_steps} must be > 0 and < steps={steps}")
+        self.k_anneal_steps = k_anneal_steps
+        self.k_anneal_start = max(self.ae.activation_dim, k) if k_anneal_steps else k
+        self.k_anneal_start = min(self.k_anneal_start, self.ae.dict_size)
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start))
+        self.num_tokens_since_fired = torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device)
+        if k_anneal_steps:
+            self.ae.set_k(self.annealed_k(0))
+
+    def _resolved_config(self):
+        return {"lr": self.lr, "top_k_aux": self.top_k_aux}
+
+    # ------------------------------------------------------------------------------------- hooks
+    def annealed_k(self, step: int) -> int:
+        """k used at `step`: linear from `k_anneal_start` (activation_dim) to k over k_anneal_steps."""
+        if not self.k_anneal_steps:
+            return self.k
+        r = min(step, self.k_anneal_steps) / self.k_anneal_steps
+        return int(self.k_anneal_start * (1 - r) + self.k * r)
+
+    def _prepare(self, step, x):
+        if step == 0 and self.steps_done == 0:
+            self.ae.b_dec.data.copy_(geometric_median(x.reshape(-1, x.shape[-1])).to(self.ae.b_dec.dtype))
+        if self.k_anneal_steps:
+            self.ae.set_k(self.annealed_k(step))
+
+    def _encode_for_training(self, x):
+        """(f, relu pre-activations, fired mask [F], smallest-kept statistic input)."""
+        f, values_BK, indices_BK, a = self.ae.encode(x, return_topk=True, use_threshold=False)
+        fired_F = torch.zeros(self.ae.dict_size, dtype=torch.bool, device=x.device)
+        fired_F[indices_BK.flatten()] = True
+        return f, a, fired_F, values_BK
+
+    def _reconstruction(self, x, f):
+        """(x_hat, l2 loss, logs, residual for AuxK)."""
+        x_hat = self.ae.decode(f)
+        err = x - x_hat
+        l2 = err.pow(2).sum(-1).mean()
+        return x_hat, l2, {"l2_loss": l2}, err
+
+    def _compute(self, x, step):
+        x2 = x.reshape(-1, x.shape[-1])
+        f, a, fired_F, kept = self._encode_for_training(x2)
+        x_hat, l2, logs, residual = self._reconstruction(x2, f)
+        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x2.shape[0])
+        dead_F = counter_F >= DEAD_FEATURE_TOKENS
+        if self.auxk_alpha > 0:
+            auxk, raw = auxk_loss(residual.detach(), a, dead_F, self.top_k_aux, self.ae.decoder_FD())
+        else:
+            auxk = raw = torch.zeros((), device=x.device)
+        loss = l2 + self.auxk_alpha * auxk
+        logs |= {"auxk_loss": auxk, "loss": loss, "effective_l0": self.ae._k, "dead_features": dead_F.sum(),
+                 "pre_norm_auxk_loss": raw}
+        commit = {"counter_F": counter_F, "kept": kept}
+        return StepOutput(loss, x_hat.view_as(x), f.view(*x.shape[:-1], -1), logs, commit)
+
+    def _commit(self, out, step):
+        self.num_tokens_since_fired = out.commit["counter_F"]
+        if step > self.threshold_start_step:
+            self._update_threshold(out.commit["kept"].detach())
+
+    @torch.no_grad()
+    def _update_threshold(self, kept):
+        """EMA of the per-row smallest kept activation; rows with no positive activation are skipped
+        (the reference lets them turn the threshold into +inf)."""
+        positive = kept > 0
+        row_min = torch.where(positive, kept, torch.inf).min(-1).values.float()
+        valid = positive.any(-1)
+        count = valid.sum()
+        m = torch.where(valid, row_min, 0.0).sum() / count.clamp_min(1)
+        self._ema_threshold(m, count > 0)
+
+    def _ema_threshold(self, m, has_value):
+        thr = self.ae.threshold
+        new = torch.where(thr < 0, m, self.threshold_beta * thr + (1 - self.threshold_beta) * m)
+        thr.copy_(torch.where(has_value, new, thr))

@@ -1,0 +1,383 @@
+"""trainSAE: one activation stream -> many trainers in lock-step -> checkpoint folders.
+
+Layout written under `save_dir` (the reference's, plus a resume file):
+
+    trainer_{i}/config.json              {"trainer": trainer.config, "buffer": data.config, ...}
+    trainer_{i}/ae.pt                    final weights, normalisation folded in (loads anywhere)
+    trainer_{i}/checkpoints/ae_{s}.pt    weights before step s, normalisation folded in
+    trainer_{i}/resume.pt                full training state for `resume_from`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import CONFIG_FILE, atomic_torch_save, atomic_write_json, read_config, save_dictionary
+from .dictionaries import Dictionary
+from .evaluation import frac_variance_explained
+from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, resolve_device
+
+logger = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.pt"
+
+
+# ------------------------------------------------------------------------------------------- setup
+def build_trainer(config: dict, steps: int, device: str | None = None) -> SAETrainer:
+    """Instantiate a trainer from a reference-style config dict (not mutated): `{"trainer": cls, ...}`."""
+    cfg = dict(config)
+    trainer_cls = cfg.pop("trainer", None) or TRAINER_REGISTRY.get(cfg.pop("trainer_class", None))
+    if isinstance(trainer_cls, str):
+        if trainer_cls not in TRAINER_REGISTRY:
+            raise ValueError(f"unknown trainer {trainer_cls!r}; choose one of {', '.join(TRAINER_REGISTRY)}")
+        trainer_cls = TRAINER_REGISTRY[trainer_cls]
+    if trainer_cls is None:
+        raise ValueError(f"a trainer config needs a 'trainer' entry (one of {', '.join(TRAINER_REGISTRY)})")
+    if cfg.get("steps") is None:
+        cfg["steps"] = steps
+    if device is not None and cfg.get("device") is None:
+        cfg["device"] = device
+    cfg = {k: v for k, v in cfg.items() if k in trainer_cls.config_keys() or k not in _RECORDED_ONLY}
+    trainer_cls.check_config_keys(cfg)
+    return trainer_cls(**cfg)
+
+
+# Keys our config records add beside the constructor arguments; dropped when rebuilding a trainer.
+_RECORDED_ONLY = {"trainer_class", "top_k_aux", "group_sizes", "norm_factor"}
+
+
+def get_norm_factor(batches: list[torch.Tensor]) -> float:
+    """Scale s such that x / s has unit mean squared norm (Anthropic's normalisation, see
+    arXiv 2408.05147 section 3.1): `s = sqrt(mean over rows of ||x||^2)`."""
+    sq = torch.cat([b.reshape(-1, b.shape[-1]).float().pow(2).sum(-1) for b in batches])
+    return float(sq.mean().sqrt())
+
+
+def _check_batch(batch: Any, trainers: list[SAETrainer]) -> None:
+    if not isinstance(batch, torch.Tensor) or batch.ndim < 2:
+        raise ValueError(f"data must yield activation tensors of shape [batch, d], got {_describe(batch)}")
+    for i, trainer in enumerate(trainers):
+        if batch.shape[-1] != trainer.ae.activation_dim:
+            raise ValueError(
+                f"data yields batches of width {batch.shape[-1]} but trainer {i} ({type(trainer).__name__}) "
+                f"has activation_dim={trainer.ae.activation_dim}"
+            )
+
+
+def _describe(obj: Any) -> str:
+    return f"a tensor of shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
+
+
+class _GracefulInterrupt:
+    """First Ctrl-C: finish the current step, save a resumable state, then raise KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt received: saving after this step (press Ctrl-C again to abort at once)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------ persistence
+class _RunFiles:
+    """Writes one run's folders; a no-op when `save_dir` is None."""
+
+    def __init__(self, save_dir: str | Path | None, n_trainers: int, safetensors: bool):
+        self.dirs = [Path(save_dir) / f"trainer_{i}" for i in range(n_trainers)] if save_dir else []
+        self.safetensors = safetensors
+
+    def write_configs(self, trainers, data, run_cfg, norm_factor) -> None:
+        for folder, trainer in zip(self.dirs, trainers):
+            config: dict[str, Any] = {"trainer": trainer.config}
+            if norm_factor is not None:
+                config["trainer"]["norm_factor"] = norm_factor  # already folded into the saved weights
+            if getattr(data, "config", None) is not None:
+                config["buffer"] = data.config
+            if run_cfg:
+                config["run"] = run_cfg
+            config["library"] = {"name": "dictionary_learning", "version": __version__}
+            atomic_write_json(config, folder / CONFIG_FILE)
+
+    def save_weights(self, trainers, norm_factor, step: int | None = None) -> None:
+        for folder, trainer in zip(self.dirs, trainers):
+            scale = norm_factor or 1.0
+            if step is None:
+                save_dictionary(trainer.ae, folder, read_config(folder), self.safetensors, bias_scale=scale)
+            else:
+                path = folder / "checkpoints" / f"ae_{step}.pt"
+                atomic_torch_save(trainer.ae.scaled_state_dict(scale), path)
+
+    def save_resume(self, trainers, next_step: int, batches_consumed: int, norm_factor) -> None:
+        for folder, trainer in zip(self.dirs, trainers):
+            atomic_torch_save(
+                {
+                    "format": 1,
+                    "trainer": trainer.state_dict(),
+                    "config": trainer.config,
+                    "next_step": next_step,
+                    "batches_consumed": batches_consumed,
+                    "norm_factor": norm_factor,
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                folder / RESUME_FILE,
+            )
+
+
+def _load_resume_states(resume_from: str | Path) -> list[dict]:
+    folders = sorted(Path(resume_from).glob("trainer_*"), key=lambda p: int(p.name.split("_")[1]))
+    states = []
+    for folder in folders:
+        path = folder / RESUME_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: {path} does not exist (was the run saved with save_dir?)")
+        states.append(torch.load(path, map_location="cpu", weights_only=True))
+    if not states:
+        raise FileNotFoundError(f"cannot resume: {resume_from} holds no trainer_* folders")
+    return states
+
+
+# ---------------------------------------------------------------------------------------- logging
+@torch.no_grad()
+def log_stats(trainers: list[SAETrainer], step: int, act: torch.Tensor) -> list[dict[str, float]]:
+    """Per trainer: its loss terms, L0, fraction of variance explained and logging parameters.
+
+    Computing them changes no trainer state, so logging cadence does not affect training.
+    """
+    records = []
+    for trainer in trainers:
+        log = trainer.loss(act, step=step, logging=True)
+        record = dict(log.losses)
+        record["l0"] = float((log.f != 0).float().sum(-1).mean())
+        record["frac_variance_explained"] = float(frac_variance_explained(log.x, log.x_hat))
+        records.append(record)
+    return records
+
+
+class _WandbLogger:
+    """One wandb run per trainer, in this process (wandb is optional)."""
+
+    def __init__(self, trainers, entity, project, run_cfg):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("use_wandb=True needs the optional wandb package: pip install wandb") from e
+        self.runs = []
+        for i, trainer in enumerate(trainers):
+            config = trainer.config | (run_cfg or {})
+            name = f"{config.get('wandb_name', 'trainer')}_trainer_{i}"
+            self.runs.append(wandb.init(entity=entity or None, project=project or None, config=config,
+                                        name=name, reinit="create_new"))
+
+    def log(self, records, step):
+        for run, record in zip(self.runs, records):
+            run.log(record, step=step)
+
+    def finish(self):
+        for run in self.runs:
+            run.finish()
+
+
+# ------------------------------------------------------------------------------------------- main
+def trainSAE(
+    data: Iterable[torch.Tensor],
+    trainer_configs: list[dict] | None,
+    steps: int,
+    use_wandb: bool = False,
+    wandb_entity: str = "",
+    wandb_project: str = "",
+    save_steps: list[int] | None = None,
+    save_dir: str | Path | None = None,
+    log_steps: int | None = None,
+    activations_split_by_head: bool = False,
+    transcoder: bool = False,
+    run_cfg: dict | None = None,
+    normalize_activations: bool = False,
+    verbose: bool = False,
+    device: str | None = None,
+    autocast_dtype: torch.dtype = torch.float32,
+    backup_steps: int | None = None,
+    resume_from: str | Path | None = None,
+    norm_factor_batches: int = 10,
+    safetensors: bool = False,
+    progress: bool = True,
+) -> list[Dictionary]:
+    """Train every trainer in `trainer_configs` on the same batches of `data`; return the dictionaries.
+
+    Args:
+        data: iterable of activation batches `[B, D]` (a buffer, a cache, a list of tensors).
+        trainer_configs: reference-style dicts `{"trainer": TopKTrainer, "k": 32, ...}` (not mutated).
+            May be None with `resume_from`, to rebuild the trainers from their saved configs.
+        steps: number of optimisation steps (batches) to train for.
+        save_steps: steps before which `checkpoints/ae_{step}.pt` is written.
+        log_steps: cadence of the progress-bar statistics, `verbose` log lines and wandb (default
+            steps // 100).
+        normalize_activations: divide inputs by a norm factor measured on the first
+            `norm_factor_batches` batches (which are still used for training); the factor is folded
+            into the saved and returned weights, which therefore work on raw activations.
+        autocast_dtype: mixed-precision dtype of the forward passes (master weights stay fp32).
+        backup_steps: cadence of the resumable state `resume.pt` (it is also written at every save
+            step, at the end and on the first Ctrl-C).
+        resume_from: a previous `save_dir`; training continues from its `resume.pt` files.
+    Returns:
+        The trained dictionaries, normalisation folded in.
+    """
+    if activations_split_by_head or transcoder:
+        raise NotImplementedError("activations_split_by_head and transcoder training are not supported yet")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if save_dir is None and resume_from is not None:
+        save_dir = resume_from
+
+    resume_states = _load_resume_states(resume_from) if resume_from is not None else None
+    if trainer_configs is None:
+        if resume_states is None:
+            raise ValueError("trainer_configs is required unless resume_from is given")
+        trainer_configs = [s["config"] for s in resume_states]
+    if not trainer_configs:
+        raise ValueError("trainer_configs is empty: pass at least one trainer config")
+    trainers = [build_trainer(cfg, steps, device) for cfg in trainer_configs]
+
+    batches: Iterator[torch.Tensor] = iter(data)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValueError("data yielded no batches: check the data source (empty file, exhausted iterator)") from None
+    _check_batch(first, trainers)
+    batches = itertools.chain([first], batches)
+
+    start_step, consumed, norm_factor = 0, 0, None
+    if resume_states is not None:
+        start_step, consumed, norm_factor = _restore(trainers, resume_states)
+        for _ in range(consumed):  # put the stream where the interrupted run left it
+            next(batches, None)
+    elif normalize_activations:
+        peeked = list(itertools.islice(batches, norm_factor_batches))
+        norm_factor = get_norm_factor(peeked)
+        logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
+        batches = itertools.chain(peeked, batches)
+
+    files = _RunFiles(save_dir, len(trainers), safetensors)
+    files.write_configs(trainers, data, run_cfg, norm_factor)
+    log_every = log_steps or max(1, steps // 100)
+    wandb_logger = _WandbLogger(trainers, wandb_entity, wandb_project, run_cfg) if use_wandb else None
+    skipped = 0
+    bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="trainSAE")
+    step = start_step
+    with _GracefulInterrupt() as interrupt:
+        while step < steps:
+            act = next(batches, None)
+            if act is None:
+                logger.warning("data ran out after %d of %d steps; stopping early", step, steps)
+                break
+            consumed += 1
+            if not bool(torch.isfinite(act).all()):
+                skipped += 1
+                logger.warning("skipping a batch with NaN/Inf activations (%d skipped so far)", skipped)
+                continue
+            inputs = _DeviceCache(act, norm_factor)
+
+            if step % log_every == 0 and (progress or verbose or wandb_logger):
+                records = log_stats(trainers, step, inputs.on(trainers[0].device))
+                _report(records, step, bar, verbose, wandb_logger, skipped)
+            if save_steps is not None and step in save_steps:
+                files.save_weights(trainers, norm_factor, step=step)
+            for trainer in trainers:
+                with _autocast(trainer.device, autocast_dtype):
+                    trainer.update(step, inputs.on(trainer.device))
+            step += 1
+            bar.update(1)
+            if (backup_steps and step % backup_steps == 0) or interrupt.requested:
+                files.save_resume(trainers, step, consumed, norm_factor)
+            if interrupt.requested:
+                bar.close()
+                raise KeyboardInterrupt(f"training interrupted after step {step}; resume with resume_from")
+    bar.close()
+
+    files.save_resume(trainers, step, consumed, norm_factor)
+    files.save_weights(trainers, norm_factor)
+    if wandb_logger is not None:
+        wandb_logger.finish()
+    if skipped:
+        logger.warning("%d batches with NaN/Inf activations were skipped", skipped)
+    for trainer in trainers:
+        if norm_factor is not None:
+            trainer.ae.scale_biases(norm_factor)
+    return [trainer.ae for trainer in trainers]
+
+
+class _DeviceCache:
+    """The batch moved, cast to fp32 and normalised once per device, shared by all trainers there."""
+
+    def __init__(self, act: torch.Tensor, norm_factor: float | None):
+        self.act, self.norm_factor, self.cache = act, norm_factor, {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self.cache:
+            x = self.act.to(device, non_blocking=True).float()
+            self.cache[device] = x / self.norm_factor if self.norm_factor is not None else x
+        return self.cache[device]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=resolve_device(device).type, dtype=dtype)
+
+
+def _restore(trainers: list[SAETrainer], states: list[dict]) -> tuple[int, int, float | None]:
+    if len(states) != len(trainers):
+        raise ValueError(f"resume folder has {len(states)} trainers but {len(trainers)} configs were given")
+    for i, (trainer, state) in enumerate(zip(trainers, states)):
+        saved = {k: v for k, v in state["config"].items() if k != "norm_factor"}
+        differing = sorted(k for k in set(saved) | set(trainer.config) if saved.get(k) != trainer.config.get(k))
+        if differing:
+            raise ValueError(f"trainer {i}'s config differs from the saved run in {differing}; "
+                             f"pass trainer_configs=None to resume with the saved configs")
+        trainer.load_state_dict(state["trainer"])
+    torch.set_rng_state(states[0]["rng"])
+    if torch.cuda.is_available() and states[0]["cuda_rng"]:
+        torch.cuda.set_rng_state_all(states[0]["cuda_rng"])
+    return states[0]["next_step"], states[0]["batches_consumed"], states[0]["norm_factor"]
+
+
+def _report(records, step, bar, verbose, wandb_logger, skipped) -> None:
+    first = records[0]
+    postfix = {"loss": f"{first['loss']:.4g}", "L0": f"{first['l0']:.1f}",
+               "FVE": f"{first['frac_variance_explained']:.3f}"}
+    if len(records) > 1:
+        fves = [r["frac_variance_explained"] for r in records]
+        postfix["FVE_all"] = f"{min(fves):.2f}..{max(fves):.2f}"
+    if skipped:
+        postfix["skipped"] = skipped
+    bar.set_postfix(postfix)
+    if verbose:
+        for i, r in enumerate(records):
+            logger.info("step %d trainer %d: L0 = %.2f, frac_variance_explained = %.4f, loss = %.5g",
+                        step, i, r["l0"], r["frac_variance_explained"], r["loss"])
+    if wandb_logger is not None:
+        wandb_logger.log(records, step)
