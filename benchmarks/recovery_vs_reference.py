@@ -27,8 +27,9 @@ D, F = 32, 64
 
 def configs(t, steps: int) -> list[dict]:
     """Identical configs for both packages; `t` maps a trainer name to its class."""
-    common = dict(steps=steps, activation_dim=D, dict_size=F, warmup_steps=20, seed=0, layer=0, lm_name="synthetic",
-                  device="cpu")
+    common = dict(
+        steps=steps, activation_dim=D, dict_size=F, warmup_steps=20, seed=0, layer=0, lm_name="synthetic", device="cpu"
+    )
     pen = dict(common, sparsity_warmup_steps=50)
     anneal = dict(pen, lr=3e-3, initial_sparsity_penalty=0.3, anneal_start=steps // 2, p_end=0.5)
     topk = dict(common, k=4, threshold_start_step=50)
@@ -53,8 +54,10 @@ def run(impl: str, steps: int) -> list[dict]:
         from dictionary_learning.training import trainSAE
 
         classes = {name: getattr(trainers_mod, name, None) for name in dir(trainers_mod)}
-        classes |= {"MatryoshkaBatchTopKTrainer": MatryoshkaBatchTopKTrainer,
-                    "StandardTrainerAprilUpdate": StandardTrainerAprilUpdate}
+        classes |= {
+            "MatryoshkaBatchTopKTrainer": MatryoshkaBatchTopKTrainer,
+            "StandardTrainerAprilUpdate": StandardTrainerAprilUpdate,
+        }
     else:
         from dictionary_learning import TRAINER_REGISTRY as classes
         from dictionary_learning import trainSAE
@@ -74,6 +77,7 @@ def run(impl: str, steps: int) -> list[dict]:
                 folder = f"{tmp}/trainer_{i}"
                 if name == "StandardTrainerAprilUpdate":  # its config names no loadable class
                     from dictionary_learning.dictionary import AutoEncoder
+
                     aes.append(AutoEncoder.from_pretrained(f"{folder}/ae.pt"))
                 else:
                     aes.append(load_dictionary(folder, device="cpu")[0])
@@ -87,8 +91,15 @@ def run(impl: str, steps: int) -> list[dict]:
             x_hat, f = ae(x, output_features=True)
         decoder_FD = ae.W_dec if hasattr(ae, "W_dec") else ae.decoder.weight.T
         fve = 1 - (x - x_hat).var(0).sum() / x.var(0).sum()
-        results.append({"trainer": name, "recovered": data.recovered(decoder_FD),
-                        "fve": float(fve), "l0": float((f != 0).float().sum(-1).mean()), "seconds": seconds})
+        results.append(
+            {
+                "trainer": name,
+                "recovered": data.recovered(decoder_FD),
+                "fve": float(fve),
+                "l0": float((f != 0).float().sum(-1).mean()),
+                "seconds": seconds,
+            }
+        )
     return results
 
 
@@ -104,14 +115,22 @@ def main() -> None:
     if not args.reference_python:
         parser.error("--reference-python is required with --impl both")
     ours = run("ours", args.steps)
-    out = subprocess.run([args.reference_python, __file__, "--impl", "reference", "--steps", str(args.steps)],
-                         check=True, capture_output=True, text=True, cwd="/tmp")
+    out = subprocess.run(
+        [args.reference_python, __file__, "--impl", "reference", "--steps", str(args.steps)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+    )
     reference = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{args.steps} steps of 256 tokens, D={D}, F={F}, 48 planted features (cosine > 0.9)")
-    print(f"{'trainer':28s} {'ours':>5s} {'ref':>5s}   {'FVE ours':>8s} {'FVE ref':>8s}   {'L0 ours':>7s} {'L0 ref':>7s}")
+    header = ("trainer", "ours", "ref", "FVE ours", "FVE ref", "L0 ours", "L0 ref")
+    print("{:28s} {:>5s} {:>5s}   {:>8s} {:>8s}   {:>7s} {:>7s}".format(*header))
     for a, b in zip(ours, reference):
-        print(f"{a['trainer']:28s} {a['recovered']:5d} {b['recovered']:5d}   {a['fve']:8.3f} {b['fve']:8.3f}"
-              f"   {a['l0']:7.2f} {b['l0']:7.2f}")
+        print(
+            f"{a['trainer']:28s} {a['recovered']:5d} {b['recovered']:5d}   {a['fve']:8.3f} {b['fve']:8.3f}"
+            f"   {a['l0']:7.2f} {b['l0']:7.2f}"
+        )
     print(f"wall time: ours {ours[0]['seconds']:.1f} s, reference {reference[0]['seconds']:.1f} s")
 
 

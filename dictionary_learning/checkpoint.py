@@ -170,13 +170,14 @@ def infer_dictionary_class(state_dict: dict[str, torch.Tensor], source: str = "s
     matches = [cls for cls in DICTIONARY_REGISTRY.values() if cls.matches_state_dict(keys)]
     if not matches:
         raise CheckpointError(
-            f"{source}: keys {sorted(keys)} match no known dictionary architecture "
-            f"({', '.join(DICTIONARY_REGISTRY)})"
+            f"{source}: keys {sorted(keys)} match no known dictionary architecture ({', '.join(DICTIONARY_REGISTRY)})"
         )
     if len(matches) > 1:
         logger.warning(
             "%s: keys fit %s; loading as %s (name dict_class in config.json to choose)",
-            source, [c.__name__ for c in matches], matches[0].__name__,
+            source,
+            [c.__name__ for c in matches],
+            matches[0].__name__,
         )
     return matches[0]
 
@@ -194,8 +195,9 @@ def _choose_class(config: dict, state_dict: dict[str, torch.Tensor], source: str
         return cls
     # The reference's StandardTrainer records "AutoEncoder" whatever class it trained (its bug 12).
     inferred = infer_dictionary_class(state_dict, source)
-    logger.warning("%s: config says %s but the weights are a %s; loading as %s",
-                   source, name, inferred.__name__, inferred.__name__)
+    logger.warning(
+        "%s: config says %s but the weights are a %s; loading as %s", source, name, inferred.__name__, inferred.__name__
+    )
     return inferred
 
 
@@ -208,8 +210,9 @@ def _check_against_config(ae: Dictionary, config: dict, source: str) -> None:
                 f"{source}: config.json says {key}={expected} but the weights have {key}={getattr(ae, key)}"
             )
     if "k" in trainer and hasattr(ae, "_k") and int(trainer["k"]) != ae._k:
-        logger.warning("%s: config.json says k=%s, the weights hold k=%s; using the weights' k",
-                       source, trainer["k"], ae._k)
+        logger.warning(
+            "%s: config.json says k=%s, the weights hold k=%s; using the weights' k", source, trainer["k"], ae._k
+        )
 
 
 def load_dictionary(
@@ -224,6 +227,8 @@ def load_dictionary(
     """
     base_path = Path(base_path)
     folder = base_path if base_path.is_dir() else base_path.parent
+    if folder.name == "checkpoints" and not (folder / CONFIG_FILE).is_file():
+        folder = folder.parent  # trainer_i/checkpoints/ae_{step}.pt: the run's config is one level up
     config = read_config(folder)
     weights = load_state_dict_file(base_path)
     cls = _choose_class(config, weights.state_dict, weights.source)

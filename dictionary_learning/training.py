@@ -190,8 +190,11 @@ class _WandbLogger:
         for i, trainer in enumerate(trainers):
             config = trainer.config | (run_cfg or {})
             name = f"{config.get('wandb_name', 'trainer')}_trainer_{i}"
-            self.runs.append(wandb.init(entity=entity or None, project=project or None, config=config,
-                                        name=name, reinit="create_new"))
+            self.runs.append(
+                wandb.init(
+                    entity=entity or None, project=project or None, config=config, name=name, reinit="create_new"
+                )
+            )
 
     def log(self, records, step):
         for run, record in zip(self.runs, records):
@@ -356,8 +359,10 @@ def _restore(trainers: list[SAETrainer], states: list[dict]) -> tuple[int, int, 
         saved = {k: v for k, v in state["config"].items() if k != "norm_factor"}
         differing = sorted(k for k in set(saved) | set(trainer.config) if saved.get(k) != trainer.config.get(k))
         if differing:
-            raise ValueError(f"trainer {i}'s config differs from the saved run in {differing}; "
-                             f"pass trainer_configs=None to resume with the saved configs")
+            raise ValueError(
+                f"trainer {i}'s config differs from the saved run in {differing}; "
+                f"pass trainer_configs=None to resume with the saved configs"
+            )
         trainer.load_state_dict(state["trainer"])
     torch.set_rng_state(states[0]["rng"])
     if torch.cuda.is_available() and states[0]["cuda_rng"]:
@@ -367,8 +372,11 @@ def _restore(trainers: list[SAETrainer], states: list[dict]) -> tuple[int, int, 
 
 def _report(records, step, bar, verbose, wandb_logger, skipped) -> None:
     first = records[0]
-    postfix = {"loss": f"{first['loss']:.4g}", "L0": f"{first['l0']:.1f}",
-               "FVE": f"{first['frac_variance_explained']:.3f}"}
+    postfix = {
+        "loss": f"{first['loss']:.4g}",
+        "L0": f"{first['l0']:.1f}",
+        "FVE": f"{first['frac_variance_explained']:.3f}",
+    }
     if len(records) > 1:
         fves = [r["frac_variance_explained"] for r in records]
         postfix["FVE_all"] = f"{min(fves):.2f}..{max(fves):.2f}"
@@ -377,7 +385,9 @@ def _report(records, step, bar, verbose, wandb_logger, skipped) -> None:
     bar.set_postfix(postfix)
     if verbose:
         for i, r in enumerate(records):
-            logger.info("step %d trainer %d: L0 = %.2f, frac_variance_explained = %.4f, loss = %.5g",
-                        step, i, r["l0"], r["frac_variance_explained"], r["loss"])
+            tqdm.write(
+                f"step {step} trainer {i}: L0 = {r['l0']:.2f}, "
+                f"frac_variance_explained = {r['frac_variance_explained']:.4f}, loss = {r['loss']:.5g}"
+            )
     if wandb_logger is not None:
         wandb_logger.log(records, step)

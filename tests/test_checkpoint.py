@@ -55,8 +55,16 @@ def test_reference_backup_file_loads_at_raw_scale(tmp_path):
     """The reference's backup_steps overwrite ae.pt with {"ae": normalised weights, ...}."""
     ae = make_dictionary("AutoEncoderTopK")
     norm_factor = 2.0
-    torch.save({"step": 5, "ae": ae.state_dict(), "optimizer": {"state": {}, "param_groups": []},
-                "config": {"k": 4}, "norm_factor": norm_factor}, tmp_path / "ae.pt")
+    torch.save(
+        {
+            "step": 5,
+            "ae": ae.state_dict(),
+            "optimizer": {"state": {}, "param_groups": []},
+            "config": {"k": 4},
+            "norm_factor": norm_factor,
+        },
+        tmp_path / "ae.pt",
+    )
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK", "k": 4}}))
     loaded, _ = load_dictionary(tmp_path)
     x = torch.randn(6, D)
@@ -68,8 +76,11 @@ def test_get_nested_folders_finds_checkpoint_folders(tmp_path):
     for sub in ("a/trainer_0", "a/trainer_1", "b/x/10_32768"):
         save_dictionary(make_dictionary("AutoEncoder"), tmp_path / sub)
     (tmp_path / "empty").mkdir()
-    assert [p.relative_to(tmp_path).as_posix() for p in get_nested_folders(tmp_path)] == \
-        ["a/trainer_0", "a/trainer_1", "b/x/10_32768"]
+    assert [p.relative_to(tmp_path).as_posix() for p in get_nested_folders(tmp_path)] == [
+        "a/trainer_0",
+        "a/trainer_1",
+        "b/x/10_32768",
+    ]
 
 
 def test_device_and_dtype_arguments(tmp_path):
@@ -123,8 +134,11 @@ def test_unknown_dict_class_in_config(tmp_path):
 
 
 def test_shape_that_disagrees_with_config(tmp_path):
-    save_dictionary(make_dictionary("AutoEncoder"), tmp_path,
-                    config={"trainer": {"dict_class": "AutoEncoder", "activation_dim": D, "dict_size": 999}})
+    save_dictionary(
+        make_dictionary("AutoEncoder"),
+        tmp_path,
+        config={"trainer": {"dict_class": "AutoEncoder", "activation_dim": D, "dict_size": 999}},
+    )
     with pytest.raises(CheckpointError, match="config.json says dict_size=999 but the weights have dict_size=32"):
         load_dictionary(tmp_path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import D, F, GROUP_SIZES, K, make_dictionary
+from conftest import GROUP_SIZES, D, F, K, make_dictionary
 
 import dictionary_learning
 from dictionary_learning import DICTIONARY_REGISTRY, load_dictionary
@@ -12,16 +12,38 @@ from dictionary_learning import DICTIONARY_REGISTRY, load_dictionary
 # Spec section 2.0: keys in order -> shape, dtype.
 REFERENCE_STATE_DICTS = {
     "AutoEncoder": [("bias", [D]), ("encoder.weight", [F, D]), ("encoder.bias", [F]), ("decoder.weight", [D, F])],
-    "GatedAutoEncoder": [("decoder_bias", [D]), ("r_mag", [F]), ("gate_bias", [F]), ("mag_bias", [F]),
-                         ("encoder.weight", [F, D]), ("decoder.weight", [D, F])],
-    "JumpReluAutoEncoder": [("W_enc", [D, F]), ("b_enc", [F]), ("W_dec", [F, D]), ("b_dec", [D]),
-                            ("threshold", [F])],
-    "AutoEncoderNew": [("encoder.weight", [F, D]), ("encoder.bias", [F]), ("decoder.weight", [D, F]),
-                       ("decoder.bias", [D])],
-    "AutoEncoderTopK": [("b_dec", [D]), ("k", []), ("threshold", []), ("decoder.weight", [D, F]),
-                        ("encoder.weight", [F, D]), ("encoder.bias", [F])],
-    "MatryoshkaBatchTopKSAE": [("W_enc", [D, F]), ("b_enc", [F]), ("W_dec", [F, D]), ("b_dec", [D]), ("k", []),
-                               ("threshold", []), ("group_sizes", [len(GROUP_SIZES)])],
+    "GatedAutoEncoder": [
+        ("decoder_bias", [D]),
+        ("r_mag", [F]),
+        ("gate_bias", [F]),
+        ("mag_bias", [F]),
+        ("encoder.weight", [F, D]),
+        ("decoder.weight", [D, F]),
+    ],
+    "JumpReluAutoEncoder": [("W_enc", [D, F]), ("b_enc", [F]), ("W_dec", [F, D]), ("b_dec", [D]), ("threshold", [F])],
+    "AutoEncoderNew": [
+        ("encoder.weight", [F, D]),
+        ("encoder.bias", [F]),
+        ("decoder.weight", [D, F]),
+        ("decoder.bias", [D]),
+    ],
+    "AutoEncoderTopK": [
+        ("b_dec", [D]),
+        ("k", []),
+        ("threshold", []),
+        ("decoder.weight", [D, F]),
+        ("encoder.weight", [F, D]),
+        ("encoder.bias", [F]),
+    ],
+    "MatryoshkaBatchTopKSAE": [
+        ("W_enc", [D, F]),
+        ("b_enc", [F]),
+        ("W_dec", [F, D]),
+        ("b_dec", [D]),
+        ("k", []),
+        ("threshold", []),
+        ("group_sizes", [len(GROUP_SIZES)]),
+    ],
     "IdentityDict": [],
 }
 REFERENCE_STATE_DICTS["BatchTopKSAE"] = REFERENCE_STATE_DICTS["AutoEncoderTopK"]

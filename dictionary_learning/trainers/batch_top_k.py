@@ -40,9 +40,26 @@ class BatchTopKTrainer(TopKTrainer):
         wandb_name: str = "BatchTopKSAE",
         submodule_name: str | None = None,
     ):
-        super().__init__(steps, activation_dim, dict_size, k, layer, lm_name, dict_class, lr, auxk_alpha,
-                         warmup_steps, decay_start, threshold_beta, threshold_start_step, k_anneal_steps,
-                         seed, device, wandb_name, submodule_name)
+        super().__init__(
+            steps,
+            activation_dim,
+            dict_size,
+            k,
+            layer,
+            lm_name,
+            dict_class,
+            lr,
+            auxk_alpha,
+            warmup_steps,
+            decay_start,
+            threshold_beta,
+            threshold_start_step,
+            k_anneal_steps,
+            seed,
+            device,
+            wandb_name,
+            submodule_name,
+        )
 
     def _encode_for_training(self, x):
         f, fired_F, a = self.ae.encode(x, return_active=True, use_threshold=False)

@@ -45,17 +45,32 @@ class GatedAnnealTrainer(GatedLossMixin, LpAnnealing, PenalisedTrainer):
         submodule_name: str | None = None,
     ):
         self._setup(seed, device, dict_class, activation_dim, dict_size)
-        self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps,
-                             betas=(0.0, 0.999))
-        self._init_annealing(steps, sparsity_function, initial_sparsity_penalty, anneal_start, anneal_end,
-                             p_start, p_end, n_sparsity_updates, sparsity_queue_length)
+        self._init_penalised(
+            steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps, betas=(0.0, 0.999)
+        )
+        self._init_annealing(
+            steps,
+            sparsity_function,
+            initial_sparsity_penalty,
+            anneal_start,
+            anneal_end,
+            p_start,
+            p_end,
+            n_sparsity_updates,
+            sparsity_queue_length,
+        )
 
     def _compute(self, x, step):
         f, gate, x_hat, mse, l2, aux = self._gated_forward(x)
         scaled, logs, commit = self._annealed_penalty(gate, step)
         loss = mse + scaled + aux
-        return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "aux_loss": aux,
-                                           "sparsity_loss": scaled, **logs, "loss": loss}, commit)
+        return StepOutput(
+            loss,
+            x_hat,
+            f,
+            {"l2_loss": l2, "mse_loss": mse, "aux_loss": aux, "sparsity_loss": scaled, **logs, "loss": loss},
+            commit,
+        )
 
     def _commit(self, out, step):
         super()._commit(out, step)

@@ -52,12 +52,14 @@ class GatedSAETrainer(GatedLossMixin, PenalisedTrainer):
     ):
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self.l1_penalty = l1_penalty
-        self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps,
-                             betas=(0.0, 0.999))
+        self._init_penalised(
+            steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps, betas=(0.0, 0.999)
+        )
 
     def _compute(self, x, step):
         f, gate, x_hat, mse, l2, aux = self._gated_forward(x)
         sparsity = gate.norm(p=1, dim=-1).mean()
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * sparsity + aux
-        return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": sparsity,
-                                           "aux_loss": aux, "loss": loss})
+        return StepOutput(
+            loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "loss": loss}
+        )

@@ -12,8 +12,8 @@ import torch
 
 from ..dictionaries import JumpReluAutoEncoder
 from ..ops import JumpReLUFunction, StepFunction
-from .trainer import SAETrainer, StepOutput, get_lr_schedule, get_sparsity_warmup_fn, register_trainer
 from .top_k import DEAD_FEATURE_TOKENS
+from .trainer import SAETrainer, StepOutput, get_lr_schedule, get_sparsity_warmup_fn, register_trainer
 
 SPARSITY_LOSSES = ("target_l0", "l0")
 
@@ -82,8 +82,13 @@ class JumpReluTrainer(SAETrainer):
         loss = recon + penalty * scale
         fired_F = (f.detach() > 0).any(0)
         counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x.shape[0])
-        logs = {"l2_loss": recon, "sparsity_loss": penalty, "l0_estimate": l0, "loss": loss,
-                "dead_features": (counter_F > DEAD_FEATURE_TOKENS).sum()}
+        logs = {
+            "l2_loss": recon,
+            "sparsity_loss": penalty,
+            "l0_estimate": l0,
+            "loss": loss,
+            "dead_features": (counter_F > DEAD_FEATURE_TOKENS).sum(),
+        }
         return StepOutput(loss, x_hat, f, logs, {"counter_F": counter_F})
 
     def _commit(self, out, step):

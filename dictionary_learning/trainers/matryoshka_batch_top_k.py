@@ -59,9 +59,26 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
         if len(group_weights) != len(self.group_sizes):
             raise ValueError(f"group_weights has {len(group_weights)} entries for {len(self.group_sizes)} groups")
         self.group_weights = list(group_weights)
-        super().__init__(steps, activation_dim, dict_size, k, layer, lm_name, dict_class, lr, auxk_alpha,
-                         warmup_steps, decay_start, threshold_beta, threshold_start_step, k_anneal_steps,
-                         seed, device, wandb_name, submodule_name)
+        super().__init__(
+            steps,
+            activation_dim,
+            dict_size,
+            k,
+            layer,
+            lm_name,
+            dict_class,
+            lr,
+            auxk_alpha,
+            warmup_steps,
+            decay_start,
+            threshold_beta,
+            threshold_start_step,
+            k_anneal_steps,
+            seed,
+            device,
+            wandb_name,
+            submodule_name,
+        )
 
     def _extra_dict_kwargs(self):
         return {"group_sizes": self.group_sizes}
@@ -75,7 +92,7 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
         prefix_losses = []
         start = 0
         for size, weight in zip(self.group_sizes, self.group_weights):
-            x_hat = x_hat + f[:, start:start + size] @ W_dec_FD[start:start + size]
+            x_hat = x_hat + f[:, start : start + size] @ W_dec_FD[start : start + size]
             prefix_losses.append(weight * (x - x_hat).pow(2).sum(-1).mean())
             start += size
         losses = torch.stack(prefix_losses)

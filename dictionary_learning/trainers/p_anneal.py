@@ -19,8 +19,18 @@ class LpAnnealing:
 
     annealing_state = ("p", "next_p", "p_step_count", "sparsity_coeff", "sparsity_queue")
 
-    def _init_annealing(self, steps, sparsity_function, initial_sparsity_penalty, anneal_start, anneal_end,
-                        p_start, p_end, n_sparsity_updates, sparsity_queue_length) -> None:
+    def _init_annealing(
+        self,
+        steps,
+        sparsity_function,
+        initial_sparsity_penalty,
+        anneal_start,
+        anneal_end,
+        p_start,
+        p_end,
+        n_sparsity_updates,
+        sparsity_queue_length,
+    ) -> None:
         lp_norm(torch.zeros(1, 1), 1.0, sparsity_function)  # validates the name before any work
         anneal_end = steps if anneal_end is None else anneal_end
         if n_sparsity_updates == "continuous":
@@ -46,18 +56,27 @@ class LpAnnealing:
         commit = {}
         if self.next_p is not None:
             with torch.no_grad():
-                commit["lp_pair"] = torch.stack([lp.detach(), lp_norm(acts_BF.detach(), self.next_p,
-                                                                      self.sparsity_function)]).float()
-        logs = {"p": self.p, "next_p": self.next_p if self.next_p is not None else float("nan"),
-                "lp_loss": lp, "scaled_lp_loss": scaled, "sparsity_coeff": self.sparsity_coeff}
+                commit["lp_pair"] = torch.stack(
+                    [lp.detach(), lp_norm(acts_BF.detach(), self.next_p, self.sparsity_function)]
+                ).float()
+        logs = {
+            "p": self.p,
+            "next_p": self.next_p if self.next_p is not None else float("nan"),
+            "lp_loss": lp,
+            "scaled_lp_loss": scaled,
+            "sparsity_coeff": self.sparsity_coeff,
+        }
         return scaled, logs, commit
 
     def _commit_annealing(self, commit: dict, step: int) -> None:
         if "lp_pair" in commit:
-            self.sparsity_queue = [*self.sparsity_queue, commit["lp_pair"]][-self.sparsity_queue_length:]
+            self.sparsity_queue = [*self.sparsity_queue, commit["lp_pair"]][-self.sparsity_queue_length :]
         n = len(self.sparsity_update_steps)
-        if self.p_step_count < n and step >= self.sparsity_update_steps[self.p_step_count] \
-                and step in self.sparsity_update_steps:
+        if (
+            self.p_step_count < n
+            and step >= self.sparsity_update_steps[self.p_step_count]
+            and step in self.sparsity_update_steps
+        ):
             if self.next_p is not None and self.sparsity_queue:
                 means = torch.stack(self.sparsity_queue).mean(0)
                 self.sparsity_coeff *= float(means[0] / means[1])
@@ -101,8 +120,17 @@ class PAnnealTrainer(LpAnnealing, PenalisedTrainer):
     ):
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps)
-        self._init_annealing(steps, sparsity_function, initial_sparsity_penalty, anneal_start, anneal_end,
-                             p_start, p_end, n_sparsity_updates, sparsity_queue_length)
+        self._init_annealing(
+            steps,
+            sparsity_function,
+            initial_sparsity_penalty,
+            anneal_start,
+            anneal_end,
+            p_start,
+            p_end,
+            n_sparsity_updates,
+            sparsity_queue_length,
+        )
 
     def _compute(self, x, step):
         f = self.ae.encode(x)

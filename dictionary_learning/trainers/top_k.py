@@ -55,14 +55,16 @@ class TopKTrainer(SAETrainer):
         submodule_name: str | None = None,
     ):
         self._setup(seed, device, dict_class, activation_dim, dict_size, k, **self._extra_dict_kwargs())
-        self._init_topk(steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta,
-                        threshold_start_step, k_anneal_steps)
+        self._init_topk(
+            steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta, threshold_start_step, k_anneal_steps
+        )
 
     def _extra_dict_kwargs(self) -> dict:
         return {}
 
-    def _init_topk(self, steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta,
-                   threshold_start_step, k_anneal_steps) -> None:
+    def _init_topk(
+        self, steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta, threshold_start_step, k_anneal_steps
+    ) -> None:
         self.steps = steps
         self.k = k
         self.lr = default_topk_lr(self.ae.dict_size) if lr is None else lr
@@ -123,8 +125,13 @@ class TopKTrainer(SAETrainer):
         else:
             auxk = raw = torch.zeros((), device=x.device)
         loss = l2 + self.auxk_alpha * auxk
-        logs |= {"auxk_loss": auxk, "loss": loss, "effective_l0": self.ae._k, "dead_features": dead_F.sum(),
-                 "pre_norm_auxk_loss": raw}
+        logs |= {
+            "auxk_loss": auxk,
+            "loss": loss,
+            "effective_l0": self.ae._k,
+            "dead_features": dead_F.sum(),
+            "pre_norm_auxk_loss": raw,
+        }
         commit = {"counter_F": counter_F, "kept": kept}
         return StepOutput(loss, x_hat.view_as(x), f.view(*x.shape[:-1], -1), logs, commit)
 

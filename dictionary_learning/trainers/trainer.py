@@ -79,10 +79,15 @@ def get_sparsity_warmup_fn(total_steps: int, sparsity_warmup_steps: int | None =
 
 
 # -------------------------------------------------------------------- decoder helpers (reference API)
+def _check_decoder_shape(W_dec_DF: torch.Tensor, activation_dim: int, d_sae: int) -> None:
+    if tuple(W_dec_DF.shape) != (activation_dim, d_sae):
+        expected = (activation_dim, d_sae)
+        raise ValueError(f"decoder shape {tuple(W_dec_DF.shape)} != (activation_dim, d_sae) = {expected}")
+
+
 def set_decoder_norm_to_unit_norm(W_dec_DF: torch.Tensor, activation_dim: int, d_sae: int) -> torch.Tensor:
     """Unit-norm columns of a `[D, F]` decoder, in place (the reference's helper, same signature)."""
-    if tuple(W_dec_DF.shape) != (activation_dim, d_sae):
-        raise ValueError(f"decoder shape {tuple(W_dec_DF.shape)} != (activation_dim, d_sae) = {(activation_dim, d_sae)}")
+    _check_decoder_shape(W_dec_DF, activation_dim, d_sae)
     return unit_norm_rows_(W_dec_DF.data.T).T
 
 
@@ -90,8 +95,7 @@ def remove_gradient_parallel_to_decoder_directions(
     W_dec_DF: torch.Tensor, W_dec_DF_grad: torch.Tensor, activation_dim: int, d_sae: int
 ) -> torch.Tensor:
     """Project out each column's parallel gradient component, in place (reference signature)."""
-    if tuple(W_dec_DF.shape) != (activation_dim, d_sae):
-        raise ValueError(f"decoder shape {tuple(W_dec_DF.shape)} != (activation_dim, d_sae) = {(activation_dim, d_sae)}")
+    _check_decoder_shape(W_dec_DF, activation_dim, d_sae)
     return remove_parallel_grad_(W_dec_DF.data.T, W_dec_DF_grad.T).T
 
 
@@ -222,9 +226,13 @@ class SAETrainer:
         valid = cls.config_keys()
         unknown = [k for k in keys if k not in valid]
         if unknown:
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
-                     for k in unknown]
-            raise TypeError(f"{cls.__name__} got unknown config keys {', '.join(hints)}; valid keys: {', '.join(valid)}")
+            hints = [
+                f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
+                for k in unknown
+            ]
+            raise TypeError(
+                f"{cls.__name__} got unknown config keys {', '.join(hints)}; valid keys: {', '.join(valid)}"
+            )
 
     @property
     def config(self) -> dict[str, Any]:
@@ -337,9 +345,10 @@ def resample_dead_features(
     if dead_idx.numel() == 0:
         return dead_idx
     x_BD = x_BD.reshape(-1, x_BD.shape[-1])
-    err_B = (x_BD - ae(x_BD)).norm(dim=-1).float()
+    # All-zero inputs would give a zero direction: never draw them.
+    err_B = (x_BD - ae(x_BD)).norm(dim=-1).float() * (x_BD.norm(dim=-1) > 0)
     if not bool(err_B.sum() > 0):
-        err_B = torch.ones_like(err_B)
+        err_B = (x_BD.norm(dim=-1) > 0).float() if bool((x_BD != 0).any()) else torch.ones_like(err_B)
     n = min(dead_idx.numel(), x_BD.shape[0])
     v_ND = x_BD[torch.multinomial(err_B, n, replacement=False)]
     dead_idx = dead_idx[:n]

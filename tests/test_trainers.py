@@ -1,0 +1,358 @@
+"""Every trainer learns; the shared step, resampling, schedules and configs behave; the reference's
+trainer bugs (spec section 16) are fixed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from synthetic import PlantedFeatures
+
+from dictionary_learning import TRAINER_REGISTRY, trainSAE
+from dictionary_learning.trainers import (
+    BatchTopKTrainer,
+    GatedAnnealTrainer,
+    GatedSAETrainer,
+    JumpReluTrainer,
+    MatryoshkaBatchTopKTrainer,
+    PAnnealTrainer,
+    StandardTrainer,
+    StandardTrainerAprilUpdate,
+    TopKTrainer,
+)
+from dictionary_learning.trainers.trainer import (
+    ConstrainedAdam,
+    get_lr_schedule,
+    get_sparsity_warmup_fn,
+    resample_dead_features,
+)
+
+D, F = 32, 64
+COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=20, seed=0)
+PENALISED = dict(COMMON, sparsity_warmup_steps=50)
+TOPK = dict(COMMON, k=4, threshold_start_step=50)
+
+# Per trainer: config and steps with which it recovers nearly all 48 planted features (batch 256).
+# The same configs recover the same counts with the reference package (benchmarks/recovery_vs_reference.py).
+LEARNING_CONFIGS = {
+    "StandardTrainer": (dict(PENALISED, lr=3e-3, l1_penalty=0.3), 1000),
+    "StandardTrainerAprilUpdate": (dict(PENALISED, lr=3e-3, l1_penalty=0.3), 1000),
+    "GatedSAETrainer": (dict(PENALISED, lr=3e-3, l1_penalty=1.0), 3000),
+    "PAnnealTrainer": (dict(PENALISED, lr=3e-3, initial_sparsity_penalty=0.3, anneal_start=500, p_end=0.5), 1000),
+    "GatedAnnealTrainer": (dict(PENALISED, lr=1e-3, initial_sparsity_penalty=1.0, anneal_start=1500, p_end=0.5), 3000),
+    "TopKTrainer": (TOPK, 1000),
+    "BatchTopKTrainer": (TOPK, 1000),
+    # The first group must reconstruct alone, so it needs room for the 48 planted features.
+    "MatryoshkaBatchTopKTrainer": (dict(TOPK, group_fractions=[0.75, 0.25]), 1000),
+    "JumpReluTrainer": (dict(PENALISED, lr=3e-3, target_l0=4), 1000),
+}
+
+
+def test_every_registered_trainer_has_a_learning_test():
+    assert set(LEARNING_CONFIGS) == set(TRAINER_REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
+def test_trainer_recovers_planted_features(name):
+    config, steps = LEARNING_CONFIGS[name]
+    data = PlantedFeatures(d=D)
+    trainer = TRAINER_REGISTRY[name](steps=steps, **config)
+    held_out = next(data.batches(1, 2048, seed=99))
+    initial_loss = trainer.loss(held_out, step=steps, logging=True).losses["loss"]
+    for step, x in enumerate(data.batches(steps)):
+        trainer.update(step, x)
+    final_loss = trainer.loss(held_out, step=steps, logging=True).losses["loss"]
+    assert final_loss < 0.5 * initial_loss
+    assert data.recovered(trainer.ae.decoder_FD()) >= 38, "most of the 48 planted directions should be found"
+    with torch.no_grad():
+        x_hat, f = trainer.ae(held_out, output_features=True)
+    fve = 1 - (held_out - x_hat).var(0).sum() / held_out.var(0).sum()
+    assert fve > 0.85
+    assert (f != 0).float().sum(-1).mean() < 12  # sparse: the data has about 3 active features a row
+
+
+# ------------------------------------------------------------------------------------ schedules
+def test_lr_schedule_matches_reference_values():
+    fn = get_lr_schedule(100, 10, decay_start=50)
+    assert [fn(s) for s in (0, 5, 10, 75, 99)] == pytest.approx([0, 0.5, 1, 0.5, 0.02])
+    fn = get_lr_schedule(100, 10, resample_steps=30)
+    assert [fn(s) for s in (0, 5, 29, 30, 35, 45)] == pytest.approx([0, 0.5, 1, 0, 0.5, 1])
+    assert get_sparsity_warmup_fn(100, 20)(10) == 0.5
+    assert get_sparsity_warmup_fn(100, None)(0) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(total_steps=10, warmup_steps=10), "warmup_steps=10 must be >= 0 and < steps=10"),
+        (dict(total_steps=100, warmup_steps=10, decay_start=5), "decay_start=5"),
+        (dict(total_steps=100, warmup_steps=10, resample_steps=200), "resample_steps=200"),
+    ],
+)
+def test_bad_schedules_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_lr_schedule(**kwargs)
+
+
+def test_constrained_adam_keeps_unit_norm_columns():
+    w = torch.nn.Parameter(torch.randn(D, F))
+    opt = ConstrainedAdam([w], [w], lr=0.1)
+    (w.sum() ** 2).backward()
+    opt.step()
+    torch.testing.assert_close(w.norm(dim=0), torch.ones(F))
+
+
+# ----------------------------------------------------------------------------- bad configs
+def test_steps_not_above_warmup_raise_before_any_work():
+    with pytest.raises(ValueError, match="warmup_steps=1000 must be >= 0 and < steps=500"):
+        TopKTrainer(steps=500, activation_dim=D, dict_size=F, k=4)
+
+
+def test_k_larger_than_dict_size_and_bad_dict_size():
+    with pytest.raises(ValueError, match="k=65 is larger than dict_size=64"):
+        TopKTrainer(steps=2000, activation_dim=D, dict_size=F, k=65)
+    with pytest.raises(ValueError, match="dict_size must be a positive integer"):
+        StandardTrainer(steps=3000, activation_dim=D, dict_size=0)
+
+
+# ------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
+def test_config_is_complete_json_and_rebuilds_the_trainer(name):
+    config, steps = LEARNING_CONFIGS[name]
+    trainer = TRAINER_REGISTRY[name](steps=steps, layer=3, lm_name="m", **config)
+    record = json.loads(json.dumps(trainer.config))
+    assert record["trainer_class"] == name
+    assert record["dict_class"] == type(trainer.ae).__name__
+    assert record["steps"] == steps and record["layer"] == 3 and record["lm_name"] == "m"
+    assert set(TRAINER_REGISTRY[name].config_keys()) <= set(record)
+    assert "device" in record and "warmup_steps" in record
+    from dictionary_learning.training import build_trainer
+
+    rebuilt = build_trainer(record, steps)
+    assert rebuilt.config == trainer.config
+    for a, b in zip(rebuilt.ae.state_dict().values(), trainer.ae.state_dict().values()):
+        assert torch.equal(a, b)  # same seed, same initialisation
+
+
+def test_unknown_config_key_lists_valid_ones():
+    from dictionary_learning.training import build_trainer
+
+    with pytest.raises(TypeError, match=r"'l1_penalt' \(did you mean 'l1_penalty'\?\).*valid keys: steps"):
+        build_trainer(dict(trainer=StandardTrainer, l1_penalt=0.1, **COMMON), steps=100)
+
+
+def test_config_records_the_actual_dictionary_class_and_k_anneal_steps():
+    from dictionary_learning.dictionaries import AutoEncoderNew
+
+    trainer = StandardTrainerAprilUpdate(
+        steps=100, dict_class=AutoEncoderNew, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5)
+    )
+    assert trainer.config["dict_class"] == "AutoEncoderNew"
+    trainer = TopKTrainer(steps=100, k_anneal_steps=50, **dict(TOPK, warmup_steps=5))
+    assert trainer.config["k_anneal_steps"] == 50 and trainer.config["k"] == 4
+    gated = GatedSAETrainer(steps=100, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5))
+    assert gated.config["steps"] == 100
+    jump = JumpReluTrainer(steps=100, decay_start=60, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5))
+    assert jump.config["warmup_steps"] == 5 and jump.config["decay_start"] == 60
+    anneal = PAnnealTrainer(steps=100, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5))
+    assert anneal.config["initial_sparsity_penalty"] == 0.1 and anneal.config["device"] == "cpu"
+
+
+# --------------------------------------------------------------------------------- resampling
+def _dead_feature_trainer(cls, **kwargs):
+    trainer = cls(steps=200, resample_steps=20, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5), **kwargs)
+    x = next(PlantedFeatures(d=D).batches(1))
+    for step in range(3):
+        trainer.update(step, x)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[:10] = True
+    return trainer, x, dead
+
+
+@pytest.mark.parametrize("cls", [StandardTrainer, PAnnealTrainer, GatedSAETrainer, GatedAnnealTrainer])
+def test_resampling_replaces_dead_features_and_resets_their_adam_state(cls):
+    trainer, x, dead = _dead_feature_trainer(cls)
+    ae, opt = trainer.ae, trainer.optimizer
+    before_enc = ae.encoder_FD().detach().clone()
+    before_dec = ae.decoder_FD().detach().clone()
+    resampled = resample_dead_features(ae, opt, dead, x)
+    assert resampled.tolist() == list(range(10))
+    assert not torch.allclose(ae.encoder_FD()[:10], before_enc[:10])
+    assert torch.equal(ae.encoder_FD()[10:], before_enc[10:])
+    torch.testing.assert_close(ae.decoder_FD()[:10].norm(dim=-1), torch.ones(10))
+    # each new decoder direction is one of the batch's inputs
+    directions = torch.nn.functional.normalize(x, dim=-1)
+    assert ((ae.decoder_FD()[:10] @ directions.T).max(dim=1).values > 0.999).all()
+    assert not torch.equal(ae.decoder_FD()[:10], before_dec[:10])
+    for param, dim in ae.feature_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = opt.state[param][key]
+            moment_F = moment if dim == 0 else moment.transpose(0, dim)
+            assert (moment_F[:10] == 0).all()
+            assert (moment_F[10:] != 0).any()
+
+
+def test_resampling_runs_inside_training_when_latents_die():
+    data = PlantedFeatures(d=D)
+    trainer = StandardTrainer(
+        steps=200, resample_steps=50, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5, l1_penalty=3.0)
+    )
+    with torch.no_grad():
+        trainer.ae.encoder.bias[:16] = -100.0  # these can never fire
+    for step, x in enumerate(data.batches(60)):
+        trainer.update(step, x)
+    assert trainer.resampled_features >= 16
+    assert (trainer.ae.encoder.bias[:16] > -100).all()
+
+
+# ---------------------------------------------------------------------- fixed reference bugs
+def test_jumprelu_threshold_gradient_comes_from_pre_activations_below_it():
+    """Reference issue #55: a pre-activation just below the threshold must push the threshold down."""
+    trainer = JumpReluTrainer(
+        steps=100, bandwidth=0.1, target_l0=1000.0, sparsity_warmup_steps=None, **dict(COMMON, warmup_steps=5)
+    )
+    ae = trainer.ae
+    with torch.no_grad():
+        ae.threshold.fill_(0.5)
+        ae.b_enc.fill_(0.48)  # every pre-activation sits just below the threshold for x = 0
+    x = torch.zeros(4, D)
+    trainer.loss(x, step=99).backward()
+    # L0 (0) is far below target: the penalty wants more features on, i.e. lower thresholds.
+    assert (ae.threshold.grad > 0).all()
+
+
+def test_jumprelu_seed_is_applied():
+    a = JumpReluTrainer(steps=100, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5, seed=7))
+    b = JumpReluTrainer(steps=100, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5, seed=7))
+    assert torch.equal(a.ae.W_dec, b.ae.W_dec)
+
+
+def test_jumprelu_paper_l0_penalty_is_available():
+    trainer = JumpReluTrainer(steps=100, sparsity_loss="l0", **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5))
+    out = trainer.loss(torch.randn(8, D), step=99, logging=True)
+    assert out.losses["sparsity_loss"] == pytest.approx(out.losses["l0_estimate"])
+    with pytest.raises(ValueError, match="sparsity_loss must be one of"):
+        JumpReluTrainer(steps=100, sparsity_loss="l1", **dict(PENALISED, warmup_steps=5))
+
+
+def test_topk_threshold_ignores_rows_without_positive_activations():
+    trainer = TopKTrainer(steps=100, **dict(TOPK, warmup_steps=5, threshold_start_step=0))
+    kept = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.2, 0.5, 0.3, 0.9]])
+    trainer._update_threshold(kept)
+    assert float(trainer.ae.threshold) == pytest.approx(0.2)
+    trainer._update_threshold(torch.zeros(2, 4))
+    assert float(trainer.ae.threshold) == pytest.approx(0.2)
+
+
+def test_topk_without_auxk_and_loss_without_step():
+    trainer = TopKTrainer(steps=100, auxk_alpha=0, **dict(TOPK, warmup_steps=5))
+    log = trainer.loss(torch.randn(16, D), step=None, logging=True)
+    assert log.losses["auxk_loss"] == 0.0
+    trainer.update(0, torch.randn(16, D))
+
+
+@pytest.mark.parametrize("cls", [TopKTrainer, BatchTopKTrainer, JumpReluTrainer, StandardTrainer])
+def test_counters_live_on_the_dictionary_device(cls):
+    kwargs = dict(TOPK) if cls in (TopKTrainer, BatchTopKTrainer) else dict(PENALISED, resample_steps=10)
+    if cls is JumpReluTrainer:
+        kwargs.pop("resample_steps")
+    trainer = cls(steps=100, **dict(kwargs, warmup_steps=5))
+    counter = getattr(trainer, "num_tokens_since_fired", None)
+    counter = counter if counter is not None else trainer.steps_since_active
+    assert counter.device == next(trainer.ae.parameters()).device
+
+
+def test_k_annealing_starts_at_activation_dim_and_reaches_k():
+    trainer = TopKTrainer(steps=100, k_anneal_steps=10, **dict(TOPK, warmup_steps=5))
+    ks = [trainer.annealed_k(s) for s in range(12)]
+    assert ks[0] == D and ks[10] == 4 and ks[11] == 4
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+    data = PlantedFeatures(d=D).batches(3)
+    for step, x in enumerate(data):
+        trainer.update(step, x)
+        assert trainer.ae._k == int(trainer.ae.k) == trainer.annealed_k(step)
+
+
+def test_p_anneal_default_lp_reaches_p_zero_without_crashing():
+    """The reference divides by zero once next_p reaches its default p_end = 0 with 'Lp'."""
+    trainer = PAnnealTrainer(steps=40, anneal_start=10, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5))
+    for step, x in enumerate(PlantedFeatures(d=D).batches(40)):
+        trainer.update(step, x)
+    assert trainer.next_p == 0.0 and trainer.p_step_count == 9
+    assert torch.isfinite(trainer.loss(x, step=39))
+
+
+def test_p_anneal_rescales_the_coefficient_when_p_changes():
+    trainer = PAnnealTrainer(
+        steps=100,
+        anneal_start=10,
+        p_end=0.5,
+        n_sparsity_updates=3,
+        **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5),
+    )
+    assert trainer.sparsity_update_steps == [10, 55, 100]
+    coeffs = []
+    for step, x in enumerate(PlantedFeatures(d=D).batches(60)):
+        trainer.update(step, x)
+        coeffs.append(trainer.sparsity_coeff)
+    assert trainer.p == pytest.approx(0.75)
+    assert coeffs[54] != coeffs[55]  # rescaled at the second update step, when p first changes
+
+
+def test_april_update_counts_decoder_norms_once_with_autoencoder_new():
+    """Reference issue #39: AutoEncoderNew's forward already scales features by decoder norms."""
+    from dictionary_learning.dictionaries import AutoEncoderNew
+
+    trainer = StandardTrainerAprilUpdate(
+        steps=100, dict_class=AutoEncoderNew, **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5)
+    )
+    x = torch.randn(16, D)
+    f = trainer.ae.encode(x)
+    expected = (f * trainer.ae.decoder.weight.norm(dim=0)).sum(-1).mean()
+    assert trainer.loss(x, step=99, logging=True).losses["sparsity_loss"] == pytest.approx(expected.item())
+
+
+def test_loss_with_logging_changes_no_state():
+    for name, (config, steps) in LEARNING_CONFIGS.items():
+        trainer = TRAINER_REGISTRY[name](
+            steps=steps, **dict(config, threshold_start_step=0) if "k" in config else config
+        )
+        x = next(PlantedFeatures(d=D).batches(1))
+        trainer.update(0, x)
+        before = {
+            k: (v.clone() if isinstance(v, torch.Tensor) else v)
+            for k, v in vars(trainer).items()
+            if k in trainer.state_attrs
+        }
+        ae_before = {k: v.clone() for k, v in trainer.ae.state_dict().items()}
+        for step in range(1, 60):
+            trainer.loss(x, step=step, logging=True)
+        for k, v in before.items():
+            now = getattr(trainer, k)
+            assert torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v, (name, k)
+        assert all(torch.equal(trainer.ae.state_dict()[k], v) for k, v in ae_before.items()), name
+
+
+def test_matryoshka_group_sizes_and_weights():
+    trainer = MatryoshkaBatchTopKTrainer(steps=100, group_fractions=[0.25, 0.25, 0.5], **dict(TOPK, warmup_steps=5))
+    assert trainer.group_sizes == [16, 16, 32]
+    assert trainer.ae.group_sizes.tolist() == [16, 16, 32]
+    with pytest.raises(ValueError, match="group_fractions must sum to 1"):
+        MatryoshkaBatchTopKTrainer(steps=100, group_fractions=[0.5, 0.2], **dict(TOPK, warmup_steps=5))
+
+
+def test_trainsae_accepts_all_trainers_at_once():
+    configs = [dict(trainer=TRAINER_REGISTRY[name], **config) for name, (config, _) in LEARNING_CONFIGS.items()]
+    dictionaries = trainSAE(PlantedFeatures(d=D).batches(100), configs, steps=100, progress=False)
+    assert [type(d).__name__ for d in dictionaries] == [
+        "AutoEncoder",
+        "AutoEncoder",
+        "GatedAutoEncoder",
+        "AutoEncoder",
+        "GatedAutoEncoder",
+        "AutoEncoderTopK",
+        "BatchTopKSAE",
+        "MatryoshkaBatchTopKSAE",
+        "JumpReluAutoEncoder",
+    ]

@@ -1,0 +1,168 @@
+"""trainSAE: layout, normalisation folding, resume, interruption, logging and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from synthetic import PlantedFeatures
+
+from dictionary_learning import load_dictionary, trainSAE
+from dictionary_learning.trainers import JumpReluTrainer, PAnnealTrainer, StandardTrainer, TopKTrainer
+from dictionary_learning.training import get_norm_factor
+
+D, F, STEPS = 32, 64, 60
+COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=5, seed=0, layer=2, lm_name="synthetic")
+CONFIGS = [
+    dict(trainer=TopKTrainer, k=4, threshold_start_step=5, **COMMON),
+    dict(trainer=StandardTrainer, sparsity_warmup_steps=10, resample_steps=20, l1_penalty=1.0, **COMMON),
+    dict(trainer=PAnnealTrainer, sparsity_warmup_steps=10, anneal_start=10, **COMMON),
+    dict(trainer=JumpReluTrainer, sparsity_warmup_steps=10, lr=1e-3, target_l0=4, **COMMON),
+]
+
+
+def batches(n=STEPS, scale=5.0):
+    return (x * scale + 1.0 for x in PlantedFeatures(d=D).batches(n, batch_size=128))
+
+
+class CountingData:
+    def __init__(self, n, **kw):
+        self.n, self.kw, self.drawn = n, kw, 0
+
+    def __iter__(self):
+        for x in batches(self.n, **self.kw):
+            self.drawn += 1
+            yield x
+
+
+def weights(dictionaries):
+    return [{k: v.clone() for k, v in d.state_dict().items()} for d in dictionaries]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    for sd_a, sd_b in zip(a, b):
+        for key in sd_a:
+            torch.testing.assert_close(sd_a[key], sd_b[key], rtol=0 if atol == 0 else 1e-5, atol=atol, msg=key)
+
+
+def test_layout_configs_and_returned_dictionaries(tmp_path):
+    configs = [dict(c) for c in CONFIGS]
+    snapshot = [dict(c) for c in configs]
+    dicts = trainSAE(batches(), configs, STEPS, save_dir=tmp_path, save_steps=[0, 30], progress=False)
+    assert configs == snapshot  # the caller's dicts are not mutated
+    assert len(dicts) == 4
+    for i, ae in enumerate(dicts):
+        folder = tmp_path / f"trainer_{i}"
+        config = json.loads((folder / "config.json").read_text())
+        assert config["trainer"]["trainer_class"] == CONFIGS[i]["trainer"].__name__
+        assert config["trainer"]["steps"] == STEPS and config["library"]["name"] == "dictionary_learning"
+        loaded, _ = load_dictionary(folder)
+        x = next(batches(1))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), ae(x))
+        for step in (0, 30):
+            ckpt, _ = load_dictionary(folder / "checkpoints" / f"ae_{step}.pt")
+            assert type(ckpt) is type(ae)
+        assert (folder / "resume.pt").is_file()
+
+
+def test_normalisation_is_folded_into_saved_and_returned_weights(tmp_path):
+    data = CountingData(STEPS)
+    folded = trainSAE(data, CONFIGS, STEPS, normalize_activations=True, save_dir=tmp_path, progress=False)
+    assert data.drawn == STEPS  # the norm-factor batches are trained on, and no extra batch is drawn
+    s = get_norm_factor(list(batches(10)))
+    config = json.loads((tmp_path / "trainer_0" / "config.json").read_text())
+    assert config["trainer"]["norm_factor"] == pytest.approx(s)
+    plain = trainSAE((x / s for x in batches()), CONFIGS, STEPS, progress=False)
+    x = next(batches(1, scale=7.0))
+    for i, (a, b) in enumerate(zip(folded, plain)):
+        with torch.no_grad():
+            torch.testing.assert_close(a(x), b(x / s) * s, rtol=1e-4, atol=1e-4)
+            loaded, _ = load_dictionary(tmp_path / f"trainer_{i}")
+            torch.testing.assert_close(loaded(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    full = weights(trainSAE(batches(), CONFIGS, STEPS, normalize_activations=True, progress=False))
+
+    def crashing():
+        for i, x in enumerate(batches()):
+            if i == 43:
+                raise RuntimeError("simulated crash")
+            yield x
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainSAE(
+            crashing(), CONFIGS, STEPS, save_dir=tmp_path, backup_steps=20, normalize_activations=True, progress=False
+        )
+    assert torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)["next_step"] == 40
+    resumed = weights(trainSAE(batches(), None, STEPS, resume_from=tmp_path, progress=False))
+    assert_same_weights(full, resumed)
+    assert_same_weights(resumed, weights(load_dictionary(tmp_path / f"trainer_{i}")[0] for i in range(4)), atol=1e-5)
+
+
+def test_ctrl_c_saves_a_resumable_state(tmp_path):
+    full = weights(trainSAE(batches(), CONFIGS, STEPS, progress=False))
+
+    def interrupted():
+        for i, x in enumerate(batches()):
+            if i == 25:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield x
+
+    with pytest.raises(KeyboardInterrupt):
+        trainSAE(interrupted(), CONFIGS, STEPS, save_dir=tmp_path, progress=False)
+    assert torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)["next_step"] == 26
+    resumed = weights(trainSAE(batches(), CONFIGS, STEPS, resume_from=tmp_path, progress=False))
+    assert_same_weights(full, resumed)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    trainSAE(batches(), CONFIGS[:1], STEPS, save_dir=tmp_path, progress=False)
+    changed = [dict(CONFIGS[0], k=5)]
+    with pytest.raises(ValueError, match=r"trainer 0's config differs from the saved run in \['k'\]"):
+        trainSAE(batches(), changed, STEPS, resume_from=tmp_path, progress=False)
+
+
+def test_logging_does_not_change_training():
+    quiet = weights(trainSAE(batches(), CONFIGS, STEPS, progress=False))
+    chatty = weights(trainSAE(batches(), CONFIGS, STEPS, log_steps=1, verbose=True, progress=True))
+    assert_same_weights(quiet, chatty)
+
+
+def test_nan_batches_are_skipped_and_counted(caplog):
+    def with_nan():
+        for i, x in enumerate(batches(STEPS + 2)):
+            if i in (3, 17):
+                x = x.clone()
+                x[0, 0] = float("nan") if i == 3 else float("inf")
+            yield x
+
+    dicts = trainSAE(with_nan(), CONFIGS, STEPS, progress=False)
+    assert all(torch.isfinite(p).all() for d in dicts for p in d.parameters())
+    assert "2 batches with NaN/Inf activations were skipped" in caplog.text
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="data yielded no batches"):
+        trainSAE(iter([]), CONFIGS, STEPS, save_dir=tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="width 16 but trainer 0 .* activation_dim=32"):
+        trainSAE([torch.randn(8, 16)], CONFIGS, STEPS, save_dir=tmp_path / "b", progress=False)
+    with pytest.raises(TypeError, match="unknown config keys 'dict_sise'"):
+        trainSAE(batches(), [dict(CONFIGS[0], dict_sise=3)], STEPS, save_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="warmup_steps=1000 must be >= 0 and < steps=60"):
+        trainSAE(batches(), [dict(CONFIGS[0], warmup_steps=1000)], STEPS, progress=False)
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_bf16_autocast_keeps_fp32_master_weights():
+    dicts = trainSAE(batches(), CONFIGS, STEPS, autocast_dtype=torch.bfloat16, progress=False)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for d in dicts for p in d.parameters())
+
+
+def test_short_data_stops_early_with_a_warning(caplog):
+    dicts = trainSAE(batches(10), CONFIGS[:1], STEPS, progress=False)
+    assert len(dicts) == 1 and "data ran out after 10 of 60 steps" in caplog.text
