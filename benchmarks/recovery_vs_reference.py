@@ -4,23 +4,28 @@
 
 Runs this script once in our environment and once (with `--impl reference`) in a venv holding
 `dictionary-learning==0.1.0`, each training every recipe with `trainSAE` on identical synthetic
-batches (tests/synthetic.py), then prints, per trainer, how many of the 48 planted directions a
+batches (dictionary_learning/synthetic.py), then prints, per trainer, how many of the 48 planted directions a
 decoder row matches with cosine > 0.9, plus variance explained and L0 on held-out data.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic import PlantedFeatures  # noqa: E402
+# Loaded by path: in the reference's venv, `dictionary_learning` is the reference package.
+_spec = importlib.util.spec_from_file_location(
+    "planted_features", Path(__file__).resolve().parents[1] / "dictionary_learning" / "synthetic.py"
+)
+_synthetic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_synthetic)
+PlantedFeatures = _synthetic.PlantedFeatures
 
 D, F = 32, 64
 
@@ -36,7 +41,7 @@ def configs(t, steps: int) -> list[dict]:
     return [
         dict(trainer=t["StandardTrainer"], lr=3e-3, l1_penalty=0.3, **pen),
         dict(trainer=t["StandardTrainerAprilUpdate"], lr=3e-3, l1_penalty=0.3, **pen),
-        dict(trainer=t["GatedSAETrainer"], lr=3e-3, l1_penalty=0.3, **pen),
+        dict(trainer=t["GatedSAETrainer"], lr=3e-3, l1_penalty=1.0, **pen),
         dict(trainer=t["PAnnealTrainer"], **anneal),
         dict(trainer=t["GatedAnnealTrainer"], **anneal),
         dict(trainer=t["TopKTrainer"], **topk),
@@ -106,7 +111,7 @@ def run(impl: str, steps: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["ours", "reference", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--reference-python", help="python of a venv with dictionary-learning==0.1.0")
     args = parser.parse_args()
     if args.impl != "both":

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from synthetic import PlantedFeatures
 
 from dictionary_learning import TRAINER_REGISTRY, trainSAE
+from dictionary_learning.synthetic import PlantedFeatures
 from dictionary_learning.trainers import (
     BatchTopKTrainer,
     GatedAnnealTrainer,
@@ -356,3 +356,25 @@ def test_trainsae_accepts_all_trainers_at_once():
         "MatryoshkaBatchTopKSAE",
         "JumpReluAutoEncoder",
     ]
+
+
+@pytest.mark.parametrize("cls", [TopKTrainer, BatchTopKTrainer])
+def test_auxk_loss_trains_dead_latents(cls):
+    from dictionary_learning.trainers.top_k import DEAD_FEATURE_TOKENS
+
+    trainer = cls(steps=100, **dict(TOPK, warmup_steps=5))
+    x = next(PlantedFeatures(d=D).batches(1, batch_size=4))  # 4 rows x k=4: most latents stay silent
+    log = trainer.loss(x, step=10, logging=True)
+    assert log.losses["auxk_loss"] == 0.0 and log.losses["dead_features"] == 0
+    trainer.tokens_seen = DEAD_FEATURE_TOKENS
+    trainer.num_tokens_since_fired.fill_(DEAD_FEATURE_TOKENS)  # every latent silent for 10M tokens
+    log = trainer.loss(x, step=10, logging=True)
+    assert log.losses["auxk_loss"] > 0 and log.losses["pre_norm_auxk_loss"] > 0
+    assert log.losses["dead_features"] >= F - 16
+    trainer.optimizer.zero_grad()
+    trainer.loss(x, step=10).backward()
+    if cls is TopKTrainer:
+        f, _, _, a = trainer.ae.encode(x, return_topk=True)
+        silent_but_positive = ((f == 0) & (a > 0)).any(0)
+        # latents outside every row's top-k get gradient only through AuxK
+        assert trainer.ae.encoder.bias.grad[silent_but_positive].abs().sum() > 0

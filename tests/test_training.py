@@ -8,9 +8,9 @@ import signal
 
 import pytest
 import torch
-from synthetic import PlantedFeatures
 
 from dictionary_learning import load_dictionary, trainSAE
+from dictionary_learning.synthetic import PlantedFeatures
 from dictionary_learning.trainers import JumpReluTrainer, PAnnealTrainer, StandardTrainer, TopKTrainer
 from dictionary_learning.training import get_norm_factor
 

@@ -13,7 +13,7 @@ import torch
 from ..dictionaries import JumpReluAutoEncoder
 from ..ops import JumpReLUFunction, StepFunction
 from .top_k import DEAD_FEATURE_TOKENS
-from .trainer import SAETrainer, StepOutput, get_lr_schedule, get_sparsity_warmup_fn, register_trainer
+from .trainer import SAETrainer, StepOutput, adam, get_lr_schedule, get_sparsity_warmup_fn, register_trainer
 
 SPARSITY_LOSSES = ("target_l0", "l0")
 
@@ -62,7 +62,7 @@ class JumpReluTrainer(SAETrainer):
         self.sparsity_coefficient = sparsity_penalty
         self.target_l0 = target_l0
         self.sparsity_loss = sparsity_loss
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+        self.optimizer = adam(self.ae.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
         self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start, None, sparsity_warmup_steps))
         self.sparsity_warmup_fn = get_sparsity_warmup_fn(steps, sparsity_warmup_steps)
         self.num_tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)

@@ -12,7 +12,7 @@ import torch
 from ..dictionaries import AutoEncoderTopK
 from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
 from ..ops import auxk_loss, geometric_median
-from .trainer import SAETrainer, StepOutput, default_topk_lr, get_lr_schedule, register_trainer
+from .trainer import SAETrainer, StepOutput, adam, default_topk_lr, get_lr_schedule, register_trainer
 
 # Reference re-exports: `from dictionary_learning.trainers.top_k import AutoEncoderTopK, geometric_median`.
 __all__ = ["AutoEncoderTopK", "TopKTrainer", "geometric_median"]
@@ -30,7 +30,7 @@ class TopKTrainer(SAETrainer):
 
     project_decoder_grad = True
     grad_clip_norm = 1.0
-    state_attrs = ("num_tokens_since_fired",)
+    state_attrs = ("num_tokens_since_fired", "tokens_seen")
     logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
 
     def __init__(
@@ -77,9 +77,10 @@ class TopKTrainer(SAETrainer):
         self.k_anneal_steps = k_anneal_steps
         self.k_anneal_start = max(self.ae.activation_dim, k) if k_anneal_steps else k
         self.k_anneal_start = min(self.k_anneal_start, self.ae.dict_size)
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        self.optimizer = adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999))
         self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start))
         self.num_tokens_since_fired = torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device)
+        self.tokens_seen = 0
         if k_anneal_steps:
             self.ae.set_k(self.annealed_k(0))
 
@@ -120,7 +121,8 @@ class TopKTrainer(SAETrainer):
         x_hat, l2, logs, residual = self._reconstruction(x2, f)
         counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x2.shape[0])
         dead_F = counter_F >= DEAD_FEATURE_TOKENS
-        if self.auxk_alpha > 0:
+        # Until DEAD_FEATURE_TOKENS tokens have been seen no latent can be dead: skip AuxK (no sync needed).
+        if self.auxk_alpha > 0 and self.tokens_seen + x2.shape[0] >= DEAD_FEATURE_TOKENS:
             auxk, raw = auxk_loss(residual.detach(), a, dead_F, self.top_k_aux, self.ae.decoder_FD())
         else:
             auxk = raw = torch.zeros((), device=x.device)
@@ -132,11 +134,12 @@ class TopKTrainer(SAETrainer):
             "dead_features": dead_F.sum(),
             "pre_norm_auxk_loss": raw,
         }
-        commit = {"counter_F": counter_F, "kept": kept}
+        commit = {"counter_F": counter_F, "kept": kept, "tokens": x2.shape[0]}
         return StepOutput(loss, x_hat.view_as(x), f.view(*x.shape[:-1], -1), logs, commit)
 
     def _commit(self, out, step):
         self.num_tokens_since_fired = out.commit["counter_F"]
+        self.tokens_seen += out.commit["tokens"]
         if step > self.threshold_start_step:
             self._update_threshold(out.commit["kept"].detach())
 

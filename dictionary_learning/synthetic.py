@@ -1,4 +1,4 @@
-"""Synthetic activations with planted sparse features, for tests that check trainers learn."""
+"""Synthetic activations with planted sparse features: known ground truth for checking that a recipe learns."""
 
 from __future__ import annotations
 
