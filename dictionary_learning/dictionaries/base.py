@@ -1,0 +1,223 @@
+"""The `Dictionary` base class, the registry of architectures, and the one place that knows layouts.
+
+Two weight layouts exist in the reference's files and we must keep both for compatibility:
+`nn.Linear`-style matrices (decoder `[D, F]`, a feature is a column) and raw parameters
+(decoder `[F, D]`, a feature is a row). Each class declares where its per-feature tensors live in a
+`FeatureLayout`; trainers, resampling and checkpoint code read that declaration instead of
+special-casing classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DICTIONARY_REGISTRY: dict[str, type[Dictionary]] = {}
+
+
+def register_dictionary(cls: type[Dictionary]) -> type[Dictionary]:
+    """Class decorator: make `cls` known to `load_dictionary`, the CLI and the tests by its name."""
+    if cls.__name__ in DICTIONARY_REGISTRY:
+        raise ValueError(f"a dictionary class named {cls.__name__!r} is already registered")
+    DICTIONARY_REGISTRY[cls.__name__] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Where the per-feature slices of a dictionary's parameters live.
+
+    Each entry maps a state-dict name to the dimension that indexes features (F). The decoder and
+    encoder entries are the matrices whose feature slices are directions in activation space.
+    """
+
+    decoder: tuple[str, int]
+    encoder: tuple[str, int] | None = None
+    feature_biases: tuple[tuple[str, int], ...] = ()
+
+
+def check_sizes(activation_dim: int, dict_size: int, k: int | None = None) -> None:
+    """Raise a ValueError naming the argument when a size is not a positive integer (or k > dict_size)."""
+    sizes = {"activation_dim": activation_dim, "dict_size": dict_size}
+    if k is not None:
+        sizes["k"] = k
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if k is not None and k > dict_size:
+        raise ValueError(f"k={k} is larger than dict_size={dict_size}; choose k <= dict_size")
+
+
+def feature_first(t: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    """A view of `t` with its feature dimension first (`[F, ...]`); writes go through to `t`."""
+    return t if feature_dim == 0 else t.transpose(0, feature_dim)
+
+
+class Dictionary(nn.Module):
+    """A sparse dictionary: `encode` maps activations `[..., D]` to features `[..., F]`, `decode` back.
+
+    Subclasses set `layout`, `bias_names` (tensors that `scale_biases` multiplies) and implement
+    `encode`, `decode` and `_from_state_dict_shapes`.
+    """
+
+    activation_dim: int
+    dict_size: int
+    layout: ClassVar[FeatureLayout | None] = None
+    bias_names: ClassVar[tuple[str, ...]] = ()
+    # TopK-style classes keep threshold = -1 as "not yet estimated"; a negative one is never scaled.
+    threshold_is_sentinel: ClassVar[bool] = False
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        return (x_hat, f) if output_features else x_hat
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _check_width(self, x: torch.Tensor) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.activation_dim:
+            got = "a scalar" if x.ndim == 0 else f"width {x.shape[-1]} (shape {tuple(x.shape)})"
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of width activation_dim={self.activation_dim} "
+                f"in the last dimension, got {got}"
+            )
+
+    # ------------------------------------------------------------------------------- bias scaling
+    def _scaled_tensor(self, name: str, t: torch.Tensor, scale: float) -> torch.Tensor:
+        if name == "threshold" and self.threshold_is_sentinel and bool((t < 0).all()):
+            return t
+        return t * scale
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Multiply every additive bias and threshold by `scale`, in place.
+
+        For an input normalised as `x / s`, `scale_biases(s)` gives a dictionary with
+        `new(x) == s * old(x / s)`: the normalisation is folded into the weights (spec section 7.4).
+        """
+        tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+        for name in self.bias_names:
+            t = tensors[name]
+            t.copy_(self._scaled_tensor(name, t, scale))
+
+    def scaled_state_dict(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """A detached CPU copy of the state dict with biases multiplied by `scale` (self unchanged)."""
+        out = {}
+        for name, t in self.state_dict().items():
+            t = t.detach()
+            if scale != 1.0 and name in self.bias_names:
+                t = self._scaled_tensor(name, t, scale)
+            out[name] = t.to("cpu", copy=True).contiguous()
+        return out
+
+    # ------------------------------------------------------------------------------ layout access
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self.get_parameter(name) if name in dict(self.named_parameters()) else self.get_buffer(name)
+
+    def decoder_FD(self) -> torch.Tensor:
+        """The decoder weight as a `[F, D]` view (row f = feature f's direction)."""
+        name, dim = self.layout.decoder
+        return feature_first(self._tensor(name), dim)
+
+    def encoder_FD(self) -> torch.Tensor:
+        """The encoder weight as a `[F, D]` view (row f = feature f's read-out direction)."""
+        name, dim = self.layout.encoder
+        return feature_first(self._tensor(name), dim)
+
+    def feature_parameters(self) -> list[tuple[nn.Parameter, int]]:
+        """Every parameter indexed by feature, with its feature dimension (for resampling)."""
+        entries = [self.layout.decoder, *self.layout.feature_biases]
+        if self.layout.encoder is not None:
+            entries.append(self.layout.encoder)
+        return [(self.get_parameter(name), dim) for name, dim in entries]
+
+    # ------------------------------------------------------------------------- construction & I/O
+    def architecture_config(self) -> dict[str, Any]:
+        """The constructor facts a loader needs, in config.json's `trainer` section vocabulary."""
+        return {"dict_class": type(self).__name__, "activation_dim": self.activation_dim,
+                "dict_size": self.dict_size}
+
+    @classmethod
+    def _from_state_dict_shapes(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> Dictionary:
+        """Build an (untrained) instance whose parameter shapes match `state_dict`."""
+        raise NotImplementedError
+
+    @classmethod
+    def matches_state_dict(cls, keys: set[str]) -> bool:
+        """Whether a state dict with these keys belongs to this architecture."""
+        return keys == set(cls._expected_keys())
+
+    @classmethod
+    def _expected_keys(cls) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: dict[str, torch.Tensor],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        source: str = "state dict",
+        **kwargs: Any,
+    ) -> Dictionary:
+        """Build an instance from a state dict (strict key and shape check; errors name `source`)."""
+        from ..checkpoint import CheckpointError
+
+        missing = set(cls._expected_keys()) - set(state_dict)
+        unexpected = set(state_dict) - set(cls._expected_keys())
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source}: keys do not match {cls.__name__} "
+                f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+            )
+        try:
+            ae = cls._from_state_dict_shapes(state_dict, **kwargs)
+            ae.load_state_dict(state_dict, strict=True)
+        except (RuntimeError, ValueError) as e:
+            detail = " ".join(str(e).replace("Error(s) in loading state_dict for", "").split())
+            raise CheckpointError(f"{source}: cannot load into {cls.__name__}: {detail}") from e
+        return ae.to(device=device, dtype=dtype) if (dtype or device) else ae
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> Dictionary:
+        """Load weights from `ae.pt` / `ae.safetensors`, or from a folder holding one of them.
+
+        Loading never executes code from the file. `dtype`/`device` cast the result when given.
+        """
+        from ..checkpoint import load_state_dict_file
+
+        weights = load_state_dict_file(path)
+        ae = cls.from_state_dict(weights.state_dict, source=weights.source, **kwargs)
+        if weights.bias_scale != 1.0:
+            ae.scale_biases(weights.bias_scale)
+        return ae.to(device=device, dtype=dtype) if (dtype or device) else ae
+
+    def save_pretrained(
+        self, folder: str | Path, config: dict | None = None, safetensors: bool = False
+    ) -> Path:
+        """Write `ae.pt` (or `ae.safetensors`) and `config.json` into `folder`; returns the weights path."""
+        from ..checkpoint import save_dictionary
+
+        return save_dictionary(self, folder, config=config, safetensors=safetensors)
+
+    def extra_repr(self) -> str:
+        return f"activation_dim={self.activation_dim}, dict_size={self.dict_size}"

@@ -1,0 +1,81 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"), in Gemma Scope's parameter layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
+
+
+@register_dictionary
+class JumpReluAutoEncoder(Dictionary):
+    """`pre = x W_enc + b_enc`, `f = ReLU(pre * 1[pre > threshold])`, `x_hat = f W_dec + b_dec`.
+
+    The threshold is stored directly (not as a log), so `scale_biases` can scale it with the biases.
+    `apply_b_dec_to_input` (not saved) subtracts `b_dec` before encoding, for SAELens-trained weights.
+    """
+
+    layout = FeatureLayout(
+        decoder=("W_dec", 0), encoder=("W_enc", 1), feature_biases=(("b_enc", 0), ("threshold", 0))
+    )
+    bias_names = ("b_enc", "b_dec", "threshold")
+
+    def __init__(self, activation_dim: int, dict_size: int, device: torch.device | str | None = "cpu"):
+        super().__init__()
+        check_sizes(activation_dim, dict_size)
+        self.activation_dim = activation_dim
+        self.dict_size = dict_size
+        self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(dict_size, device=device))
+        self.W_dec = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(dict_size, activation_dim, device=device)))
+        self.b_dec = nn.Parameter(torch.zeros(activation_dim, device=device))
+        # 0.001 as in the reference: a small positive start so every feature can fire at first.
+        self.threshold = nn.Parameter(torch.full((dict_size,), 0.001, device=device))
+        self.apply_b_dec_to_input = False
+        with torch.no_grad():
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+            self.W_enc.copy_(self.W_dec.T)
+
+    def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
+        self._check_width(x_BD)
+        if self.apply_b_dec_to_input:
+            x_BD = x_BD - self.b_dec
+        return x_BD @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor, output_pre_jump: bool = False):
+        pre_BF = self.pre_activations(x)
+        f_BF = torch.relu(pre_BF * (pre_BF > self.threshold))
+        return (f_BF, pre_BF) if output_pre_jump else f_BF
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return f_BF @ self.W_dec + self.b_dec
+
+    @classmethod
+    def _expected_keys(cls):
+        return ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+    @classmethod
+    def _from_state_dict_shapes(cls, state_dict, **kwargs):
+        activation_dim, dict_size = state_dict["W_enc"].shape
+        return cls(activation_dim, dict_size, device="cpu")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | None = None,
+        load_from_sae_lens: bool = False,
+        dtype: torch.dtype | None = torch.float32,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> JumpReluAutoEncoder:
+        """Load a local `ae.pt`/`ae.safetensors`, or (with `load_from_sae_lens=True`) a SAELens release."""
+        if load_from_sae_lens:
+            raise NotImplementedError(
+                "load_from_sae_lens is not available yet; load a local folder with from_pretrained(path)"
+            )
+        if path is None:
+            raise ValueError("from_pretrained needs a path (or load_from_sae_lens=True with release/sae_id)")
+        return super().from_pretrained(path, dtype=dtype, device=device)

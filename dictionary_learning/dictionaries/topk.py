@@ -1,0 +1,209 @@
+"""TopK-family dictionaries: TopK (Gao et al. 2024), BatchTopK (Bussmann et al. 2024) and Matryoshka.
+
+All three keep `k` (int32) and `threshold` (float32, -1 = "not yet estimated") as buffers so that a
+saved file carries them. After training, the threshold allows JumpReLU-style inference with one
+global scalar, which makes BatchTopK's features independent of the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
+
+
+def row_topk(a_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the k largest entries of each row: returns (f_BF, values_BK, indices_BK)."""
+    values_BK, indices_BK = a_BF.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(a_BF).scatter_(-1, indices_BK, values_BK), values_BK, indices_BK
+
+
+def batch_topk(a_BF: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k * B largest entries of the whole `[B, F]` batch (B = product of leading dims)."""
+    flat = a_BF.flatten()
+    n_rows = flat.numel() // a_BF.shape[-1]
+    values, indices = flat.topk(min(k * n_rows, flat.numel()), sorted=False)
+    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(a_BF)
+
+
+def apply_threshold(a_BF: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """JumpReLU inference with one global scalar threshold: keep entries above it."""
+    return a_BF * (a_BF > threshold)
+
+
+class _TopKBase(Dictionary):
+    """Shared buffers, bias scaling and the cached Python `k` (read without a device sync)."""
+
+    threshold_is_sentinel = True
+
+    def _init_buffers(self, k: int) -> None:
+        self.register_buffer("k", torch.tensor(k, dtype=torch.int32))
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+        self._k = int(k)
+
+    def set_k(self, k: int) -> None:
+        """Change k (used by k-annealing); keeps the saved buffer and the cached int in step."""
+        check_sizes(self.activation_dim, self.dict_size, k)
+        self.k.fill_(k)
+        self._k = int(k)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._k = int(self.k)
+
+    def architecture_config(self) -> dict[str, Any]:
+        return super().architecture_config() | {"k": self._k}
+
+    def relu_pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, path, k: int | None = None, device=None, dtype=None, **kwargs: Any):
+        """Load weights; `k`, when given, must equal the saved k (ValueError otherwise)."""
+        ae = super().from_pretrained(path, dtype=dtype, device=device, **kwargs)
+        if k is not None and k != ae._k:
+            raise ValueError(f"k={k} was requested but the file {path} was saved with k={ae._k}")
+        return ae
+
+
+class _LinearTopK(_TopKBase):
+    """nn.Linear layout shared by AutoEncoderTopK and BatchTopKSAE (keys b_dec, k, threshold, decoder, encoder)."""
+
+    layout = FeatureLayout(
+        decoder=("decoder.weight", 1), encoder=("encoder.weight", 0), feature_biases=(("encoder.bias", 0),)
+    )
+    bias_names = ("b_dec", "encoder.bias", "threshold")
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int):
+        super().__init__()
+        check_sizes(activation_dim, dict_size, k)
+        self.activation_dim = activation_dim
+        self.dict_size = dict_size
+        self._init_buffers(k)
+        self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
+        self.encoder = nn.Linear(activation_dim, dict_size)
+        with torch.no_grad():
+            self.decoder.weight /= self.decoder.weight.norm(dim=0, keepdim=True)
+            self.encoder.weight.copy_(self.decoder.weight.T)
+            self.encoder.bias.zero_()
+        self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+
+    def relu_pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
+        self._check_width(x_BD)
+        return torch.relu(self.encoder(x_BD - self.b_dec))
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return self.decoder(f_BF) + self.b_dec
+
+    @classmethod
+    def _expected_keys(cls):
+        return ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias")
+
+    @classmethod
+    def _from_state_dict_shapes(cls, state_dict, **kwargs):
+        dict_size, activation_dim = state_dict["encoder.weight"].shape
+        return cls(activation_dim, dict_size, int(state_dict["k"]))
+
+
+@register_dictionary
+class AutoEncoderTopK(_LinearTopK):
+    """OpenAI TopK SAE: `f = TopK(ReLU(W_enc (x - b_dec) + b_enc))` per row; exact top-k by default."""
+
+    def encode(self, x: torch.Tensor, return_topk: bool = False, use_threshold: bool = False):
+        """With `return_topk`: `(f, top_values_BK, top_indices_BK, relu_pre_BF)`."""
+        a_BF = self.relu_pre_activations(x)
+        if use_threshold:
+            f_BF = apply_threshold(a_BF, self.threshold)
+            if not return_topk:
+                return f_BF
+            values_BK, indices_BK = a_BF.topk(self._k, dim=-1, sorted=False)
+        else:
+            f_BF, values_BK, indices_BK = row_topk(a_BF, self._k)
+            if not return_topk:
+                return f_BF
+        return f_BF, values_BK, indices_BK, a_BF
+
+
+@register_dictionary
+class BatchTopKSAE(_LinearTopK):
+    """BatchTopK SAE: k * B activations kept across the batch while training; global threshold at inference."""
+
+    def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
+        """With `return_active`: `(f, active_F, relu_pre)` where `active_F` marks features that fired."""
+        a_BF = self.relu_pre_activations(x)
+        f_BF = apply_threshold(a_BF, self.threshold) if use_threshold else batch_topk(a_BF, self._k)
+        if return_active:
+            return f_BF, f_BF.reshape(-1, self.dict_size).sum(0) > 0, a_BF
+        return f_BF
+
+
+@register_dictionary
+class MatryoshkaBatchTopKSAE(_TopKBase):
+    """BatchTopK SAE whose features form nested groups; each prefix of groups is trained to reconstruct.
+
+    Bussmann et al. 2025 ("Learning Multi-Level Features with Matryoshka SAEs"). `active_groups`
+    (not saved) restricts inference to the first groups.
+    """
+
+    layout = FeatureLayout(decoder=("W_dec", 0), encoder=("W_enc", 1), feature_biases=(("b_enc", 0),))
+    bias_names = ("b_enc", "b_dec", "threshold")
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int]):
+        super().__init__()
+        check_sizes(activation_dim, dict_size, k)
+        group_sizes = [int(g) for g in group_sizes]
+        if sum(group_sizes) != dict_size or any(g < 1 for g in group_sizes):
+            raise ValueError(
+                f"group_sizes must be positive and sum to dict_size={dict_size}, got {group_sizes}"
+            )
+        self.activation_dim = activation_dim
+        self.dict_size = dict_size
+        self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size))
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        self.W_dec = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(dict_size, activation_dim)))
+        self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+        self._init_buffers(k)
+        self.register_buffer("group_sizes", torch.tensor(group_sizes, dtype=torch.int64))
+        self.active_groups = len(group_sizes)
+        self.group_indices = [0] + torch.tensor(group_sizes).cumsum(0).tolist()
+        with torch.no_grad():
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+            self.W_enc.copy_(self.W_dec.T)
+
+    def architecture_config(self) -> dict[str, Any]:
+        return super().architecture_config() | {"group_sizes": self.group_sizes.tolist()}
+
+    def relu_pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
+        self._check_width(x_BD)
+        return torch.relu((x_BD - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
+        a_BF = self.relu_pre_activations(x)
+        f_BF = apply_threshold(a_BF, self.threshold) if use_threshold else batch_topk(a_BF, self._k)
+        end = self.group_indices[self.active_groups]
+        if end < self.dict_size:
+            f_BF = f_BF.clone()
+            f_BF[..., end:] = 0
+        if return_active:
+            return f_BF, f_BF.reshape(-1, self.dict_size).sum(0) > 0, a_BF
+        return f_BF
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return f_BF @ self.W_dec + self.b_dec
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.group_indices = [0] + self.group_sizes.cumsum(0).tolist()
+        self.active_groups = len(self.group_sizes)
+
+    @classmethod
+    def _expected_keys(cls):
+        return ("W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes")
+
+    @classmethod
+    def _from_state_dict_shapes(cls, state_dict, **kwargs):
+        activation_dim, dict_size = state_dict["W_enc"].shape
+        return cls(activation_dim, dict_size, int(state_dict["k"]), state_dict["group_sizes"].tolist())
