@@ -24,6 +24,6 @@ class PlantedFeatures:
 
     def recovered(self, decoder_FD: torch.Tensor, threshold: float = 0.9) -> int:
         """How many planted directions some decoder row matches with cosine > threshold."""
-        W = decoder_FD.detach().float()
+        W = decoder_FD.detach().float().cpu()
         W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return int(((self.directions @ W.T).max(dim=1).values > threshold).sum())

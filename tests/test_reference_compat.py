@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 D, F, STEPS = 16, 48, 30
-COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=5, seed=0, layer=1, lm_name="synthetic")
+COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=5, seed=0, layer=1, lm_name="synthetic", device="cpu")
 PENALISED = dict(COMMON, sparsity_warmup_steps=5)
 TOPK = dict(COMMON, k=4, threshold_start_step=5)
 CONFIGS = {

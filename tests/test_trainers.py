@@ -29,7 +29,7 @@ from dictionary_learning.trainers.trainer import (
 )
 
 D, F = 32, 64
-COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=20, seed=0)
+COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=20, seed=0, device="cpu")  # CUDA: test_cuda.py
 PENALISED = dict(COMMON, sparsity_warmup_steps=50)
 TOPK = dict(COMMON, k=4, threshold_start_step=50)
 

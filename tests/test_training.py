@@ -15,7 +15,7 @@ from dictionary_learning.trainers import JumpReluTrainer, PAnnealTrainer, Standa
 from dictionary_learning.training import get_norm_factor
 
 D, F, STEPS = 32, 64, 60
-COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=5, seed=0, layer=2, lm_name="synthetic")
+COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=5, seed=0, layer=2, lm_name="synthetic", device="cpu")
 CONFIGS = [
     dict(trainer=TopKTrainer, k=4, threshold_start_step=5, **COMMON),
     dict(trainer=StandardTrainer, sparsity_warmup_steps=10, resample_steps=20, l1_penalty=1.0, **COMMON),

@@ -147,8 +147,7 @@ class Dictionary(nn.Module):
     # ------------------------------------------------------------------------- construction & I/O
     def architecture_config(self) -> dict[str, Any]:
         """The constructor facts a loader needs, in config.json's `trainer` section vocabulary."""
-        return {"dict_class": type(self).__name__, "activation_dim": self.activation_dim,
-                "dict_size": self.dict_size}
+        return {"dict_class": type(self).__name__, "activation_dim": self.activation_dim, "dict_size": self.dict_size}
 
     @classmethod
     def _from_state_dict_shapes(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> Dictionary:
@@ -211,9 +210,7 @@ class Dictionary(nn.Module):
             ae.scale_biases(weights.bias_scale)
         return ae.to(device=device, dtype=dtype) if (dtype or device) else ae
 
-    def save_pretrained(
-        self, folder: str | Path, config: dict | None = None, safetensors: bool = False
-    ) -> Path:
+    def save_pretrained(self, folder: str | Path, config: dict | None = None, safetensors: bool = False) -> Path:
         """Write `ae.pt` (or `ae.safetensors`) and `config.json` into `folder`; returns the weights path."""
         from ..checkpoint import save_dictionary
 

@@ -18,9 +18,7 @@ class JumpReluAutoEncoder(Dictionary):
     `apply_b_dec_to_input` (not saved) subtracts `b_dec` before encoding, for SAELens-trained weights.
     """
 
-    layout = FeatureLayout(
-        decoder=("W_dec", 0), encoder=("W_enc", 1), feature_biases=(("b_enc", 0), ("threshold", 0))
-    )
+    layout = FeatureLayout(decoder=("W_dec", 0), encoder=("W_enc", 1), feature_biases=(("b_enc", 0), ("threshold", 0)))
     bias_names = ("b_enc", "b_dec", "threshold")
 
     def __init__(self, activation_dim: int, dict_size: int, device: torch.device | str | None = "cpu"):

@@ -156,9 +156,7 @@ class MatryoshkaBatchTopKSAE(_TopKBase):
         check_sizes(activation_dim, dict_size, k)
         group_sizes = [int(g) for g in group_sizes]
         if sum(group_sizes) != dict_size or any(g < 1 for g in group_sizes):
-            raise ValueError(
-                f"group_sizes must be positive and sum to dict_size={dict_size}, got {group_sizes}"
-            )
+            raise ValueError(f"group_sizes must be positive and sum to dict_size={dict_size}, got {group_sizes}")
         self.activation_dim = activation_dim
         self.dict_size = dict_size
         self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size))

@@ -323,13 +323,23 @@ class SAETrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output, wherever it was saved; tensors move to this trainer's device."""
         self.ae.load_state_dict(state["ae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for name, value in state["state"].items():
-            current = getattr(self, name, None)
-            setattr(self, name, value.to(current.device) if isinstance(current, torch.Tensor) else value)
+            setattr(self, name, _to_device(value, self.device))
         self.steps_done = state["steps_done"]
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def default_topk_lr(dict_size: int) -> float:
@@ -354,7 +364,7 @@ def resample_dead_features(
     dead_idx = dead_F.nonzero().squeeze(1)
     if dead_idx.numel() == 0:
         return dead_idx
-    x_BD = x_BD.reshape(-1, x_BD.shape[-1])
+    x_BD = x_BD.reshape(-1, x_BD.shape[-1]).to(ae.decoder_FD().device)
     # All-zero inputs would give a zero direction: never draw them.
     err_B = (x_BD - ae(x_BD)).norm(dim=-1).float() * (x_BD.norm(dim=-1) > 0)
     if not bool(err_B.sum() > 0):

@@ -1,0 +1,67 @@
+"""The same behaviour on a GPU: trainers, trainSAE, resume and loading on CUDA (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainers import LEARNING_CONFIGS
+from test_training import CONFIGS, STEPS, batches
+
+from dictionary_learning import TRAINER_REGISTRY, load_dictionary, trainSAE
+from dictionary_learning.synthetic import PlantedFeatures
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ON_GPU = [dict(c, device="cuda") for c in CONFIGS]
+
+
+@pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
+def test_trainer_learns_on_cuda_from_cpu_batches(name):
+    config, steps = LEARNING_CONFIGS[name]
+    trainer = TRAINER_REGISTRY[name](steps=steps, **dict(config, device=None))  # None picks the GPU
+    assert trainer.device.type == "cuda"
+    for value in vars(trainer).values():  # counters live with the dictionary (reference bug 9)
+        if isinstance(value, torch.Tensor):
+            assert value.device.type == "cuda"
+    data = PlantedFeatures(d=32)
+    for step, x in enumerate(data.batches(steps)):
+        trainer.update(step, x)
+    assert data.recovered(trainer.ae.decoder_FD()) >= 38
+
+
+def test_trainsae_on_cuda_saves_cpu_files_that_load_anywhere(tmp_path):
+    dicts = trainSAE(
+        batches(),
+        ON_GPU,
+        STEPS,
+        save_dir=tmp_path,
+        normalize_activations=True,
+        autocast_dtype=torch.bfloat16,
+        progress=False,
+    )
+    x = next(batches(1))
+    for i, ae in enumerate(dicts):
+        assert next(ae.parameters()).device.type == "cuda"
+        saved = torch.load(tmp_path / f"trainer_{i}" / "ae.pt", weights_only=True)
+        assert all(t.device.type == "cpu" for t in saved.values())
+        cpu_copy, _ = load_dictionary(tmp_path / f"trainer_{i}")
+        gpu_copy, _ = load_dictionary(tmp_path / f"trainer_{i}", device="cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(cpu_copy(x), ae(x.cuda()).cpu(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(gpu_copy(x.cuda()), ae(x.cuda()))
+
+
+def test_resume_on_cuda(tmp_path):
+    full = trainSAE(batches(), ON_GPU, STEPS, progress=False)
+
+    def crashing():
+        for i, x in enumerate(batches()):
+            if i == 43:
+                raise RuntimeError("simulated crash")
+            yield x
+
+    with pytest.raises(RuntimeError):
+        trainSAE(crashing(), ON_GPU, STEPS, save_dir=tmp_path, backup_steps=20, progress=False)
+    resumed = trainSAE(batches(), None, STEPS, resume_from=tmp_path, progress=False)
+    for a, b in zip(full, resumed):
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-4, atol=1e-4, msg=key)
