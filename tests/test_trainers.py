@@ -378,3 +378,11 @@ def test_auxk_loss_trains_dead_latents(cls):
         silent_but_positive = ((f == 0) & (a > 0)).any(0)
         # latents outside every row's top-k get gradient only through AuxK
         assert trainer.ae.encoder.bias.grad[silent_but_positive].abs().sum() > 0
+
+
+def test_get_logging_parameters_reports_every_listed_value():
+    for name, (config, steps) in LEARNING_CONFIGS.items():
+        trainer = TRAINER_REGISTRY[name](steps=steps, **config)
+        trainer.update(0, next(PlantedFeatures(d=D).batches(1)))
+        params = trainer.get_logging_parameters()
+        assert set(params) == set(trainer.logging_parameters), name

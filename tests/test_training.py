@@ -166,3 +166,13 @@ def test_bf16_autocast_keeps_fp32_master_weights():
 def test_short_data_stops_early_with_a_warning(caplog):
     dicts = trainSAE(batches(10), CONFIGS[:1], STEPS, progress=False)
     assert len(dicts) == 1 and "data ran out after 10 of 60 steps" in caplog.text
+
+
+def test_verbose_without_log_steps_and_backups_without_normalisation(tmp_path, capsys):
+    """Reference bugs: log_steps=None crashed with verbose; backup_steps without normalisation raised."""
+    trainSAE(batches(), CONFIGS[:2], STEPS, verbose=True, backup_steps=10, save_dir=tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert "step 0 trainer 1: L0 = " in out and "frac_variance_explained" in out
+    state = torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)
+    assert state["next_step"] == STEPS and state["norm_factor"] is None
+    assert load_dictionary(tmp_path / "trainer_0")[1]["trainer"]["trainer_class"] == "TopKTrainer"

@@ -16,7 +16,7 @@ class GatedAnnealTrainer(GatedLossMixin, LpAnnealing, PenalisedTrainer):
     """
 
     state_attrs = PenalisedTrainer.state_attrs + LpAnnealing.annealing_state
-    logging_parameters = ["p", "next_p", "lp_loss", "scaled_lp_loss", "sparsity_coeff"]
+    logging_parameters = ["p", "next_p", "sparsity_coeff"]
 
     def __init__(
         self,

@@ -67,6 +67,11 @@ class JumpReluTrainer(SAETrainer):
         self.sparsity_warmup_fn = get_sparsity_warmup_fn(steps, sparsity_warmup_steps)
         self.num_tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
 
+    @property
+    def dead_features(self) -> int:
+        """Latents that have not fired for DEAD_FEATURE_TOKENS tokens (reads the device: logging only)."""
+        return int((self.num_tokens_since_fired > DEAD_FEATURE_TOKENS).sum())
+
     def _compute(self, x, step):
         x = x.reshape(-1, x.shape[-1]).to(self.ae.W_enc.dtype)
         pre = self.ae.pre_activations(x)

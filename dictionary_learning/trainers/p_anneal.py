@@ -90,7 +90,7 @@ class PAnnealTrainer(LpAnnealing, PenalisedTrainer):
     """`loss = ||x - x_hat||^2 + coeff * s(t) * L_p(f)` with p annealed; ConstrainedAdam; resampling."""
 
     state_attrs = PenalisedTrainer.state_attrs + LpAnnealing.annealing_state
-    logging_parameters = ["p", "next_p", "lp_loss", "scaled_lp_loss", "sparsity_coeff"]
+    logging_parameters = ["p", "next_p", "sparsity_coeff"]
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ class TopKTrainer(SAETrainer):
     project_decoder_grad = True
     grad_clip_norm = 1.0
     state_attrs = ("num_tokens_since_fired", "tokens_seen")
-    logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
+    logging_parameters = ["effective_l0", "dead_features"]
 
     def __init__(
         self,
@@ -86,6 +86,15 @@ class TopKTrainer(SAETrainer):
 
     def _resolved_config(self):
         return {"lr": self.lr, "top_k_aux": self.top_k_aux}
+
+    @property
+    def effective_l0(self) -> int:
+        return self.ae._k
+
+    @property
+    def dead_features(self) -> int:
+        """Latents that have not fired for DEAD_FEATURE_TOKENS tokens (reads the device: logging only)."""
+        return int((self.num_tokens_since_fired >= DEAD_FEATURE_TOKENS).sum())
 
     # ------------------------------------------------------------------------------------- hooks
     def annealed_k(self, step: int) -> int:

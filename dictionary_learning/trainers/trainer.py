@@ -259,7 +259,8 @@ class SAETrainer:
         return {}
 
     def get_logging_parameters(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.logging_parameters if hasattr(self, name)}
+        """Current values of the trainer's `logging_parameters` (the reference's API)."""
+        return {name: getattr(self, name) for name in self.logging_parameters}
 
     # ------------------------------------------------------------------------- the training step
     def _compute(self, x: torch.Tensor, step: int | None) -> StepOutput:
