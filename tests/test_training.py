@@ -176,3 +176,37 @@ def test_verbose_without_log_steps_and_backups_without_normalisation(tmp_path, c
     state = torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)
     assert state["next_step"] == STEPS and state["norm_factor"] is None
     assert load_dictionary(tmp_path / "trainer_0")[1]["trainer"]["trainer_class"] == "TopKTrainer"
+
+
+def test_wandb_logs_one_run_per_trainer_with_steps(monkeypatch):
+    import sys
+    import types
+
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, [], False
+            runs.append(self)
+
+        def log(self, record, step):
+            self.logged.append((step, record))
+
+        def finish(self):
+            self.finished = True
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: FakeRun(**kw)))
+    trainSAE(
+        batches(),
+        CONFIGS[:2],
+        STEPS,
+        use_wandb=True,
+        wandb_project="p",
+        log_steps=20,
+        run_cfg={"note": "x"},
+        progress=False,
+    )
+    assert [r.kwargs["name"] for r in runs] == ["AutoEncoderTopK_trainer_0", "StandardTrainer_trainer_1"]
+    assert runs[0].kwargs["config"]["note"] == "x" and runs[0].kwargs["project"] == "p"
+    assert [step for step, _ in runs[1].logged] == [0, 20, 40]
+    assert "frac_variance_explained" in runs[1].logged[0][1] and all(r.finished for r in runs)
