@@ -3,7 +3,7 @@
 Layout written under `save_dir` (the reference's, plus a resume file):
 
     trainer_{i}/config.json              {"trainer": trainer.config, "buffer": data.config, ...}
-    trainer_{i}/ae.pt                    final weights, normalisation folded in (loads anywhere)
+    trainer_{i}/ae.pt                    latest weights (final, or at the last backup), normalisation folded in
     trainer_{i}/checkpoints/ae_{s}.pt    weights before step s, normalisation folded in
     trainer_{i}/resume.pt                full training state for `resume_from`
 """
@@ -316,6 +316,7 @@ def trainSAE(
             bar.update(1)
             if (backup_steps and step % backup_steps == 0) or interrupt.requested:
                 files.save_resume(trainers, step, consumed, norm_factor)
+                files.save_weights(trainers, norm_factor)  # ae.pt: the latest weights, loadable anywhere
             if interrupt.requested:
                 bar.close()
                 raise KeyboardInterrupt(f"training interrupted after step {step}; resume with resume_from")

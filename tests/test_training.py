@@ -99,6 +99,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
             crashing(), CONFIGS, STEPS, save_dir=tmp_path, backup_steps=20, normalize_activations=True, progress=False
         )
     assert torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)["next_step"] == 40
+    load_dictionary(tmp_path / "trainer_0")  # the crashed run's latest weights are a normal checkpoint
     resumed = weights(trainSAE(batches(), None, STEPS, resume_from=tmp_path, progress=False))
     assert_same_weights(full, resumed)
     assert_same_weights(resumed, weights(load_dictionary(tmp_path / f"trainer_{i}")[0] for i in range(4)), atol=1e-5)
