@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,8 +72,6 @@ def run(impl: str, steps: int) -> list[dict]:
     names = [c["trainer"].__name__ for c in cfgs]
     start = time.perf_counter()
     if impl == "reference":
-        import tempfile
-
         from dictionary_learning.utils import load_dictionary
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -119,13 +118,14 @@ def main() -> None:
         return
     if not args.reference_python:
         parser.error("--reference-python is required with --impl both")
+    reference_python = str(Path(args.reference_python).absolute())  # it runs from another folder
     ours = run("ours", args.steps)
     out = subprocess.run(
-        [args.reference_python, __file__, "--impl", "reference", "--steps", str(args.steps)],
+        [reference_python, __file__, "--impl", "reference", "--steps", str(args.steps)],
         check=True,
         capture_output=True,
         text=True,
-        cwd="/tmp",
+        cwd=tempfile.gettempdir(),  # away from the repo, whose dictionary_learning must not shadow the reference
     )
     reference = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{args.steps} steps of 256 tokens, D={D}, F={F}, 48 planted features (cosine > 0.9)")
