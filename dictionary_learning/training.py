@@ -60,19 +60,46 @@ _RECORDED_ONLY = {"trainer_class", "top_k_aux", "group_sizes", "norm_factor"}
 def get_norm_factor(batches: list[torch.Tensor]) -> float:
     """Scale s such that x / s has unit mean squared norm (Anthropic's normalisation, see
     arXiv 2408.05147 section 3.1): `s = sqrt(mean over rows of ||x||^2)`."""
+    if batches and isinstance(batches[0], dict):
+        raise NotImplementedError("normalize_activations with several sites per batch is not supported yet")
     sq = torch.cat([b.reshape(-1, b.shape[-1]).float().pow(2).sum(-1) for b in batches])
     return float(sq.mean().sqrt())
 
 
-def _check_batch(batch: Any, trainers: list[SAETrainer]) -> None:
-    if not isinstance(batch, torch.Tensor) or batch.ndim < 2:
-        raise ValueError(f"data must yield activation tensors of shape [batch, d], got {_describe(batch)}")
+def _site_keys(batch: Any, trainers: list[SAETrainer]) -> list[str | None]:
+    """For batches that are dicts `{site name: tensor}` (a buffer reading several submodules), the
+    key each trainer trains on: its `submodule_name`, or the only key. None for plain tensors."""
+    if not isinstance(batch, dict):
+        return [None] * len(trainers)
+    keys = []
     for i, trainer in enumerate(trainers):
-        if batch.shape[-1] != trainer.ae.activation_dim:
+        name = trainer.config.get("submodule_name")
+        if name is None and len(batch) == 1:
+            name = next(iter(batch))
+        if name not in batch:
             raise ValueError(
-                f"data yields batches of width {batch.shape[-1]} but trainer {i} ({type(trainer).__name__}) "
+                f"trainer {i} has submodule_name {name!r}, but the data yields activations of {sorted(batch)}; "
+                f"set each trainer's submodule_name to one of them"
+            )
+        keys.append(name)
+    return keys
+
+
+def _check_batch(batch: Any, trainers: list[SAETrainer], keys: list[str | None]) -> None:
+    for i, (trainer, key) in enumerate(zip(trainers, keys)):
+        x = batch if key is None else batch[key]
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            raise ValueError(f"data must yield activation tensors of shape [batch, d], got {_describe(x)}")
+        if x.shape[-1] != trainer.ae.activation_dim:
+            raise ValueError(
+                f"data yields batches of width {x.shape[-1]} but trainer {i} ({type(trainer).__name__}) "
                 f"has activation_dim={trainer.ae.activation_dim}"
             )
+
+
+def _all_finite(batch: Any) -> bool:
+    tensors = batch.values() if isinstance(batch, dict) else [batch]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _describe(obj: Any) -> str:
@@ -163,14 +190,15 @@ def _load_resume_states(resume_from: str | Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- logging
 @torch.no_grad()
-def log_stats(trainers: list[SAETrainer], step: int, act: torch.Tensor) -> list[dict[str, float]]:
-    """Per trainer: its loss terms, L0, fraction of variance explained and logging parameters.
-
-    Computing them changes no trainer state, so logging cadence does not affect training.
+def log_stats(trainers: list[SAETrainer], step: int, act: torch.Tensor | list[torch.Tensor]) -> list[dict[str, float]]:
+    """Per trainer: its loss terms, L0 and fraction of variance explained on `act` (one batch for
+    all, or one per trainer). Computing them changes no trainer state, so logging cadence does not
+    affect training.
     """
+    acts = act if isinstance(act, list) else [act] * len(trainers)
     records = []
-    for trainer in trainers:
-        log = trainer.loss(act, step=step, logging=True)
+    for trainer, x in zip(trainers, acts):
+        log = trainer.loss(x, step=step, logging=True)
         record = dict(log.losses)
         record["l0"] = float((log.f != 0).float().sum(-1).mean())
         record["frac_variance_explained"] = float(frac_variance_explained(log.x, log.x_hat))
@@ -270,7 +298,8 @@ def trainSAE(
         first = next(batches)
     except StopIteration:
         raise ValueError("data yielded no batches: check the data source (empty file, exhausted iterator)") from None
-    _check_batch(first, trainers)
+    keys = _site_keys(first, trainers)
+    _check_batch(first, trainers, keys)
     batches = itertools.chain([first], batches)
 
     start_step, consumed, norm_factor = 0, 0, None
@@ -298,20 +327,20 @@ def trainSAE(
                 logger.warning("data ran out after %d of %d steps; stopping early", step, steps)
                 break
             consumed += 1
-            if not bool(torch.isfinite(act).all()):
+            if not _all_finite(act):
                 skipped += 1
                 logger.warning("skipping a batch with NaN/Inf activations (%d skipped so far)", skipped)
                 continue
             inputs = _DeviceCache(act, norm_factor)
 
             if step % log_every == 0 and (progress or verbose or wandb_logger):
-                records = log_stats(trainers, step, inputs.on(trainers[0].device))
+                records = log_stats(trainers, step, [inputs.on(t.device, k) for t, k in zip(trainers, keys)])
                 _report(records, step, bar, verbose, wandb_logger, skipped)
             if save_steps is not None and step in save_steps:
                 files.save_weights(trainers, norm_factor, step=step)
-            for trainer in trainers:
+            for trainer, key in zip(trainers, keys):
                 with _autocast(trainer.device, autocast_dtype):
-                    trainer.update(step, inputs.on(trainer.device))
+                    trainer.update(step, inputs.on(trainer.device, key))
             step += 1
             bar.update(1)
             if (backup_steps and step % backup_steps == 0) or interrupt.requested:
@@ -335,16 +364,16 @@ def trainSAE(
 
 
 class _DeviceCache:
-    """The batch moved, cast to fp32 and normalised once per device, shared by all trainers there."""
+    """The batch moved, cast to fp32 and normalised once per (device, site), shared by all trainers there."""
 
-    def __init__(self, act: torch.Tensor, norm_factor: float | None):
+    def __init__(self, act: torch.Tensor | dict[str, torch.Tensor], norm_factor: float | None):
         self.act, self.norm_factor, self.cache = act, norm_factor, {}
 
-    def on(self, device: torch.device) -> torch.Tensor:
-        if device not in self.cache:
-            x = self.act.to(device, non_blocking=True).float()
-            self.cache[device] = x / self.norm_factor if self.norm_factor is not None else x
-        return self.cache[device]
+    def on(self, device: torch.device, key: str | None = None) -> torch.Tensor:
+        if (device, key) not in self.cache:
+            x = (self.act if key is None else self.act[key]).to(device, non_blocking=True).float()
+            self.cache[(device, key)] = x / self.norm_factor if self.norm_factor is not None else x
+        return self.cache[(device, key)]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

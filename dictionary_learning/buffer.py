@@ -1,0 +1,285 @@
+"""ActivationBuffer: shuffled batches of a model's activations at one or several submodules.
+
+The buffer holds `n_ctxs * ctx_len` token activations. It serves random unread rows and, once half
+of them have been served, refills the served slots with activations of fresh text, so batches mix
+tokens of many documents. Padding positions never enter it; BOS positions and unusually large
+activations (attention sinks) can be left out. Text is tokenized with right padding, so every
+real token sees exactly the positions and context it would see unpadded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .nnsight_io import IO_MODES, Site, plan_requests, read_activations, resolve_site, torch_model
+
+logger = logging.getLogger(__name__)
+
+
+class ActivationBuffer:
+    """Iterator of shuffled activation batches `[out_batch_size, d]` read from `model` at `submodule`.
+
+    Args:
+        data: iterator of strings, or of token-id sequences (lists or 1-D tensors).
+        model: an nnsight model (see `load_model` / `load_default_model`).
+        submodule: an envoy (`model.model.layers[3].mlp`), a torch submodule, a dotted name, or a
+            list / dict of those to read several sites in one forward pass; batches are then
+            dicts `{name: tensor}` and trainSAE routes each to the trainers whose
+            `submodule_name` matches.
+        d_submodule: expected width(s); inferred when None, checked when given.
+        io: "out" (the module's output), "in" (its input) or "in_to_out" (both, as `[N, 2, d]`).
+        n_ctxs: contexts the buffer holds (a float such as 3e4 is accepted).
+        dtype: storage dtype; bfloat16 halves memory (trainSAE trains in fp32 regardless).
+        remove_bos: leave out BOS positions (every BOS token; when BOS and EOS share an id, only
+            a row's first token), or each row's first token when the tokenizer has no BOS.
+        max_activation_norm_multiple: leave out positions whose norm exceeds this multiple of
+            the batch median (e.g. 10 for Qwen's attention sinks).
+    """
+
+    def __init__(
+        self,
+        data: Iterable,
+        model,
+        submodule,
+        d_submodule: int | list[int] | None = None,
+        io: str = "out",
+        n_ctxs: int | float = 30000,
+        ctx_len: int = 128,
+        refresh_batch_size: int = 512,
+        out_batch_size: int = 8192,
+        device: str | torch.device = "cpu",
+        remove_bos: bool = False,
+        add_special_tokens: bool = True,
+        max_activation_norm_multiple: float | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ):
+        if io == "in_and_out":
+            io = "in_to_out"
+        if io not in IO_MODES:
+            raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
+        for name, value in (
+            ("n_ctxs", n_ctxs),
+            ("ctx_len", ctx_len),
+            ("refresh_batch_size", refresh_batch_size),
+            ("out_batch_size", out_batch_size),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.data = iter(data)
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.io = io
+        self.n_ctxs, self.ctx_len = int(n_ctxs), int(ctx_len)
+        self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
+        self.device = torch.device(device)
+        self.remove_bos = remove_bos
+        self.add_special_tokens = add_special_tokens
+        self.max_activation_norm_multiple = max_activation_norm_multiple
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        self.multi = isinstance(submodule, (list, tuple, dict))
+        subs = (
+            submodule if isinstance(submodule, dict) else dict(enumerate(submodule)) if self.multi else {0: submodule}
+        )
+        self.sites = [resolve_site(model, s, io) for s in subs.values()]
+        self.names = [k if isinstance(k, str) else site.name for k, site in zip(subs, self.sites)]
+        self.submodule = None if self.multi else self.sites[0].envoy
+        self._requests = plan_requests(model, self.sites)
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if remove_bos and self.tokenizer.bos_token_id is None:
+            logger.warning("the tokenizer has no BOS token: remove_bos drops each row's first token instead")
+
+        widths = self._probe_widths()
+        expected = d_submodule if isinstance(d_submodule, (list, tuple)) or d_submodule is None else [d_submodule]
+        if expected is not None and list(expected) != widths:
+            raise ValueError(
+                f"d_submodule={d_submodule} but the model's activations at {self.names} have width {widths}"
+            )
+        self.d_submodule = widths[0] if not self.multi else widths
+        self.dtype = dtype or next(torch_model(model).parameters()).dtype
+        self.capacity = self.n_ctxs * self.ctx_len
+        row_shape = (2,) if io == "in_to_out" else ()
+        self.storage = [torch.empty(self.capacity, *row_shape, d, dtype=self.dtype, device=self.device) for d in widths]
+        self._order = torch.empty(0, dtype=torch.long)  # unread slots, in serving order
+        self._ptr = 0
+        self._filled = 0  # slots below this index have held data
+        self._pending: list[torch.Tensor] | None = None
+        self._exhausted = False
+
+    # ---------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        with torch.no_grad():
+            if self.unread < self.capacity // 2 and not self._exhausted:
+                self.refresh()
+            if self.unread == 0:
+                raise StopIteration("End of data stream reached")
+            idx = self._order[self._ptr : self._ptr + self.out_batch_size]
+            self._ptr += idx.numel()
+            idx = idx.to(self.device)
+            batch = [store[idx] for store in self.storage]
+        return dict(zip(self.names, batch)) if self.multi else batch[0]
+
+    @property
+    def unread(self) -> int:
+        return self._order.numel() - self._ptr
+
+    def refresh(self) -> None:
+        """Refill every served slot with fresh activations, then reshuffle all unread rows."""
+        free = torch.cat([self._order[: self._ptr], torch.arange(self._filled, self.capacity)])
+        kept = self._order[self._ptr :]
+        n_new = 0
+        while n_new < free.numel():
+            acts = self._pending if self._pending is not None else self._next_activations()
+            if acts is None:
+                break
+            take = min(acts[0].shape[0], free.numel() - n_new)
+            slots = free[n_new : n_new + take].to(self.device)
+            for store, a in zip(self.storage, acts):
+                store[slots] = a[:take].to(self.device, self.dtype)
+            self._pending = [a[take:] for a in acts] if take < acts[0].shape[0] else None
+            n_new += take
+        self._filled = max(self._filled, int(free[:n_new].max()) + 1 if n_new else 0)
+        valid = torch.cat([kept, free[:n_new]])
+        self._order = valid[torch.randperm(valid.numel(), generator=self.generator)]
+        self._ptr = 0
+
+    # ------------------------------------------------------------------------------ reading text
+    def _next_items(self, batch_size: int | None = None) -> list:
+        items = []
+        for _ in range(batch_size or self.refresh_batch_size):
+            try:
+                items.append(next(self.data))
+            except StopIteration:
+                break
+        return items
+
+    def text_batch(self, batch_size: int | None = None) -> list:
+        """The next `batch_size` items of the data stream (the reference's API, used by evaluate)."""
+        items = self._next_items(batch_size)
+        if not items:
+            raise StopIteration("End of data stream reached")
+        return items
+
+    def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        return self.tokenize(self.text_batch(batch_size))
+
+    def tokenize(self, items: list) -> dict[str, torch.Tensor]:
+        """Right-padded `input_ids` and `attention_mask` `[B, L <= ctx_len]` for strings or token ids."""
+        if all(isinstance(item, str) for item in items):
+            enc = self.tokenizer(
+                items,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.ctx_len,
+                add_special_tokens=self.add_special_tokens,
+                padding_side="right",
+            )
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        rows = []
+        for item in items:
+            if not isinstance(item, (list, tuple, torch.Tensor)):
+                raise TypeError(f"data must yield strings or non-empty token-id sequences, got {_describe(item)}")
+            ids = torch.as_tensor(item) if not isinstance(item, torch.Tensor) else item
+            if ids.ndim != 1 or ids.is_floating_point() or ids.numel() == 0:
+                raise TypeError(f"data must yield strings or non-empty token-id sequences, got {_describe(item)}")
+            rows.append(ids[: self.ctx_len].long())
+        length = max(r.numel() for r in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : r.numel()] = r
+            attention_mask[i, : r.numel()] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _next_activations(self) -> list[torch.Tensor] | None:
+        """Activations `[N, ...]` per site of the next LM batch (kept positions only), or None at the end."""
+        while True:
+            items = self._next_items()
+            if not items:
+                self._exhausted = True
+                return None
+            tokens = self.tokenize(items)
+            acts = self.read(tokens)
+            if acts[0].shape[0]:
+                return acts
+
+    def read(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Activations of the kept positions of a token batch, one `[N, ...]` tensor per site."""
+        model_device = next(torch_model(self.model).parameters()).device
+        input_ids = tokens["input_ids"].to(model_device)
+        attention_mask = tokens["attention_mask"].to(model_device)
+        raw = read_activations(self.model, self.sites, input_ids, attention_mask, self._requests)
+        raw = [torch.stack(r, dim=2) if isinstance(r, tuple) else r for r in raw]  # in_to_out: [B, L, 2, d]
+        keep = self.keep_mask(input_ids, attention_mask, raw)
+        return [r[keep] for r in raw]
+
+    def keep_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, acts: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """`[B, L]` bool: real tokens, minus BOS positions and high-norm positions when asked."""
+        keep = attention_mask.bool()
+        if self.remove_bos:
+            first = torch.zeros_like(keep)
+            first[:, 0] = True  # right padding: every row starts at position 0
+            bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+            if bos is None:
+                keep &= ~first
+            elif bos == eos:  # GPT-2 / Pythia: the same id also ends documents; drop only a leading one
+                keep &= ~(first & (input_ids == bos))
+            else:
+                keep &= input_ids != bos
+        if self.max_activation_norm_multiple is not None:
+            for a in acts:
+                norms = a.float().flatten(2).norm(dim=-1)  # [B, L]
+                median = norms[keep].median() if keep.any() else norms.median()
+                keep &= norms <= median * self.max_activation_norm_multiple
+        return keep
+
+    def _probe_widths(self) -> list[int]:
+        probe_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        ids = torch.tensor([[probe_id]], device=next(torch_model(self.model).parameters()).device)
+        acts = read_activations(self.model, self.sites, ids, torch.ones_like(ids), self._requests)
+        return [(a[1] if isinstance(a, tuple) else a).shape[-1] for a in acts]
+
+    # ------------------------------------------------------------------------------------ records
+    @property
+    def config(self) -> dict[str, Any]:
+        """What config.json records under "buffer" (the reference's keys, plus the sites)."""
+        return {
+            "d_submodule": self.d_submodule,
+            "io": self.io,
+            "n_ctxs": self.n_ctxs,
+            "ctx_len": self.ctx_len,
+            "refresh_batch_size": self.refresh_batch_size,
+            "out_batch_size": self.out_batch_size,
+            "device": str(self.device),
+            "submodules": self.names,
+        }
+
+    def close(self) -> None:
+        """Release the stored activations."""
+        self.storage = []
+        self._order = torch.empty(0, dtype=torch.long)
+        self._ptr = 0
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, torch.Tensor):
+        return f"a {item.dtype} tensor of shape {tuple(item.shape)}"
+    return f"{type(item).__name__} {str(item)[:40]!r}"
+
+
+# The reference's second name for a buffer fed with token ids: this one takes both.
+NNsightActivationBuffer = ActivationBuffer
+
+__all__ = ["ActivationBuffer", "NNsightActivationBuffer", "Site"]
