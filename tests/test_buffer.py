@@ -20,7 +20,7 @@ def hook_rows(model, module, texts, io="out", drop_first=False):
         ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
         captured = {}
 
-        def hook(mod, args, output):
+        def hook(mod, args, output, captured=captured):
             value = args[0] if io == "in" else output
             captured["x"] = value[0] if isinstance(value, tuple) else value
 
@@ -177,17 +177,20 @@ def test_exhausted_data_serves_everything_then_stops():
 
 def test_float_n_ctxs_bf16_storage_and_seeded_order():
     model = tiny_models.gpt_neox()
-    make = lambda: ActivationBuffer(
-        iter(SENTENCES),
-        model,
-        model.gpt_neox.layers[0],
-        n_ctxs=3e1,
-        ctx_len=8,  # noqa: E731
-        refresh_batch_size=10,
-        out_batch_size=32,
-        dtype=torch.bfloat16,
-        seed=3,
-    )
+
+    def make():
+        return ActivationBuffer(
+            iter(SENTENCES),
+            model,
+            model.gpt_neox.layers[0],
+            n_ctxs=3e1,
+            ctx_len=8,
+            refresh_batch_size=10,
+            out_batch_size=32,
+            dtype=torch.bfloat16,
+            seed=3,
+        )
+
     a, b = make(), make()
     assert a.capacity == 240 and next(a).dtype == torch.bfloat16
     torch.testing.assert_close(next(a), (next(b), next(b))[1])
