@@ -20,25 +20,10 @@ from .nnsight_io import IO_MODES, Site, plan_requests, read_activations, resolve
 logger = logging.getLogger(__name__)
 
 
-class ActivationBuffer:
-    """Iterator of shuffled activation batches `[out_batch_size, d]` read from `model` at `submodule`.
-
-    Args:
-        data: iterator of strings, or of token-id sequences (lists or 1-D tensors).
-        model: an nnsight model (see `load_model` / `load_default_model`).
-        submodule: an envoy (`model.model.layers[3].mlp`), a torch submodule, a dotted name, or a
-            list / dict of those to read several sites in one forward pass; batches are then
-            dicts `{name: tensor}` and trainSAE routes each to the trainers whose
-            `submodule_name` matches.
-        d_submodule: expected width(s); inferred when None, checked when given.
-        io: "out" (the module's output), "in" (its input) or "in_to_out" (both, as `[N, 2, d]`).
-        n_ctxs: contexts the buffer holds (a float such as 3e4 is accepted).
-        dtype: storage dtype; bfloat16 halves memory (trainSAE trains in fp32 regardless).
-        remove_bos: leave out BOS positions (every BOS token; when BOS and EOS share an id, only
-            a row's first token), or each row's first token when the tokenizer has no BOS.
-        max_activation_norm_multiple: leave out positions whose norm exceeds this multiple of
-            the batch median (e.g. 10 for Qwen's attention sinks).
-    """
+class ActivationReader:
+    """Reads activations of kept token positions at one or several submodules, one LM batch at a
+    time. The base of ActivationBuffer (which shuffles them) and of ActivationCache.build (which
+    writes them to disk); see ActivationBuffer for the arguments."""
 
     def __init__(
         self,
@@ -47,41 +32,27 @@ class ActivationBuffer:
         submodule,
         d_submodule: int | list[int] | None = None,
         io: str = "out",
-        n_ctxs: int | float = 30000,
         ctx_len: int = 128,
         refresh_batch_size: int = 512,
-        out_batch_size: int = 8192,
-        device: str | torch.device = "cpu",
         remove_bos: bool = False,
         add_special_tokens: bool = True,
         max_activation_norm_multiple: float | None = None,
-        dtype: torch.dtype | None = None,
-        seed: int | None = None,
     ):
         if io == "in_and_out":
             io = "in_to_out"
         if io not in IO_MODES:
             raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
-        for name, value in (
-            ("n_ctxs", n_ctxs),
-            ("ctx_len", ctx_len),
-            ("refresh_batch_size", refresh_batch_size),
-            ("out_batch_size", out_batch_size),
-        ):
+        for name, value in (("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.data = iter(data)
         self.model = model
         self.tokenizer = model.tokenizer
         self.io = io
-        self.n_ctxs, self.ctx_len = int(n_ctxs), int(ctx_len)
-        self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
-        self.device = torch.device(device)
+        self.ctx_len, self.refresh_batch_size = int(ctx_len), int(refresh_batch_size)
         self.remove_bos = remove_bos
         self.add_special_tokens = add_special_tokens
         self.max_activation_norm_multiple = max_activation_norm_multiple
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-
         self.multi = isinstance(submodule, (list, tuple, dict))
         subs = (
             submodule if isinstance(submodule, dict) else dict(enumerate(submodule)) if self.multi else {0: submodule}
@@ -94,63 +65,15 @@ class ActivationBuffer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if remove_bos and self.tokenizer.bos_token_id is None:
             logger.warning("the tokenizer has no BOS token: remove_bos drops each row's first token instead")
-
-        widths = self._probe_widths()
+        self.widths = self._probe_widths()
         expected = d_submodule if isinstance(d_submodule, (list, tuple)) or d_submodule is None else [d_submodule]
-        if expected is not None and list(expected) != widths:
+        if expected is not None and list(expected) != self.widths:
             raise ValueError(
-                f"d_submodule={d_submodule} but the model's activations at {self.names} have width {widths}"
+                f"d_submodule={d_submodule} but the model's activations at {self.names} have width {self.widths}"
             )
-        self.d_submodule = widths[0] if not self.multi else widths
-        self.dtype = dtype or next(torch_model(model).parameters()).dtype
-        self.capacity = self.n_ctxs * self.ctx_len
-        row_shape = (2,) if io == "in_to_out" else ()
-        self.storage = [torch.empty(self.capacity, *row_shape, d, dtype=self.dtype, device=self.device) for d in widths]
-        self._order = torch.empty(0, dtype=torch.long)  # unread slots, in serving order
-        self._ptr = 0
-        self._filled = 0  # slots below this index have held data
-        self._pending: list[torch.Tensor] | None = None
+        self.d_submodule = self.widths[0] if not self.multi else self.widths
         self._exhausted = False
-
-    # ---------------------------------------------------------------------------------- iteration
-    def __iter__(self) -> Iterator:
-        return self
-
-    def __next__(self):
-        with torch.no_grad():
-            if self.unread < self.capacity // 2 and not self._exhausted:
-                self.refresh()
-            if self.unread == 0:
-                raise StopIteration("End of data stream reached")
-            idx = self._order[self._ptr : self._ptr + self.out_batch_size]
-            self._ptr += idx.numel()
-            idx = idx.to(self.device)
-            batch = [store[idx] for store in self.storage]
-        return dict(zip(self.names, batch)) if self.multi else batch[0]
-
-    @property
-    def unread(self) -> int:
-        return self._order.numel() - self._ptr
-
-    def refresh(self) -> None:
-        """Refill every served slot with fresh activations, then reshuffle all unread rows."""
-        free = torch.cat([self._order[: self._ptr], torch.arange(self._filled, self.capacity)])
-        kept = self._order[self._ptr :]
-        n_new = 0
-        while n_new < free.numel():
-            acts = self._pending if self._pending is not None else self._next_activations()
-            if acts is None:
-                break
-            take = min(acts[0].shape[0], free.numel() - n_new)
-            slots = free[n_new : n_new + take].to(self.device)
-            for store, a in zip(self.storage, acts):
-                store[slots] = a[:take].to(self.device, self.dtype)
-            self._pending = [a[take:] for a in acts] if take < acts[0].shape[0] else None
-            n_new += take
-        self._filled = max(self._filled, int(free[:n_new].max()) + 1 if n_new else 0)
-        valid = torch.cat([kept, free[:n_new]])
-        self._order = valid[torch.randperm(valid.numel(), generator=self.generator)]
-        self._ptr = 0
+        self.items_read = 0  # documents taken from `data` so far
 
     # ------------------------------------------------------------------------------ reading text
     def _next_items(self, batch_size: int | None = None) -> list:
@@ -201,27 +124,29 @@ class ActivationBuffer:
             attention_mask[i, : r.numel()] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def _next_activations(self) -> list[torch.Tensor] | None:
+    def _next_activations(self, return_ids: bool = False) -> list[torch.Tensor] | None:
         """Activations `[N, ...]` per site of the next LM batch (kept positions only), or None at the end."""
         while True:
             items = self._next_items()
             if not items:
                 self._exhausted = True
                 return None
-            tokens = self.tokenize(items)
-            acts = self.read(tokens)
+            self.items_read += len(items)
+            acts = self.read(self.tokenize(items), return_ids=return_ids)
             if acts[0].shape[0]:
                 return acts
 
-    def read(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Activations of the kept positions of a token batch, one `[N, ...]` tensor per site."""
+    def read(self, tokens: dict[str, torch.Tensor], return_ids: bool = False) -> list[torch.Tensor]:
+        """Activations of the kept positions of a token batch, one `[N, ...]` tensor per site (and,
+        with `return_ids`, the `[N]` token ids of those positions last)."""
         model_device = next(torch_model(self.model).parameters()).device
         input_ids = tokens["input_ids"].to(model_device)
         attention_mask = tokens["attention_mask"].to(model_device)
         raw = read_activations(self.model, self.sites, input_ids, attention_mask, self._requests)
         raw = [torch.stack(r, dim=2) if isinstance(r, tuple) else r for r in raw]  # in_to_out: [B, L, 2, d]
         keep = self.keep_mask(input_ids, attention_mask, raw)
-        return [r[keep] for r in raw]
+        kept = [r[keep] for r in raw]
+        return kept + [input_ids[keep]] if return_ids else kept
 
     def keep_mask(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, acts: list[torch.Tensor]
@@ -250,6 +175,114 @@ class ActivationBuffer:
         ids = torch.tensor([[probe_id]], device=next(torch_model(self.model).parameters()).device)
         acts = read_activations(self.model, self.sites, ids, torch.ones_like(ids), self._requests)
         return [(a[1] if isinstance(a, tuple) else a).shape[-1] for a in acts]
+
+
+class ActivationBuffer(ActivationReader):
+    """Iterator of shuffled activation batches `[out_batch_size, d]` read from `model` at `submodule`.
+
+    Args:
+        data: iterator of strings, or of token-id sequences (lists or 1-D tensors).
+        model: an nnsight model (see `load_model` / `load_default_model`).
+        submodule: an envoy (`model.model.layers[3].mlp`), a torch submodule, a dotted name, or a
+            list / dict of those to read several sites in one forward pass; batches are then
+            dicts `{name: tensor}` and trainSAE routes each to the trainers whose
+            `submodule_name` matches.
+        d_submodule: expected width(s); inferred when None, checked when given.
+        io: "out" (the module's output), "in" (its input) or "in_to_out" (both, as `[N, 2, d]`).
+        n_ctxs: contexts the buffer holds (a float such as 3e4 is accepted).
+        dtype: storage dtype; bfloat16 halves memory (trainSAE trains in fp32 regardless).
+        remove_bos: leave out BOS positions (every BOS token; when BOS and EOS share an id, only
+            a row's first token), or each row's first token when the tokenizer has no BOS.
+        max_activation_norm_multiple: leave out positions whose norm exceeds this multiple of
+            the batch median (e.g. 10 for Qwen's attention sinks).
+    """
+
+    def __init__(
+        self,
+        data: Iterable,
+        model,
+        submodule,
+        d_submodule: int | list[int] | None = None,
+        io: str = "out",
+        n_ctxs: int | float = 30000,
+        ctx_len: int = 128,
+        refresh_batch_size: int = 512,
+        out_batch_size: int = 8192,
+        device: str | torch.device = "cpu",
+        remove_bos: bool = False,
+        add_special_tokens: bool = True,
+        max_activation_norm_multiple: float | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ):
+        for name, value in (("n_ctxs", n_ctxs), ("out_batch_size", out_batch_size)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__init__(
+            data,
+            model,
+            submodule,
+            d_submodule,
+            io,
+            ctx_len,
+            refresh_batch_size,
+            remove_bos,
+            add_special_tokens,
+            max_activation_norm_multiple,
+        )
+        self.n_ctxs, self.out_batch_size = int(n_ctxs), int(out_batch_size)
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.dtype = dtype or next(torch_model(model).parameters()).dtype
+        self.capacity = self.n_ctxs * self.ctx_len
+        row_shape = (2,) if self.io == "in_to_out" else ()
+        self.storage = [
+            torch.empty(self.capacity, *row_shape, d, dtype=self.dtype, device=self.device) for d in self.widths
+        ]
+        self._order = torch.empty(0, dtype=torch.long)  # unread slots, in serving order
+        self._ptr = 0
+        self._filled = 0  # slots below this index have held data
+        self._pending: list[torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        with torch.no_grad():
+            if self.unread < self.capacity // 2 and not self._exhausted:
+                self.refresh()
+            if self.unread == 0:
+                raise StopIteration("End of data stream reached")
+            idx = self._order[self._ptr : self._ptr + self.out_batch_size]
+            self._ptr += idx.numel()
+            idx = idx.to(self.device)
+            batch = [store[idx] for store in self.storage]
+        return dict(zip(self.names, batch)) if self.multi else batch[0]
+
+    @property
+    def unread(self) -> int:
+        return self._order.numel() - self._ptr
+
+    def refresh(self) -> None:
+        """Refill every served slot with fresh activations, then reshuffle all unread rows."""
+        free = torch.cat([self._order[: self._ptr], torch.arange(self._filled, self.capacity)])
+        kept = self._order[self._ptr :]
+        n_new = 0
+        while n_new < free.numel():
+            acts = self._pending if self._pending is not None else self._next_activations()
+            if acts is None:
+                break
+            take = min(acts[0].shape[0], free.numel() - n_new)
+            slots = free[n_new : n_new + take].to(self.device)
+            for store, a in zip(self.storage, acts):
+                store[slots] = a[:take].to(self.device, self.dtype)
+            self._pending = [a[take:] for a in acts] if take < acts[0].shape[0] else None
+            n_new += take
+        self._filled = max(self._filled, int(free[:n_new].max()) + 1 if n_new else 0)
+        valid = torch.cat([kept, free[:n_new]])
+        self._order = valid[torch.randperm(valid.numel(), generator=self.generator)]
+        self._ptr = 0
 
     # ------------------------------------------------------------------------------------ records
     @property

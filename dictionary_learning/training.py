@@ -293,7 +293,17 @@ def trainSAE(
         raise ValueError("trainer_configs is empty: pass at least one trainer config")
     trainers = [build_trainer(cfg, steps, device) for cfg in trainer_configs]
 
+    start_step, consumed, norm_factor = 0, 0, None
+    if resume_states is not None:
+        start_step, consumed, norm_factor = _restore(trainers, resume_states)
+    seekable = resume_states is not None and hasattr(data, "skip_batches")
+    if seekable:
+        data.skip_batches(consumed)  # an ActivationCache jumps straight to where the run stopped
+
     batches: Iterator[torch.Tensor] = iter(data)
+    if resume_states is not None and not seekable:
+        for _ in range(consumed):  # replay the stream up to where the interrupted run stopped
+            next(batches, None)
     try:
         first = next(batches)
     except StopIteration:
@@ -301,13 +311,7 @@ def trainSAE(
     keys = _site_keys(first, trainers)
     _check_batch(first, trainers, keys)
     batches = itertools.chain([first], batches)
-
-    start_step, consumed, norm_factor = 0, 0, None
-    if resume_states is not None:
-        start_step, consumed, norm_factor = _restore(trainers, resume_states)
-        for _ in range(consumed):  # put the stream where the interrupted run left it
-            next(batches, None)
-    elif normalize_activations:
+    if resume_states is None and normalize_activations:
         peeked = list(itertools.islice(batches, norm_factor_batches))
         norm_factor = get_norm_factor(peeked)
         logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))

@@ -1,5 +1,18 @@
 """Helpers kept at the reference's `dictionary_learning.utils` import path."""
 
 from .checkpoint import get_nested_folders, load_dictionary
+from .data import hf_dataset_to_generator, jsonl_to_generator, text_files_to_generator, zst_to_generator
+from .models import default_texts, get_submodule, load_default_model, load_model
 
-__all__ = ["get_nested_folders", "load_dictionary"]
+__all__ = [
+    "default_texts",
+    "get_nested_folders",
+    "get_submodule",
+    "hf_dataset_to_generator",
+    "jsonl_to_generator",
+    "load_default_model",
+    "load_dictionary",
+    "load_model",
+    "text_files_to_generator",
+    "zst_to_generator",
+]

