@@ -315,4 +315,71 @@ def _describe(item: Any) -> str:
 # The reference's second name for a buffer fed with token ids: this one takes both.
 NNsightActivationBuffer = ActivationBuffer
 
-__all__ = ["ActivationBuffer", "NNsightActivationBuffer", "Site"]
+
+class HeadActivationBuffer(ActivationBuffer):
+    """Per-head attention outputs: the input of layer `layer`'s attention output projection, split
+    into heads, as batches `[B, n_heads, head_dim]` (or `[B, n_heads, d_model]` with `apply_W_O`,
+    each head mapped through its slice of the projection). With `trainSAE(...,
+    activations_split_by_head=True)`, trainer i learns a dictionary of head i.
+    """
+
+    _OUTPUT_PROJECTIONS = {"llama": "o_proj", "gpt_neox": "dense"}
+
+    def __init__(
+        self,
+        data: Iterable,
+        model,
+        layer: int,
+        n_ctxs: int | float = 30000,
+        ctx_len: int = 128,
+        refresh_batch_size: int = 512,
+        out_batch_size: int = 8192,
+        device: str | torch.device = "cpu",
+        apply_W_O: bool = False,
+        remote: bool = False,
+        **kwargs: Any,
+    ):
+        from .models import _FAMILIES, get_submodule
+
+        if remote:
+            raise NotImplementedError("remote (NDIF) execution is not supported; run the model locally")
+        config = torch_model(model).config
+        family = _FAMILIES.get(config.model_type)
+        projection = self._OUTPUT_PROJECTIONS.get("gpt_neox" if family == _FAMILIES["gpt_neox"] else "llama")
+        if family not in (_FAMILIES["llama"], _FAMILIES["gpt_neox"]):
+            raise ValueError(f"HeadActivationBuffer supports Llama-like and GPT-NeoX models, not {config.model_type!r}")
+        o_proj = getattr(get_submodule(model, layer, "attn"), projection)
+        self.layer, self.apply_W_O = layer, apply_W_O
+        self.n_heads = config.num_attention_heads
+        super().__init__(
+            data,
+            model,
+            o_proj,
+            io="in",
+            n_ctxs=n_ctxs,
+            ctx_len=ctx_len,
+            refresh_batch_size=refresh_batch_size,
+            out_batch_size=out_batch_size,
+            device=device,
+            **kwargs,
+        )
+        self.head_dim = self.widths[0] // self.n_heads
+        self.W_O = o_proj._module.weight.detach()  # [d_model, n_heads * head_dim]
+        width = self.W_O.shape[0] if apply_W_O else self.head_dim
+        self.storage = [torch.empty(self.capacity, self.n_heads, width, dtype=self.dtype, device=self.device)]
+        self.d_submodule = width
+
+    def read(self, tokens: dict[str, torch.Tensor], return_ids: bool = False) -> list[torch.Tensor]:
+        acts = super().read(tokens, return_ids)
+        heads = acts[0].reshape(acts[0].shape[0], self.n_heads, -1)  # [N, H, head_dim]
+        if self.apply_W_O:
+            W_O_HdD = self.W_O.T.reshape(self.n_heads, self.head_dim, -1).to(heads)
+            heads = torch.einsum("nhk,hkd->nhd", heads, W_O_HdD)
+        return [heads, *acts[1:]]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return super().config | {"layer": self.layer, "n_heads": self.n_heads, "apply_W_O": self.apply_W_O}
+
+
+__all__ = ["ActivationBuffer", "ActivationReader", "HeadActivationBuffer", "NNsightActivationBuffer", "Site"]

@@ -66,9 +66,16 @@ def get_norm_factor(batches: list[torch.Tensor]) -> float:
     return float(sq.mean().sqrt())
 
 
-def _site_keys(batch: Any, trainers: list[SAETrainer]) -> list[str | None]:
-    """For batches that are dicts `{site name: tensor}` (a buffer reading several submodules), the
-    key each trainer trains on: its `submodule_name`, or the only key. None for plain tensors."""
+def _site_keys(batch: Any, trainers: list[SAETrainer], split_by_head: bool = False) -> list[str | int | None]:
+    """What each trainer trains on: for batches that are dicts `{site name: tensor}` (a buffer
+    reading several submodules) its `submodule_name` (or the only key); for per-head batches
+    `[B, n_heads, d]` with `split_by_head`, head i for trainer i; None for plain tensors."""
+    if split_by_head:
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 3:
+            raise ValueError(f"activations_split_by_head needs batches [batch, n_heads, d], got {_describe(batch)}")
+        if len(trainers) > batch.shape[1]:
+            raise ValueError(f"{len(trainers)} trainers but only {batch.shape[1]} heads: trainer i trains on head i")
+        return list(range(len(trainers)))
     if not isinstance(batch, dict):
         return [None] * len(trainers)
     keys = []
@@ -85,9 +92,9 @@ def _site_keys(batch: Any, trainers: list[SAETrainer]) -> list[str | None]:
     return keys
 
 
-def _check_batch(batch: Any, trainers: list[SAETrainer], keys: list[str | None]) -> None:
+def _check_batch(batch: Any, trainers: list[SAETrainer], keys: list[str | int | None]) -> None:
     for i, (trainer, key) in enumerate(zip(trainers, keys)):
-        x = batch if key is None else batch[key]
+        x = _select(batch, key)
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise ValueError(f"data must yield activation tensors of shape [batch, d], got {_describe(x)}")
         if x.shape[-1] != trainer.ae.activation_dim:
@@ -95,6 +102,12 @@ def _check_batch(batch: Any, trainers: list[SAETrainer], keys: list[str | None])
                 f"data yields batches of width {x.shape[-1]} but trainer {i} ({type(trainer).__name__}) "
                 f"has activation_dim={trainer.ae.activation_dim}"
             )
+
+
+def _select(batch: Any, key: str | int | None) -> torch.Tensor:
+    if key is None:
+        return batch
+    return batch[:, key] if isinstance(key, int) else batch[key]
 
 
 def _all_finite(batch: Any) -> bool:
@@ -274,11 +287,13 @@ def trainSAE(
         backup_steps: cadence of the resumable state `resume.pt` (it is also written at every save
             step, at the end and on the first Ctrl-C).
         resume_from: a previous `save_dir`; training continues from its `resume.pt` files.
+        activations_split_by_head: batches are `[B, n_heads, d]` (HeadActivationBuffer); trainer i
+            trains and is logged on head i.
     Returns:
         The trained dictionaries, normalisation folded in.
     """
-    if activations_split_by_head or transcoder:
-        raise NotImplementedError("activations_split_by_head and transcoder training are not supported yet")
+    if transcoder:
+        raise NotImplementedError("transcoder training is not supported yet")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if save_dir is None and resume_from is not None:
@@ -308,7 +323,7 @@ def trainSAE(
         first = next(batches)
     except StopIteration:
         raise ValueError("data yielded no batches: check the data source (empty file, exhausted iterator)") from None
-    keys = _site_keys(first, trainers)
+    keys = _site_keys(first, trainers, activations_split_by_head)
     _check_batch(first, trainers, keys)
     batches = itertools.chain([first], batches)
     if resume_states is None and normalize_activations:
@@ -373,9 +388,9 @@ class _DeviceCache:
     def __init__(self, act: torch.Tensor | dict[str, torch.Tensor], norm_factor: float | None):
         self.act, self.norm_factor, self.cache = act, norm_factor, {}
 
-    def on(self, device: torch.device, key: str | None = None) -> torch.Tensor:
+    def on(self, device: torch.device, key: str | int | None = None) -> torch.Tensor:
         if (device, key) not in self.cache:
-            x = (self.act if key is None else self.act[key]).to(device, non_blocking=True).float()
+            x = _select(self.act, key).to(device, non_blocking=True).float()
             self.cache[(device, key)] = x / self.norm_factor if self.norm_factor is not None else x
         return self.cache[(device, key)]
 

@@ -222,3 +222,37 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="data must yield strings or non-empty token-id sequences"):
         next(ActivationBuffer(iter([{"text": "hi"}]), model, layer, n_ctxs=2, ctx_len=4))
     assert ActivationBuffer(iter(SENTENCES), model, "gpt_neox.layers.0").submodule._module is layer._module
+
+
+def test_head_buffer_splits_attention_output_by_head_and_trainsae_trains_one_per_head():
+    from dictionary_learning.buffer import HeadActivationBuffer
+
+    model = tiny_models.llama()
+    o_proj = model.model.layers[1].self_attn.o_proj
+    buffer = HeadActivationBuffer(
+        iter(SENTENCES * 10), model, layer=1, n_ctxs=16, ctx_len=16, refresh_batch_size=8, out_batch_size=32, seed=0
+    )
+    batch = next(buffer)
+    assert batch.shape == (32, 4, 8) and buffer.config["n_heads"] == 4  # 4 heads of 32 / 4
+    mapped = HeadActivationBuffer(
+        iter(SENTENCES),
+        model,
+        layer=1,
+        n_ctxs=16,
+        ctx_len=16,
+        refresh_batch_size=8,
+        out_batch_size=1000,
+        apply_W_O=True,
+    )
+    per_head = drain(mapped)
+    assert per_head.shape[1:] == (4, 32)
+    # the heads' contributions add up to the projection's output (no bias in Llama's o_proj)
+    expected = hook_rows(model, o_proj._module, SENTENCES)
+    torch.testing.assert_close(canonical(per_head.sum(1)), canonical(expected), rtol=1e-4, atol=1e-5)
+    common = dict(
+        trainer=StandardTrainer, activation_dim=8, dict_size=16, warmup_steps=2, sparsity_warmup_steps=2, device="cpu"
+    )
+    dicts = trainSAE(buffer, [common] * 4, steps=5, activations_split_by_head=True, progress=False)
+    assert len(dicts) == 4
+    with pytest.raises(ValueError, match="5 trainers but only 4 heads"):
+        trainSAE(buffer, [common] * 5, steps=5, activations_split_by_head=True, progress=False)
