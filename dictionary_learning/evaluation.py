@@ -36,3 +36,133 @@ def reconstruction_metrics(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, f_BF: tor
         "l2_ratio": float((x_hat_norm / x_norm).mean()),
         "relative_reconstruction_bias": float(x_hat.pow(2).sum(-1).mean() / (x * x_hat).sum(-1).mean()),
     }
+
+
+def _masked_ce(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose input and target are both real tokens."""
+    valid = (mask_BL[:, :-1] * mask_BL[:, 1:]).bool()
+    ce = torch.nn.functional.cross_entropy(logits_BLV[:, :-1].float().transpose(1, 2), ids_BL[:, 1:], reduction="none")
+    return ce[valid].mean()
+
+
+def _masked_kl(clean_BLV: torch.Tensor, other_BLV: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Mean KL(clean || other) of the next-token distributions over real positions."""
+    log_p = torch.log_softmax(clean_BLV.float(), dim=-1)
+    log_q = torch.log_softmax(other_BLV.float(), dim=-1)
+    kl_BL = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl_BL[mask_BL.bool()].mean()
+
+
+@torch.no_grad()
+def loss_recovered_metrics(
+    dictionary, reader, tokens: dict[str, torch.Tensor], io: str = "out", normalize_batch: bool = False
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Splice `dictionary` into the reader's model at its (first) site on one token batch.
+
+    Returns `(losses, x, x_hat, f)`: CE of the clean, spliced and zero-ablated model, the KL of the
+    spliced and zero-ablated models from the clean one, and the site's activations at the real
+    positions with their reconstruction, all from the same tokens.
+    """
+    from .nnsight_io import logits_with_replacement, torch_model
+
+    site = reader.sites[0]
+    device = next(torch_model(reader.model).parameters()).device
+    ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+    dict_device = next(iter(dictionary.parameters()), torch.empty(0, device=device)).device
+
+    def reconstruct(h):
+        scale = (h.shape[-1] ** 0.5 / h.norm(dim=-1).mean()) if normalize_batch else 1.0
+        x_hat = dictionary((h * scale).to(dict_device, torch.float32)) / scale
+        return x_hat.to(h.device, h.dtype)
+
+    clean, x = logits_with_replacement(reader.model, site, io, ids, mask)
+    spliced, _ = logits_with_replacement(reader.model, site, io, ids, mask, replace=reconstruct)
+    zeroed, _ = logits_with_replacement(reader.model, site, io, ids, mask, replace=torch.zeros_like)
+    losses = {
+        "loss_original": float(_masked_ce(clean, ids, mask)),
+        "loss_reconstructed": float(_masked_ce(spliced, ids, mask)),
+        "loss_zero": float(_masked_ce(zeroed, ids, mask)),
+        "kl_div": float(_masked_kl(clean, spliced, mask)),
+        "kl_div_zero": float(_masked_kl(clean, zeroed, mask)),
+    }
+    keep = mask.bool()
+    x_real = x[keep].to(dict_device, torch.float32)
+    scale = (x_real.shape[-1] ** 0.5 / x_real.norm(dim=-1).mean()) if normalize_batch else 1.0
+    x_hat, f = dictionary(x_real * scale, output_features=True)
+    return losses, x_real, x_hat / scale, f
+
+
+@torch.no_grad()
+def evaluate(
+    dictionary,
+    activations,
+    max_len: int = 128,
+    batch_size: int = 128,
+    io: str = "out",
+    normalize_batch: bool = False,
+    tracer_args: dict | None = None,
+    device: str = "cpu",
+    n_batches: int = 1,
+) -> dict[str, float]:
+    """Evaluate a dictionary on `n_batches` batches; returns the mean of each metric over them.
+
+    Reconstruction metrics (x = activations at the real token positions, x_hat its reconstruction,
+    f the features, means over tokens):
+        l2_loss = mean ||x - x_hat||, l1_loss = mean ||f||_1, l0 = mean #(f != 0),
+        frac_variance_explained = 1 - sum_d var(x - x_hat) / sum_d var(x),
+        cossim = mean cos(x, x_hat), l2_ratio = mean ||x_hat|| / ||x||,
+        relative_reconstruction_bias = mean ||x_hat||^2 / mean <x, x_hat> (1 = unbiased),
+        frac_alive = fraction of features active on at least one evaluated token.
+    When `activations` knows its model (an ActivationBuffer or ActivationReader), each batch is
+    `batch_size` fresh texts truncated to `max_len` tokens, and on those same tokens:
+        loss_original / loss_reconstructed / loss_zero = next-token cross-entropy of the clean model,
+            of the model with x replaced by x_hat, and with x replaced by zeros (padding ignored);
+        frac_recovered = (loss_reconstructed - loss_zero) / (loss_original - loss_zero);
+        kl_div = mean KL(clean || spliced) of the next-token distributions (kl_div_zero for zeros).
+    Otherwise `activations` is any iterator of `[B, D]` batches and only reconstruction metrics
+    are computed. `normalize_batch` rescales x to mean norm sqrt(D) before the dictionary (and
+    back after). `tracer_args` is accepted for the reference's signature and ignored.
+    """
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    dictionary = dictionary.to(device)
+    knows_model = hasattr(activations, "model") and hasattr(activations, "sites")
+    if knows_model and activations.widths[0] != dictionary.activation_dim:
+        raise ValueError(
+            f"the dictionary expects width {dictionary.activation_dim} but {activations.names[0]} has "
+            f"width {activations.widths[0]}"
+        )
+    totals: dict[str, float] = {}
+    alive = None
+    for _ in range(n_batches):
+        if knows_model:
+            try:
+                items = activations.text_batch(batch_size)
+            except StopIteration:
+                raise StopIteration(
+                    "the data ran out before n_batches batches: lower n_batches or batch_size"
+                ) from None
+            tokens = activations.tokenize(items)
+            tokens = {k: v[:, :max_len] for k, v in tokens.items()}
+            losses, x, x_hat, f = loss_recovered_metrics(dictionary, activations, tokens, io, normalize_batch)
+        else:
+            try:
+                x = next(activations).to(device).float()
+            except StopIteration:
+                raise StopIteration("the activations ran out before n_batches batches: lower n_batches") from None
+            scale = (x.shape[-1] ** 0.5 / x.norm(dim=-1).mean()) if normalize_batch else 1.0
+            x_hat, f = dictionary(x * scale, output_features=True)
+            x_hat, losses = x_hat / scale, {}
+        metrics = reconstruction_metrics(x, x_hat, f) | losses
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value
+        active = (f.reshape(-1, f.shape[-1]) != 0).any(0)
+        alive = active if alive is None else alive | active
+    results = {key: value / n_batches for key, value in totals.items()}
+    if "loss_original" in results:
+        gap = results["loss_original"] - results["loss_zero"]
+        results["frac_recovered"] = (
+            (results["loss_reconstructed"] - results["loss_zero"]) / gap if gap else float("nan")
+        )
+    results["frac_alive"] = float(alive.float().mean())
+    return results

@@ -122,3 +122,24 @@ def _timing(model) -> dict[str, tuple[float, float]]:
             last += 1
         timing[name] = (rank, last + 0.5)
     return timing
+
+
+@torch.no_grad()
+def logits_with_replacement(model, site: Site, io: str, input_ids, attention_mask, replace=None):
+    """A full forward pass returning `(logits, activations at the site)`; with `replace`, the site's
+    output (io="out") or first input (io="in") is replaced by `replace(activations)` first."""
+    saved: dict[str, object] = {}
+    with model.trace(input_ids, attention_mask=attention_mask):
+        envoy = site.envoy
+        value = envoy.input if io == "in" else envoy.output
+        hidden = _first(value)
+        saved["x"] = hidden.save()
+        if replace is not None:
+            new_hidden = replace(hidden)
+            new_value = (new_hidden, *value[1:]) if isinstance(value, tuple) else new_hidden
+            if io == "in":
+                envoy.input = new_value
+            else:
+                envoy.output = new_value
+        saved["logits"] = model.output.logits.save()
+    return saved["logits"], saved["x"]

@@ -1,0 +1,77 @@
+"""Metrics against hand computations; evaluate end to end on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny_models
+import torch
+from tiny_models import SENTENCES
+
+from dictionary_learning import AutoEncoder, IdentityDict
+from dictionary_learning.buffer import ActivationBuffer
+from dictionary_learning.evaluation import _masked_ce, _masked_kl, evaluate, reconstruction_metrics
+
+
+def test_reconstruction_metrics_by_hand():
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    x_hat = torch.tensor([[3.0, 0.0], [2.0, 0.0]])
+    f = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 5.0]])
+    m = reconstruction_metrics(x, x_hat, f)
+    assert m["l2_loss"] == pytest.approx((4.0 + 1.0) / 2)
+    assert m["l1_loss"] == pytest.approx((3.0 + 5.0) / 2)
+    assert m["l0"] == pytest.approx(1.5)
+    # var over the batch (unbiased): x columns (3,1) (4,0) -> 2 + 8; residual columns (0,-1) (4,0) -> 0.5 + 8
+    assert m["frac_variance_explained"] == pytest.approx(1 - 8.5 / 10)
+    assert m["cossim"] == pytest.approx((3 / 5 + 1.0) / 2)
+    assert m["l2_ratio"] == pytest.approx((3 / 5 + 2.0) / 2)
+    assert m["relative_reconstruction_bias"] == pytest.approx(((9 + 4) / 2) / ((9 + 2) / 2))
+
+
+def test_masked_cross_entropy_and_kl_by_hand():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = math.log(3.0)  # p(token 2) = 3/6 at position 0
+    ids = torch.tensor([[0, 2, 1]])
+    mask = torch.tensor([[1, 1, 0]])  # the last position is padding: its target is ignored
+    assert float(_masked_ce(logits, ids, mask)) == pytest.approx(-math.log(0.5))
+    assert float(_masked_kl(logits, logits, mask)) == pytest.approx(0.0, abs=1e-7)
+    uniform = torch.zeros(1, 3, 4)
+    expected = (0.5 * math.log(0.5 / 0.25) + 3 * (1 / 6) * math.log((1 / 6) / 0.25)) / 2  # position 1 adds 0
+    assert float(_masked_kl(logits, uniform, mask)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluate_on_a_tiny_model_end_to_end():
+    model = tiny_models.llama()
+    site = model.model.layers[0].mlp
+
+    def buffer():
+        return ActivationBuffer(iter(SENTENCES * 4), model, site, n_ctxs=8, ctx_len=16, refresh_batch_size=8)
+
+    perfect = evaluate(IdentityDict(32), buffer(), batch_size=8, n_batches=2)
+    assert perfect["frac_recovered"] == pytest.approx(1.0)
+    assert perfect["loss_reconstructed"] == pytest.approx(perfect["loss_original"])
+    assert perfect["kl_div"] == pytest.approx(0.0, abs=1e-6) and perfect["kl_div_zero"] > 0
+    assert perfect["frac_variance_explained"] == pytest.approx(1.0)
+
+    zero = AutoEncoder(32, 64)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    nothing = evaluate(zero, buffer(), batch_size=8, n_batches=2)
+    assert nothing["frac_recovered"] == pytest.approx(0.0, abs=1e-5)
+    assert nothing["l0"] == 0 and nothing["frac_alive"] == 0
+
+    partial = AutoEncoder(32, 64)
+    some = evaluate(partial, buffer(), batch_size=8)
+    assert {"l2_loss", "l1_loss", "cossim", "l2_ratio", "relative_reconstruction_bias"} <= set(some)
+    with pytest.raises(ValueError, match="expects width 16 but model.layers.0.mlp has width 32"):
+        evaluate(AutoEncoder(16, 32), buffer())
+
+
+def test_evaluate_on_plain_activation_batches():
+    batches = iter([torch.randn(64, 8) for _ in range(3)])
+    metrics = evaluate(IdentityDict(8), batches, n_batches=3)
+    assert metrics["frac_variance_explained"] == pytest.approx(1.0) and "frac_recovered" not in metrics
+    with pytest.raises(StopIteration, match="ran out before n_batches"):
+        evaluate(IdentityDict(8), iter([torch.randn(4, 8)]), n_batches=2)
