@@ -53,31 +53,54 @@ def _masked_kl(clean_BLV: torch.Tensor, other_BLV: torch.Tensor, mask_BL: torch.
     return kl_BL[mask_BL.bool()].mean()
 
 
-@torch.no_grad()
-def loss_recovered_metrics(
-    dictionary, reader, tokens: dict[str, torch.Tensor], io: str = "out", normalize_batch: bool = False
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Splice `dictionary` into the reader's model at its (first) site on one token batch.
+def frac_recovered(losses: dict[str, float]) -> float:
+    """(loss_reconstructed - loss_zero) / (loss_original - loss_zero): 1 when splicing in the
+    dictionary costs nothing, 0 when it is as bad as zero-ablating the site."""
+    gap = losses["loss_original"] - losses["loss_zero"]
+    return (losses["loss_reconstructed"] - losses["loss_zero"]) / gap if gap else float("nan")
 
-    Returns `(losses, x, x_hat, f)`: CE of the clean, spliced and zero-ablated model, the KL of the
-    spliced and zero-ablated models from the clean one, and the site's activations at the real
-    positions with their reconstruction, all from the same tokens.
-    """
+
+@torch.no_grad()
+def baseline(reader, tokens: dict[str, torch.Tensor], io: str = "out") -> dict:
+    """The clean and zero-ablated runs of a token batch, which do not depend on the dictionary:
+    compute once and pass to `loss_recovered_metrics` for each dictionary evaluated on it."""
     from .nnsight_io import logits_with_replacement, torch_model
 
     site = reader.sites[0]
     device = next(torch_model(reader.model).parameters()).device
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-    dict_device = next(iter(dictionary.parameters()), torch.empty(0, device=device)).device
+    clean, x = logits_with_replacement(reader.model, site, io, ids, mask)
+    zeroed, _ = logits_with_replacement(reader.model, site, io, ids, mask, replace=torch.zeros_like)
+    return {"ids": ids, "mask": mask, "clean": clean, "zeroed": zeroed, "x": x}
+
+
+@torch.no_grad()
+def loss_recovered_metrics(
+    dictionary,
+    reader,
+    tokens: dict[str, torch.Tensor],
+    io: str = "out",
+    normalize_batch: bool = False,
+    base: dict | None = None,
+):
+    """Splice `dictionary` into the reader's model at its (first) site on one token batch.
+
+    Returns `(losses, x, x_hat, f)`: CE of the clean, spliced and zero-ablated model, the KL of the
+    spliced and zero-ablated models from the clean one, and the site's activations at the real
+    positions with their reconstruction, all from the same tokens. `base` reuses `baseline(...)`.
+    """
+    from .nnsight_io import logits_with_replacement
+
+    base = base or baseline(reader, tokens, io)
+    ids, mask, clean, zeroed, x = base["ids"], base["mask"], base["clean"], base["zeroed"], base["x"]
+    dict_device = next(iter(dictionary.parameters()), torch.empty(0, device=ids.device)).device
 
     def reconstruct(h):
         scale = (h.shape[-1] ** 0.5 / h.norm(dim=-1).mean()) if normalize_batch else 1.0
         x_hat = dictionary((h * scale).to(dict_device, torch.float32)) / scale
         return x_hat.to(h.device, h.dtype)
 
-    clean, x = logits_with_replacement(reader.model, site, io, ids, mask)
-    spliced, _ = logits_with_replacement(reader.model, site, io, ids, mask, replace=reconstruct)
-    zeroed, _ = logits_with_replacement(reader.model, site, io, ids, mask, replace=torch.zeros_like)
+    spliced, _ = logits_with_replacement(reader.model, reader.sites[0], io, ids, mask, replace=reconstruct)
     losses = {
         "loss_original": float(_masked_ce(clean, ids, mask)),
         "loss_reconstructed": float(_masked_ce(spliced, ids, mask)),
@@ -85,8 +108,7 @@ def loss_recovered_metrics(
         "kl_div": float(_masked_kl(clean, spliced, mask)),
         "kl_div_zero": float(_masked_kl(clean, zeroed, mask)),
     }
-    keep = mask.bool()
-    x_real = x[keep].to(dict_device, torch.float32)
+    x_real = x[mask.bool()].to(dict_device, torch.float32)
     scale = (x_real.shape[-1] ** 0.5 / x_real.norm(dim=-1).mean()) if normalize_batch else 1.0
     x_hat, f = dictionary(x_real * scale, output_features=True)
     return losses, x_real, x_hat / scale, f
@@ -160,9 +182,6 @@ def evaluate(
         alive = active if alive is None else alive | active
     results = {key: value / n_batches for key, value in totals.items()}
     if "loss_original" in results:
-        gap = results["loss_original"] - results["loss_zero"]
-        results["frac_recovered"] = (
-            (results["loss_reconstructed"] - results["loss_zero"]) / gap if gap else float("nan")
-        )
+        results["frac_recovered"] = frac_recovered(results)
     results["frac_alive"] = float(alive.float().mean())
     return results

