@@ -21,8 +21,22 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     model = tiny_models.llama()
     model._module.save_pretrained(tmp_path / "tiny")
     model.tokenizer.save_pretrained(tmp_path / "tiny")
-    argv = ["--model", str(tmp_path / "tiny"), "--layer", "1", "--tokens", "3000", "--batch-size", "100",
-            "--dict-size", "64", "--eval-texts", "4", "--out", str(tmp_path / "out")]
+    argv = [
+        "--model",
+        str(tmp_path / "tiny"),
+        "--layer",
+        "1",
+        "--tokens",
+        "3000",
+        "--batch-size",
+        "100",
+        "--dict-size",
+        "64",
+        "--eval-texts",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     results = demo.main(argv)
     assert len(results) == 14 and {r["recipe"] for r in results} >= {"TopKTrainer", "JumpReluTrainer"}
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
