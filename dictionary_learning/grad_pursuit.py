@@ -19,8 +19,9 @@ def grad_pursuit(
     `codes @ dictionary.T` approximates `signal` `[B, D]`; `dictionary` is `[D, F]` (atoms as
     columns, like an `AutoEncoder`'s `decoder.weight`)."""
     if signal.ndim != 2 or dictionary.ndim != 2 or signal.shape[1] != dictionary.shape[0]:
-        raise ValueError(f"signal [B, D] and dictionary [D, F] must share D; got {tuple(signal.shape)} and "
-                         f"{tuple(dictionary.shape)}")
+        raise ValueError(
+            f"signal [B, D] and dictionary [D, F] must share D; got {tuple(signal.shape)} and {tuple(dictionary.shape)}"
+        )
     signal_BD = signal.to(device, torch.float32)
     atoms_DF = dictionary.to(device, torch.float32)
     codes_BF = torch.zeros(signal_BD.shape[0], atoms_DF.shape[1], device=device)

@@ -1,0 +1,152 @@
+"""The command line on a tiny model: cache, train (from the cache and from the model), eval, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny_models
+
+from dictionary_learning import load_dictionary
+from dictionary_learning.cli import build_parser, main
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    model = tiny_models.llama()
+    model._module.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, sentence in enumerate(tiny_models.SENTENCES * 3):
+        (texts / f"{i:03d}.txt").write_text(sentence)
+    return ["--model", str(tmp_path / "tiny"), "--texts", str(texts), "--ctx-len", "16"]
+
+
+def test_cache_then_train_then_eval(tmp_path, tiny, capsys):
+    main(["cache", *tiny, "--layer", "1", "--site", "mlp", "--tokens", "800", "--out", str(tmp_path / "cache")])
+    main(
+        [
+            "train",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--trainer",
+            "TopKTrainer",
+            "--trainer",
+            "BatchTopKTrainer",
+            "--set",
+            "k=4",
+            "--set",
+            "warmup_steps=2",
+            "--set",
+            "dict_size=64",
+            "--steps",
+            "10",
+            "--batch-size",
+            "32",
+            "--layer",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    ae, config = load_dictionary(tmp_path / "run" / "trainer_1")
+    assert type(ae).__name__ == "BatchTopKSAE" and config["trainer"]["k"] == 4 and ae.dict_size == 64
+    assert config["buffer"]["cache"] == str(tmp_path / "cache")
+    capsys.readouterr()
+    main(
+        [
+            "eval",
+            str(tmp_path / "run" / "trainer_0"),
+            *tiny,
+            "--layer",
+            "1",
+            "--site",
+            "mlp",
+            "--batch-texts",
+            "4",
+            "--n-batches",
+            "1",
+            "--json",
+        ]
+    )
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= metrics["l0"] <= 4 and "frac_recovered" in metrics
+
+
+def test_train_from_the_model_with_a_yaml_config(tmp_path, tiny):
+    (tmp_path / "sweep.yaml").write_text(
+        "trainers:\n"
+        "  - {trainer: StandardTrainer, l1_penalty: 0.1, warmup_steps: 1, sparsity_warmup_steps: 1}\n"
+        "  - {trainer: JumpReluTrainer, target_l0: 4, warmup_steps: 1, sparsity_warmup_steps: 1}\n"
+    )
+    args = [
+        "train",
+        *tiny,
+        "--layer",
+        "0",
+        "--site",
+        "resid",
+        "--config",
+        str(tmp_path / "sweep.yaml"),
+        "--steps",
+        "4",
+        "--batch-size",
+        "32",
+        "--n-ctxs",
+        "8",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    main(args)
+    assert load_dictionary(tmp_path / "run" / "trainer_1")[1]["trainer"]["trainer_class"] == "JumpReluTrainer"
+    with pytest.raises(SystemExit, match="already holds results; pass --overwrite"):
+        main(args)
+    main([*args, "--overwrite"])
+
+
+def test_bad_arguments_are_named(tmp_path, tiny):
+    with pytest.raises(SystemExit, match="unknown trainer 'TopK'"):
+        (tmp_path / "c.json").write_text(json.dumps({"trainer": "TopK"}))
+        main(
+            [
+                "train",
+                *tiny,
+                "--layer",
+                "0",
+                "--config",
+                str(tmp_path / "c.json"),
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="expects key=value"):
+        main(
+            [
+                "train",
+                *tiny,
+                "--layer",
+                "0",
+                "--trainer",
+                "TopKTrainer",
+                "--set",
+                "k",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        main(["cache", *tiny, "--layer", "9", "--tokens", "10", "--out", str(tmp_path / "c")])
+    help_text = build_parser().format_help()
+    assert all(command in help_text for command in ("train", "cache", "eval", "download"))
+
+
+def test_download_subcommand_reports_an_unreachable_source(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("DL_PRETRAINED_URL", (tmp_path / "missing.zip").as_uri())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["download", str(tmp_path / "dest")])
+    assert exit_info.value.code == 1 and "could not download" in capfd.readouterr().err
