@@ -130,13 +130,15 @@ def feature_effect(
     last = mask.sum(1) - 1
     rows = torch.arange(ids.shape[0], device=device)
 
+    dict_device = next(iter(dictionary.parameters()), torch.empty(0)).device
+
     def ablate(h_BLD):
-        x = h_BLD.float()
+        x = h_BLD.to(dict_device, torch.float32)
         f = dictionary.encode(x)
         error = x - dictionary.decode(f)
-        f[rows, last, feature] = 0
+        f[rows.to(dict_device), last.to(dict_device), feature] = 0
         new = dictionary.decode(f) + (error if add_residual else 0)
-        return new.to(h_BLD.dtype)
+        return new.to(h_BLD.device, h_BLD.dtype)
 
     site = reader.sites[0]
     clean, _ = logits_with_replacement(model, site, "out", ids, mask)

@@ -17,7 +17,7 @@ def hook_rows(model, module, texts, io="out", drop_first=False):
     rows = []
     hf = model._module
     for text in texts:
-        ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+        ids = model.tokenizer(text, return_tensors="pt")["input_ids"].to(next(hf.parameters()).device)
         captured = {}
 
         def hook(mod, args, output, captured=captured):
@@ -29,7 +29,7 @@ def hook_rows(model, module, texts, io="out", drop_first=False):
             hf(ids)
         handle.remove()
         rows.append(captured["x"][0, 1:] if drop_first else captured["x"][0])
-    return torch.cat(rows)
+    return torch.cat(rows).cpu()
 
 
 def drain(buffer):

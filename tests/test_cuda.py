@@ -65,3 +65,45 @@ def test_resume_on_cuda(tmp_path):
     for a, b in zip(full, resumed):
         for key, value in a.state_dict().items():
             torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_buffer_cache_and_evaluate_with_the_model_on_cuda(tmp_path):
+    import tiny_models
+    from test_buffer import canonical, hook_rows
+    from tiny_models import SENTENCES
+
+    from dictionary_learning import AutoEncoder, IdentityDict
+    from dictionary_learning.buffer import ActivationBuffer
+    from dictionary_learning.cache import ActivationCache
+    from dictionary_learning.evaluation import evaluate
+
+    model = tiny_models.llama()
+    model._module.cuda()
+    site = model.model.layers[1].mlp
+    texts = SENTENCES[:12]
+    on_cpu = torch.cat(
+        list(
+            ActivationBuffer(
+                iter(texts), model, site, n_ctxs=64, ctx_len=32, refresh_batch_size=5, out_batch_size=7, device="cpu"
+            )
+        )
+    )
+    on_gpu = torch.cat(
+        list(
+            ActivationBuffer(
+                iter(texts), model, site, n_ctxs=64, ctx_len=32, refresh_batch_size=5, out_batch_size=7, device="cuda"
+            )
+        )
+    )
+    assert on_cpu.device.type == "cpu" and on_gpu.device.type == "cuda"
+    cache = ActivationCache.build(tmp_path / "c", model, site, iter(texts), 10_000, ctx_len=32, progress=False)
+    cached = torch.cat(list(ActivationCache(tmp_path / "c", batch_size=50, device="cuda")))
+    buffer = ActivationBuffer(iter(texts * 4), model, site, n_ctxs=8, ctx_len=32, refresh_batch_size=8)
+    perfect = evaluate(IdentityDict(32), buffer, batch_size=8, device="cuda")
+    some = evaluate(AutoEncoder(32, 64), buffer, batch_size=8, device="cuda")
+    model._module.cpu()
+    expected = hook_rows(model, site._module, texts)
+    for rows in (on_cpu, on_gpu.cpu(), cached.cpu()):
+        torch.testing.assert_close(canonical(rows), canonical(expected), rtol=1e-4, atol=1e-4)
+    assert cache.n_tokens == expected.shape[0]
+    assert perfect["frac_recovered"] == pytest.approx(1.0, abs=1e-4) and some["loss_reconstructed"] > 0
