@@ -150,3 +150,16 @@ def test_download_subcommand_reports_an_unreachable_source(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         main(["download", str(tmp_path / "dest")])
     assert exit_info.value.code == 1 and "could not download" in capfd.readouterr().err
+
+
+def test_eval_reads_the_site_from_a_published_folder_name(tmp_path, tiny, capsys):
+    from dictionary_learning import AutoEncoder
+
+    folder = tmp_path / "dictionaries" / "tiny" / "mlp_out_layer1" / "10_32768"
+    AutoEncoder(32, 64).save_pretrained(folder)
+    main(["eval", str(folder), *tiny, "--batch-texts", "4", "--n-batches", "1"])
+    out = capsys.readouterr().out
+    assert "Var. expl. %" in out and "% CE rec." in out and "10_32768" in out
+    embed = tmp_path / "dictionaries" / "tiny" / "embed" / "10_32768"
+    AutoEncoder(32, 64).save_pretrained(embed)
+    main(["eval", str(embed), *tiny, "--batch-texts", "4", "--n-batches", "1", "--json"])

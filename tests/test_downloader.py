@@ -59,3 +59,5 @@ def test_incomplete_archive_is_reported(tmp_path):
         zf.writestr("dictionaries/pythia-70m-deduped/embed/10_32768/ae.pt", b"x")
     result = run(tmp_path / "dest", path.as_uri())
     assert result.returncode == 1 and "archive lacks these files" in result.stderr
+    assert not (tmp_path / "dest" / "dictionaries").exists()  # nothing half-unpacked that looks complete
+    assert not (tmp_path / "dest" / ".unpacking").exists()

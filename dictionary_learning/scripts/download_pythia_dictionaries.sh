@@ -50,16 +50,24 @@ if [ ! -s "$zip" ]; then
 fi
 
 echo "unpacking $zip"
-if ! "${PYTHON:-python3}" -m zipfile -e "$zip" "$dest"; then
+# Unpack and check in a scratch folder, then move into place: an interrupted unpack never leaves
+# a folder that looks complete.
+scratch="$dest/.unpacking"
+rm -rf "$scratch"
+if ! "${PYTHON:-python3}" -m zipfile -e "$zip" "$scratch"; then
+    rm -rf "$scratch"
     echo "error: $zip is not a valid zip archive (corrupted download?). Delete it and rerun." >&2
     exit 1
 fi
-
-still_missing="$(missing)"
+still_missing="$(root="$scratch/dictionaries/pythia-70m-deduped" missing)"
 if [ -n "$still_missing" ]; then
+    rm -rf "$scratch"
     echo "error: the archive lacks these files:" >&2
     echo "$still_missing" >&2
     exit 1
 fi
-rm -f "$zip"
+mkdir -p "$dest/dictionaries"
+rm -rf "$root"
+mv "$scratch/dictionaries/pythia-70m-deduped" "$root"
+rm -rf "$scratch" "$zip"
 echo "done: ${#sites[@]} dictionaries in $root"
