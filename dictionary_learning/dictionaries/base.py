@@ -125,7 +125,10 @@ class Dictionary(nn.Module):
 
     # ------------------------------------------------------------------------------ layout access
     def _tensor(self, name: str) -> torch.Tensor:
-        return self.get_parameter(name) if name in dict(self.named_parameters()) else self.get_buffer(name)
+        try:
+            return self.get_parameter(name)
+        except AttributeError:  # not a parameter: a buffer (get_parameter walks the path, no full scan)
+            return self.get_buffer(name)
 
     def decoder_FD(self) -> torch.Tensor:
         """The decoder weight as a `[F, D]` view (row f = feature f's direction)."""
