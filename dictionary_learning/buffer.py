@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .nnsight_io import IO_MODES, Site, plan_requests, read_activations, resolve_site, torch_model
+from .nnsight_io import IO_MODES, Site, model_device, plan_requests, read_activations, resolve_site, torch_model
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +139,9 @@ class ActivationReader:
     def read(self, tokens: dict[str, torch.Tensor], return_ids: bool = False) -> list[torch.Tensor]:
         """Activations of the kept positions of a token batch, one `[N, ...]` tensor per site (and,
         with `return_ids`, the `[N]` token ids of those positions last)."""
-        model_device = next(torch_model(self.model).parameters()).device
-        input_ids = tokens["input_ids"].to(model_device)
-        attention_mask = tokens["attention_mask"].to(model_device)
+        device = model_device(self.model)
+        input_ids = tokens["input_ids"].to(device)
+        attention_mask = tokens["attention_mask"].to(device)
         raw = read_activations(self.model, self.sites, input_ids, attention_mask, self._requests)
         raw = [torch.stack(r, dim=2) if isinstance(r, tuple) else r for r in raw]  # in_to_out: [B, L, 2, d]
         keep = self.keep_mask(input_ids, attention_mask, raw)
@@ -172,7 +172,7 @@ class ActivationReader:
 
     def _probe_widths(self) -> list[int]:
         probe_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        ids = torch.tensor([[probe_id]], device=next(torch_model(self.model).parameters()).device)
+        ids = torch.tensor([[probe_id]], device=model_device(self.model))
         acts = read_activations(self.model, self.sites, ids, torch.ones_like(ids), self._requests)
         return [(a[1] if isinstance(a, tuple) else a).shape[-1] for a in acts]
 
@@ -323,7 +323,8 @@ class HeadActivationBuffer(ActivationBuffer):
     activations_split_by_head=True)`, trainer i learns a dictionary of head i.
     """
 
-    _OUTPUT_PROJECTIONS = {"llama": "o_proj", "gpt_neox": "dense"}
+    # the attention output projection's name, per family (Llama-like families share "o_proj")
+    _OUTPUT_PROJECTIONS = {"gpt_neox": "dense"}
 
     def __init__(
         self,
@@ -344,10 +345,9 @@ class HeadActivationBuffer(ActivationBuffer):
         if remote:
             raise NotImplementedError("remote (NDIF) execution is not supported; run the model locally")
         config = torch_model(model).config
-        family = _FAMILIES.get(config.model_type)
-        projection = self._OUTPUT_PROJECTIONS.get("gpt_neox" if family == _FAMILIES["gpt_neox"] else "llama")
-        if family not in (_FAMILIES["llama"], _FAMILIES["gpt_neox"]):
+        if _FAMILIES.get(config.model_type) not in (_FAMILIES["llama"], _FAMILIES["gpt_neox"]):
             raise ValueError(f"HeadActivationBuffer supports Llama-like and GPT-NeoX models, not {config.model_type!r}")
+        projection = self._OUTPUT_PROJECTIONS.get(config.model_type, "o_proj")
         o_proj = getattr(get_submodule(model, layer, "attn"), projection)
         self.layer, self.apply_W_O = layer, apply_W_O
         self.n_heads = config.num_attention_heads

@@ -98,8 +98,8 @@ def _trainer_configs(args) -> list[dict]:
     return configs
 
 
-def _prepare_out(path: Path, overwrite: bool, marker: str) -> None:
-    if (path / marker).exists():
+def _prepare_out(path: Path, overwrite: bool) -> None:
+    if (path / "trainer_0").exists():
         if not overwrite:
             raise SystemExit(f"error: {path} already holds results; pass --overwrite to replace them")
         shutil.rmtree(path)
@@ -129,7 +129,7 @@ def cmd_train(args) -> None:
 
     configs = _trainer_configs(args)
     out = Path(args.out)
-    _prepare_out(out, args.overwrite, "trainer_0")
+    _prepare_out(out, args.overwrite)
     if args.cache:
         data = ActivationCache(args.cache, batch_size=args.batch_size, loop=True)
         d_submodule, lm_name = data.config["d_submodule"], data.config["model"]

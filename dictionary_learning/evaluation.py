@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .dictionaries.base import device_of
+
 
 @torch.no_grad()
 def frac_variance_explained(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,11 @@ def reconstruction_metrics(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, f_BF: tor
     }
 
 
+def _batch_scale(x: torch.Tensor, normalize: bool):
+    """The factor that gives the batch mean norm sqrt(D) (the reference's `normalize_batch`), or 1."""
+    return x.shape[-1] ** 0.5 / x.norm(dim=-1).mean() if normalize else 1.0
+
+
 def _masked_ce(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose input and target are both real tokens."""
     valid = (mask_BL[:, :-1] * mask_BL[:, 1:]).bool()
@@ -64,10 +71,10 @@ def frac_recovered(losses: dict[str, float]) -> float:
 def baseline(reader, tokens: dict[str, torch.Tensor], io: str = "out") -> dict:
     """The clean and zero-ablated runs of a token batch, which do not depend on the dictionary:
     compute once and pass to `loss_recovered_metrics` for each dictionary evaluated on it."""
-    from .nnsight_io import logits_with_replacement, torch_model
+    from .nnsight_io import logits_with_replacement, model_device
 
     site = reader.sites[0]
-    device = next(torch_model(reader.model).parameters()).device
+    device = model_device(reader.model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     clean, x = logits_with_replacement(reader.model, site, io, ids, mask)
     zeroed, _ = logits_with_replacement(reader.model, site, io, ids, mask, replace=torch.zeros_like)
@@ -93,10 +100,10 @@ def loss_recovered_metrics(
 
     base = base or baseline(reader, tokens, io)
     ids, mask, clean, zeroed, x = base["ids"], base["mask"], base["clean"], base["zeroed"], base["x"]
-    dict_device = next(iter(dictionary.parameters()), torch.empty(0, device=ids.device)).device
+    dict_device = device_of(dictionary, ids.device)
 
     def reconstruct(h):
-        scale = (h.shape[-1] ** 0.5 / h.norm(dim=-1).mean()) if normalize_batch else 1.0
+        scale = _batch_scale(h, normalize_batch)
         x_hat = dictionary((h * scale).to(dict_device, torch.float32)) / scale
         return x_hat.to(h.device, h.dtype)
 
@@ -109,7 +116,7 @@ def loss_recovered_metrics(
         "kl_div_zero": float(_masked_kl(clean, zeroed, mask)),
     }
     x_real = x[mask.bool()].to(dict_device, torch.float32)
-    scale = (x_real.shape[-1] ** 0.5 / x_real.norm(dim=-1).mean()) if normalize_batch else 1.0
+    scale = _batch_scale(x_real, normalize_batch)
     x_hat, f = dictionary(x_real * scale, output_features=True)
     return losses, x_real, x_hat / scale, f
 
@@ -172,7 +179,7 @@ def evaluate(
                 x = next(activations).to(device).float()
             except StopIteration:
                 raise StopIteration("the activations ran out before n_batches batches: lower n_batches") from None
-            scale = (x.shape[-1] ** 0.5 / x.norm(dim=-1).mean()) if normalize_batch else 1.0
+            scale = _batch_scale(x, normalize_batch)
             x_hat, f = dictionary(x * scale, output_features=True)
             x_hat, losses = x_hat / scale, {}
         metrics = reconstruction_metrics(x, x_hat, f) | losses

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import torch
 
 from .buffer import ActivationReader
-from .nnsight_io import logits_with_replacement, read_activations, torch_model
+from .dictionaries.base import device_of
+from .nnsight_io import logits_with_replacement, model_device, read_activations
 
 
 @dataclass
@@ -36,10 +37,10 @@ class FeatureProfile(NamedTuple):
 @torch.no_grad()
 def feature_activations(dictionary, reader: ActivationReader, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
     """Features `[B, L, F]` of a token batch at the reader's (first) site; zero at padding."""
-    device = next(torch_model(reader.model).parameters()).device
+    device = model_device(reader.model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     x_BLD = read_activations(reader.model, reader.sites[:1], ids, mask)[0]
-    dict_device = next(iter(dictionary.parameters()), torch.empty(0)).device
+    dict_device = device_of(dictionary)
     f_BLF = dictionary.encode(x_BLD.to(dict_device, torch.float32))
     return f_BLF * mask.to(f_BLF.device)[..., None]
 
@@ -125,12 +126,12 @@ def feature_effect(
     reader = ActivationReader(iter(()), model, submodule, ctx_len=max_length)
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
     tokens = reader.tokenize(texts)
-    device = next(torch_model(model).parameters()).device
+    device = model_device(model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     last = mask.sum(1) - 1
     rows = torch.arange(ids.shape[0], device=device)
 
-    dict_device = next(iter(dictionary.parameters()), torch.empty(0)).device
+    dict_device = device_of(dictionary)
 
     def ablate(h_BLD):
         x = h_BLD.to(dict_device, torch.float32)

@@ -41,6 +41,13 @@ def torch_model(model) -> nn.Module:
     return model._module
 
 
+def model_device(model) -> torch.device:
+    """Where an nnsight model's weights (and so its inputs) live."""
+    from .dictionaries.base import device_of
+
+    return device_of(torch_model(model))
+
+
 def resolve_site(model, submodule, io: str) -> Site:
     """Accept an envoy, a torch module of the model, or a dotted name; check that it belongs to `model`."""
     if io not in IO_MODES:

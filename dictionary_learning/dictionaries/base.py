@@ -56,6 +56,12 @@ def check_sizes(activation_dim: int, dict_size: int, k: int | None = None) -> No
         raise ValueError(f"k={k} is larger than dict_size={dict_size}; choose k <= dict_size")
 
 
+def device_of(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of a module's first parameter (`default` for modules without parameters)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device(default)
+
+
 def feature_first(t: torch.Tensor, feature_dim: int) -> torch.Tensor:
     """A view of `t` with its feature dimension first (`[F, ...]`); writes go through to `t`."""
     return t if feature_dim == 0 else t.transpose(0, feature_dim)

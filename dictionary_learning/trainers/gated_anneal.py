@@ -15,9 +15,6 @@ class GatedAnnealTrainer(GatedLossMixin, LpAnnealing, PenalisedTrainer):
     Resampling works here (the reference's copy of PAnneal's resampling cannot run on a Gated SAE).
     """
 
-    state_attrs = PenalisedTrainer.state_attrs + LpAnnealing.annealing_state
-    logging_parameters = ["p", "next_p", "sparsity_coeff"]
-
     def __init__(
         self,
         steps: int,
@@ -71,7 +68,3 @@ class GatedAnnealTrainer(GatedLossMixin, LpAnnealing, PenalisedTrainer):
             {"l2_loss": l2, "mse_loss": mse, "aux_loss": aux, "sparsity_loss": scaled, **logs, "loss": loss},
             commit,
         )
-
-    def _commit(self, out, step):
-        super()._commit(out, step)
-        self._commit_annealing(out.commit, step)

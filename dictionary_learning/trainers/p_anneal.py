@@ -15,9 +15,11 @@ from .trainer import PenalisedTrainer, StepOutput, register_trainer
 
 
 class LpAnnealing:
-    """State and rules of p-annealing, shared by PAnnealTrainer and GatedAnnealTrainer."""
+    """State and rules of p-annealing, shared by PAnnealTrainer and GatedAnnealTrainer (placed
+    before PenalisedTrainer in their bases, so its `_commit` runs after the dead-latent counters)."""
 
-    annealing_state = ("p", "next_p", "p_step_count", "sparsity_coeff", "sparsity_queue")
+    state_attrs = PenalisedTrainer.state_attrs + ("p", "next_p", "p_step_count", "sparsity_coeff", "sparsity_queue")
+    logging_parameters = ["p", "next_p", "sparsity_coeff"]
 
     def _init_annealing(
         self,
@@ -68,7 +70,9 @@ class LpAnnealing:
         }
         return scaled, logs, commit
 
-    def _commit_annealing(self, commit: dict, step: int) -> None:
+    def _commit(self, out, step: int) -> None:
+        super()._commit(out, step)
+        commit = out.commit
         if "lp_pair" in commit:
             self.sparsity_queue = [*self.sparsity_queue, commit["lp_pair"]][-self.sparsity_queue_length :]
         n = len(self.sparsity_update_steps)
@@ -88,9 +92,6 @@ class LpAnnealing:
 @register_trainer
 class PAnnealTrainer(LpAnnealing, PenalisedTrainer):
     """`loss = ||x - x_hat||^2 + coeff * s(t) * L_p(f)` with p annealed; ConstrainedAdam; resampling."""
-
-    state_attrs = PenalisedTrainer.state_attrs + LpAnnealing.annealing_state
-    logging_parameters = ["p", "next_p", "sparsity_coeff"]
 
     def __init__(
         self,
@@ -139,7 +140,3 @@ class PAnnealTrainer(LpAnnealing, PenalisedTrainer):
         scaled, logs, commit = self._annealed_penalty(f, step)
         loss = mse + scaled
         return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, **logs, "loss": loss}, commit)
-
-    def _commit(self, out, step):
-        super()._commit(out, step)
-        self._commit_annealing(out.commit, step)
