@@ -222,10 +222,24 @@ def load_dictionary(
 ) -> tuple[Dictionary, dict]:
     """Load a checkpoint folder (or weights file) and return `(dictionary, config)`.
 
+    `base_path` may be a Hub address, `hf://owner/repo[@revision]/folder` (downloaded once, see `hub`).
+    SAELens folders (`cfg.json` + `sae_weights.safetensors`) and sparsify folders (`cfg.json` +
+    `sae.safetensors`) are recognised by their files and converted (see `interop`); `config` is
+    then their `cfg.json`.
+
     The class comes from `config["trainer"]["dict_class"]` when present, else from the state-dict
     keys (the published `10_32768` Pythia dictionaries have no class name in their config).
     """
+    from .hub import download, is_hub_address  # both build on this module
+    from .interop import folder_format, load_saelens, load_sparsify
+
+    if is_hub_address(base_path):
+        base_path = download(base_path)
     base_path = Path(base_path)
+
+    foreign = folder_format(base_path)
+    if foreign is not None and not any((base_path / name).is_file() for name in ("ae.pt", "ae.safetensors")):
+        return (load_saelens if foreign == "saelens" else load_sparsify)(base_path, device=device, dtype=dtype)
     folder = base_path if base_path.is_dir() else base_path.parent
     if folder.name == "checkpoints" and not (folder / CONFIG_FILE).is_file():
         folder = folder.parent  # trainer_i/checkpoints/ae_{step}.pt: the run's config is one level up

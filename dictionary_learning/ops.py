@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- decoder-norm constraint
@@ -47,24 +51,25 @@ def geometric_median(points_ND: torch.Tensor, max_iter: int = 100, tol: float = 
 # ---------------------------------------------------------------------------------- sparsity terms
 def auxk_loss(
     residual_BD: torch.Tensor,
-    relu_pre_BF: torch.Tensor,
+    pre_BF: torch.Tensor,
     dead_F: torch.Tensor,
     k_aux: int,
-    decoder_FD: torch.Tensor,
+    decode_dead: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AuxK loss of Gao et al. 2024 (appendix A.2): dead latents' top-k_aux reconstruct the residual.
 
-    Returns `(normalised, raw)`: raw = mean squared error of the dead latents' reconstruction
-    (decoder without bias) of the detached residual; normalised divides it by the residual's
-    variance so that the coefficient (1/32 in appendix B.1) does not depend on scale. Both are 0
-    when no latent is dead. Computed without host synchronisation.
+    `pre_BF` ranks the latents (values need no gradient); `decode_dead(indices_BK, valid_BK)` returns
+    the reconstruction (decoder without bias, differentiable) from the ReLU activations of those
+    latents, entries with `valid_BK` False counting as 0. Returns `(normalised, raw)`: raw = mean
+    squared error of that reconstruction of the detached residual; normalised divides it by the
+    residual's variance so that the coefficient (1/32 in appendix B.1) does not depend on scale.
+    Both are 0 (raw: -1) when no latent is dead. Computed without host synchronisation.
     """
     k_aux = min(k_aux, dead_F.numel())
-    masked_BF = torch.where(dead_F, relu_pre_BF, torch.full_like(relu_pre_BF, -torch.inf))
+    masked_BF = torch.where(dead_F, pre_BF.detach(), torch.full_like(pre_BF, -torch.inf))
     values_BK, indices_BK = masked_BF.topk(k_aux, dim=-1, sorted=False)
     # Entries beyond the number of dead latents are -inf: they contribute nothing.
-    values_BK = torch.where(torch.isfinite(values_BK), values_BK, torch.zeros_like(values_BK))
-    recon_BD = torch.zeros_like(relu_pre_BF).scatter_(-1, indices_BK, values_BK) @ decoder_FD
+    recon_BD = decode_dead(indices_BK, torch.isfinite(values_BK))
     raw = (residual_BD.float() - recon_BD.float()).pow(2).sum(-1).mean()
     scale = (residual_BD.float() - residual_BD.float().mean(0)).pow(2).sum(-1).mean()
     any_dead = dead_F.any()
@@ -129,3 +134,114 @@ class StepFunction(torch.autograd.Function):
 def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum a broadcast gradient back to the shape of `like` (the per-feature threshold)."""
     return grad.reshape(-1, *like.shape).sum(0) if grad.shape != like.shape else grad
+
+
+# ------------------------------------------------------------------------------ sparse TopK codes
+class SparseCode(NamedTuple):
+    """The kept entries of a `[B, F]` code, grouped by row: entry n is `(rows[n], features[n], values[n])`.
+
+    `offsets[b]` is where row b's entries start (the layout of `torch.nn.functional.embedding_bag`).
+    TopK codes have exactly k entries per row; BatchTopK codes have k * B in all, spread unevenly.
+    """
+
+    values: torch.Tensor  # [N], differentiable
+    features: torch.Tensor  # [N] int64
+    rows: torch.Tensor  # [N] int64, non-decreasing
+    offsets: torch.Tensor  # [B] int64
+    dict_size: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.offsets.shape[0]
+
+    def to_dense(self) -> torch.Tensor:
+        """The `[B, F]` code (differentiable in `values`)."""
+        flat = self.rows * self.dict_size + self.features
+        out = self.values.new_zeros(self.n_rows * self.dict_size)
+        return out.index_put((flat,), self.values).view(self.n_rows, self.dict_size)
+
+    def fired(self) -> torch.Tensor:
+        """`[F]` bool: features with a positive value in some row."""
+        positive_N = (self.values.detach() > 0).float()
+        return positive_N.new_zeros(self.dict_size).index_add_(0, self.features, positive_N) > 0
+
+
+def sparse_decode(code: SparseCode, W_FD: torch.Tensor, feature_mask_F: torch.Tensor | None = None) -> torch.Tensor:
+    """`code @ W_FD` touching only the kept rows of `W_FD` (no bias). Gradients reach `code.values`
+    and only the used rows of `W_FD`. With `feature_mask_F`, features outside the mask count as 0."""
+    values = code.values.to(W_FD.dtype)
+    if feature_mask_F is not None:
+        values = values * feature_mask_F[code.features]
+    # embedding_bag has a fast kernel only for a contiguous table; the copy costs one pass over W.
+    return F.embedding_bag(code.features, W_FD.contiguous(), code.offsets, mode="sum", per_sample_weights=values)
+
+
+class _SelectedPreactivations(torch.autograd.Function):
+    """Entries `pre[rows[n], features[n]]` of `x @ W_FD.T + b_F`, already computed without autograd.
+
+    Backward touches only the selected rows of `W_FD`: `dW[f] += g[n] * x[rows[n]]`, `dx[b] += g[n] * W[f]`,
+    `db[f] += g[n]`; the dense backward would need a second `[F, B] @ [B, D]` matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_FD, b_F, pre_N, features_N, offsets_B):
+        ctx.save_for_backward(x_BD, W_FD, features_N, offsets_B)
+        ctx.b_shape = b_F.shape
+        return pre_N.clone()
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        x_BD, W_FD, features_N, offsets_B = ctx.saved_tensors
+        grad_N = grad_N.to(W_FD.dtype)
+        with torch.enable_grad():
+            W = W_FD.detach().contiguous().requires_grad_()
+            grad_x_BD = F.embedding_bag(features_N, W, offsets_B, mode="sum", per_sample_weights=grad_N)
+        grad_W = None
+        if ctx.needs_input_grad[1]:
+            (grad_W,) = torch.autograd.grad(grad_x_BD, W, x_BD.to(W.dtype))
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_N.new_zeros(ctx.b_shape).index_add_(0, features_N, grad_N)
+        grad_x = grad_x_BD.detach().to(x_BD.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def selected_preactivations(
+    x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, pre_BF: torch.Tensor, rows_N, features_N, offsets_B
+) -> torch.Tensor:
+    """Differentiable `(x @ W_FD.T + b_F)[rows, features]`, read from `pre_BF` (computed without
+    autograd); rows must be grouped as `offsets_B` says."""
+    pre_N = pre_BF[rows_N, features_N]
+    return _SelectedPreactivations.apply(x_BD, W_FD, b_F, pre_N, features_N, offsets_B)
+
+
+def row_topk_entries(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows_N, features_N, offsets_B) of each row's k largest entries."""
+    B = pre_BF.shape[0]
+    features_N = pre_BF.topk(k, dim=-1, sorted=False).indices.flatten()
+    rows_N = torch.arange(B, device=pre_BF.device).repeat_interleave(k)
+    return rows_N, features_N, torch.arange(B, device=pre_BF.device) * k
+
+
+def batch_topk_entries(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows_N, features_N, offsets_B) of the `k * B` largest entries of the whole batch.
+
+    On CPU a full top-(k * B) over B * F entries costs several dense passes, so a lower bound of the
+    cut-off comes first: the (k * B)-th largest of each row's 2k largest entries (a subset of the
+    batch, so its (k * B)-th largest is never above the batch's). Only entries at or above that bound
+    are ranked. On accelerators the full selection runs directly (the narrowing needs a host sync).
+    """
+    B, F_ = pre_BF.shape
+    n = min(k * B, B * F_)
+    flat = pre_BF.flatten()
+    if pre_BF.device.type == "cpu" and 2 * k < F_:
+        candidates = pre_BF.topk(2 * k, dim=-1, sorted=False).values.flatten()
+        bound = candidates.topk(n, sorted=False).values.min()
+        index = (flat >= bound).nonzero().squeeze(1)  # ascending, so already grouped by row
+        if index.numel() > n:
+            index = index[flat[index].topk(n, sorted=False).indices].sort().values
+    else:
+        index = flat.topk(n, sorted=False).indices.sort().values
+    rows_N = torch.div(index, F_, rounding_mode="floor")
+    offsets_B = torch.searchsorted(rows_N, torch.arange(B, device=index.device))
+    return rows_N, index - rows_N * F_, offsets_B

@@ -107,3 +107,32 @@ def test_buffer_cache_and_evaluate_with_the_model_on_cuda(tmp_path):
         torch.testing.assert_close(canonical(rows), canonical(expected), rtol=1e-4, atol=1e-4)
     assert cache.n_tokens == expected.shape[0]
     assert perfect["frac_recovered"] == pytest.approx(1.0, abs=1e-4) and some["loss_reconstructed"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
+def test_training_step_never_waits_for_the_gpu(name):
+    """No host synchronisation in `update` after the first step (no .item(), no data-dependent shapes)."""
+    config, steps = LEARNING_CONFIGS[name]
+    trainer = TRAINER_REGISTRY[name](steps=steps, **dict(config, device="cuda"))
+    batches_ = [x.cuda() for x in PlantedFeatures(d=32).batches(4)]
+    trainer.update(0, batches_[0])  # step 0 may initialise from data (geometric median of b_dec)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2, 3):
+            trainer.update(step, batches_[step])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sparse_topk_path_matches_dense_on_cuda():
+    from test_sparse_topk import TRAINERS, _grads, _pair
+
+    for cls, kwargs in TRAINERS:
+        sparse, dense = _pair(cls, **kwargs, device="cuda")
+        x = torch.randn(64, 24, device="cuda")
+        out_s, g_s = _grads(sparse, x)
+        out_d, g_d = _grads(dense, x)
+        torch.testing.assert_close(out_s.x_hat, out_d.x_hat)
+        for key in g_d:
+            torch.testing.assert_close(g_s[key], g_d[key], rtol=1e-4, atol=1e-5)

@@ -212,7 +212,10 @@ class Dictionary(nn.Module):
         Loading never executes code from the file. `dtype`/`device` cast the result when given.
         """
         from ..checkpoint import load_state_dict_file
+        from ..hub import download, is_hub_address
 
+        if is_hub_address(path):
+            path = download(path)
         weights = load_state_dict_file(path)
         ae = cls.from_state_dict(weights.state_dict, source=weights.source, **kwargs)
         if weights.bias_scale != 1.0:
@@ -224,6 +227,18 @@ class Dictionary(nn.Module):
         from ..checkpoint import save_dictionary
 
         return save_dictionary(self, folder, config=config, safetensors=safetensors)
+
+    def push_to_hub(self, repo_id: str, folder: str = "", **kwargs: Any) -> str:
+        """Upload to the Hugging Face Hub (see `hub.push_to_hub`); returns the `hf://` address to load."""
+        from ..hub import push_to_hub
+
+        return push_to_hub(self, repo_id, folder, **kwargs)
+
+    def save_saelens(self, folder: str | Path, metadata: dict | None = None) -> Path:
+        """Write a SAELens folder (`cfg.json` + `sae_weights.safetensors`) with the same outputs."""
+        from ..interop import save_saelens
+
+        return save_saelens(self, folder, metadata)
 
     def extra_repr(self) -> str:
         return f"activation_dim={self.activation_dim}, dict_size={self.dict_size}"

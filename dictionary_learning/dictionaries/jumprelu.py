@@ -69,11 +69,28 @@ class JumpReluAutoEncoder(Dictionary):
         device: torch.device | str | None = None,
         **kwargs: Any,
     ) -> JumpReluAutoEncoder:
-        """Load a local `ae.pt`/`ae.safetensors`, or (with `load_from_sae_lens=True`) a SAELens release."""
+        """Load a local `ae.pt`/`ae.safetensors`, or (with `load_from_sae_lens=True, release=...,
+        sae_id=...`, e.g. release "gemma-scope-2b-pt-res", sae_id "layer_20/width_16k/average_l0_71")
+        a SAELens release, downloaded by `sae_lens` (optional dependency) and converted exactly."""
         if load_from_sae_lens:
-            raise NotImplementedError(
-                "load_from_sae_lens is not available yet; load a local folder with from_pretrained(path)"
-            )
+            return cls._from_sae_lens(dtype=dtype, device=device, **kwargs)
         if path is None:
             raise ValueError("from_pretrained needs a path (or load_from_sae_lens=True with release/sae_id)")
         return super().from_pretrained(path, dtype=dtype, device=device)
+
+    @classmethod
+    def _from_sae_lens(cls, release: str, sae_id: str, dtype=None, device=None, **kwargs: Any) -> JumpReluAutoEncoder:
+        try:
+            from sae_lens import SAE
+        except ImportError as e:
+            raise ImportError("load_from_sae_lens=True needs the optional sae-lens: pip install sae-lens") from e
+        from ..interop import dictionary_from_saelens
+
+        loaded = SAE.from_pretrained(release, sae_id, device="cpu", **kwargs)
+        sae = loaded[0] if isinstance(loaded, tuple) else loaded  # older sae_lens returned (sae, cfg, sparsity)
+        cfg = sae.cfg if isinstance(sae.cfg, dict) else sae.cfg.to_dict()
+        ae = dictionary_from_saelens(cfg, sae.state_dict(), source=f"sae_lens release {release!r}, sae_id {sae_id!r}")
+        if not isinstance(ae, cls):
+            arch = cfg.get("architecture")
+            raise ValueError(f"{release}/{sae_id} is a {arch!r} SAE, not JumpReLU; use load_dictionary")
+        return ae.to(device=device, dtype=dtype)

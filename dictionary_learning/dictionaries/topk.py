@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops import SparseCode, batch_topk_entries, row_topk_entries, selected_preactivations, sparse_decode
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 
 
@@ -60,6 +61,45 @@ class _TopKBase(Dictionary):
     def relu_pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # ---------------------------------------------------------------------- sparse training path
+    batch_selection: bool = False  # training keeps the k * B largest of the batch instead of k per row
+
+    def encoder_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_enc as `[F, D]`, b_enc `[F]`): pre-activations are `(x - b_dec) @ W.T + b`."""
+        raise NotImplementedError
+
+    def encode_sparse(self, x_BD: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
+        """Training-time code as a `SparseCode` (k per row, or k * B per batch for BatchTopK-style
+        dictionaries), and the `[B, F]` pre-activations (before ReLU, without autograd).
+
+        Equal to `encode(x, use_threshold=False)` in value and gradient, but its backward touches
+        only the selected encoder rows: one dense matmul per step instead of two.
+        """
+        self._check_width(x_BD)
+        W_FD, b_F = self.encoder_weight_bias()
+        x_centered = x_BD - self.b_dec
+        with torch.no_grad():
+            pre_BF = torch.addmm(b_F, x_centered, W_FD.T)
+        select = batch_topk_entries if self.batch_selection else row_topk_entries
+        rows_N, features_N, offsets_B = select(pre_BF, self._k)
+        pre_N = selected_preactivations(x_centered, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B)
+        return SparseCode(torch.relu(pre_N), features_N, rows_N, offsets_B, self.dict_size), pre_BF
+
+    def decode_selected(self, x_BD, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
+        """Decoder output (no bias) of the ReLU activations of latents `indices_BK` (where `valid_BK`),
+        differentiable in the encoder and decoder rows it reads; `pre_BF` from `encode_sparse`."""
+        B, K = indices_BK.shape
+        W_FD, b_F = self.encoder_weight_bias()
+        rows_N = torch.arange(B, device=x_BD.device).repeat_interleave(K)
+        features_N, offsets_B = indices_BK.flatten(), torch.arange(B, device=x_BD.device) * K
+        pre_N = selected_preactivations(x_BD - self.b_dec, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B)
+        values_N = torch.relu(pre_N) * valid_BK.flatten()
+        return sparse_decode(SparseCode(values_N, features_N, rows_N, offsets_B, self.dict_size), self.decoder_FD())
+
+    def decode_sparse(self, code: SparseCode, feature_mask_F: torch.Tensor | None = None) -> torch.Tensor:
+        """`decode(code.to_dense())` reading only the decoder rows the code uses."""
+        return sparse_decode(code, self.decoder_FD(), feature_mask_F) + self.b_dec
+
     @classmethod
     def from_pretrained(cls, path, k: int | None = None, device=None, dtype=None, **kwargs: Any):
         """Load weights; `k`, when given, must equal the saved k (ValueError otherwise)."""
@@ -94,6 +134,9 @@ class _LinearTopK(_TopKBase):
     def relu_pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
         return torch.relu(self.encoder(x_BD - self.b_dec))
+
+    def encoder_weight_bias(self):
+        return self.encoder.weight, self.encoder.bias
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         return self.decoder(f_BF) + self.b_dec
@@ -131,6 +174,8 @@ class AutoEncoderTopK(_LinearTopK):
 class BatchTopKSAE(_LinearTopK):
     """BatchTopK SAE: k * B activations kept across the batch while training; global threshold at inference."""
 
+    batch_selection = True
+
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
         """With `return_active`: `(f, active_F, relu_pre)` where `active_F` marks features that fired."""
         a_BF = self.relu_pre_activations(x)
@@ -147,6 +192,8 @@ class MatryoshkaBatchTopKSAE(_TopKBase):
     Bussmann et al. 2025 ("Learning Multi-Level Features with Matryoshka SAEs"). `active_groups`
     (not saved) restricts inference to the first groups.
     """
+
+    batch_selection = True
 
     layout = FeatureLayout(decoder=("W_dec", 0), encoder=("W_enc", 1), feature_biases=(("b_enc", 0),))
     bias_names = ("b_enc", "b_dec", "threshold")
@@ -177,6 +224,9 @@ class MatryoshkaBatchTopKSAE(_TopKBase):
     def relu_pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
         return torch.relu((x_BD - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def encoder_weight_bias(self):
+        return self.W_enc.T, self.b_enc
 
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
         a_BF = self.relu_pre_activations(x)

@@ -39,6 +39,7 @@ class BatchTopKTrainer(TopKTrainer):
         device: str | None = None,
         wandb_name: str = "BatchTopKSAE",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
         super().__init__(
             steps,
@@ -59,11 +60,15 @@ class BatchTopKTrainer(TopKTrainer):
             device,
             wandb_name,
             submodule_name,
+            sparse,
         )
 
     def _encode_for_training(self, x):
         f, fired_F, a = self.ae.encode(x, return_active=True, use_threshold=False)
         return f, a, fired_F, f
+
+    def _threshold_input(self, code):
+        return code.values.detach()
 
     @torch.no_grad()
     def _update_threshold(self, f):

@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..dictionaries import MatryoshkaBatchTopKSAE
+from ..ops import SparseCode, sparse_decode
 from .batch_top_k import BatchTopKTrainer
 from .trainer import register_trainer
 
@@ -51,6 +52,7 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
         device: str | None = None,
         wandb_name: str = "BatchTopKSAE",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
         self.group_fractions = list(group_fractions)
         self.group_sizes = group_sizes_from_fractions(dict_size, self.group_fractions)
@@ -78,7 +80,17 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
             device,
             wandb_name,
             submodule_name,
+            sparse,
         )
+
+    def _group_masks(self) -> list[torch.Tensor]:
+        """One `[F]` 0/1 mask per feature group (built once per device)."""
+        device = self.ae.b_dec.device
+        if getattr(self, "_masks", None) is None or self._masks[0].device != device:
+            bounds = self.ae.group_indices
+            features = torch.arange(self.ae.dict_size, device=device)
+            self._masks = [((features >= a) & (features < b)).float() for a, b in zip(bounds, bounds[1:])]
+        return self._masks
 
     def _extra_dict_kwargs(self):
         return {"group_sizes": self.group_sizes}
@@ -87,14 +99,16 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
         return super()._resolved_config() | {"group_sizes": self.group_sizes, "group_weights": self.group_weights}
 
     def _reconstruction(self, x, f):
-        W_dec_FD = self.ae.decoder_FD()
         x_hat = self.ae.b_dec.expand_as(x)
         prefix_losses = []
-        start = 0
-        for size, weight in zip(self.group_sizes, self.group_weights):
-            x_hat = x_hat + f[:, start : start + size] @ W_dec_FD[start : start + size]
+        W_dec_FD = self.ae.decoder_FD()
+        bounds = self.ae.group_indices
+        for g, weight in enumerate(self.group_weights):
+            if isinstance(f, SparseCode):
+                x_hat = x_hat + sparse_decode(f, W_dec_FD, self._group_masks()[g])
+            else:
+                x_hat = x_hat + f[:, bounds[g] : bounds[g + 1]] @ W_dec_FD[bounds[g] : bounds[g + 1]]
             prefix_losses.append(weight * (x - x_hat).pow(2).sum(-1).mean())
-            start += size
         losses = torch.stack(prefix_losses)
         l2 = losses.mean()
         logs = {"l2_loss": l2, "min_l2_loss": losses.min(), "max_l2_loss": losses.max()}

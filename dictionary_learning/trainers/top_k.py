@@ -11,7 +11,7 @@ import torch
 
 from ..dictionaries import AutoEncoderTopK
 from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
-from ..ops import auxk_loss, geometric_median
+from ..ops import SparseCode, auxk_loss, geometric_median
 from .trainer import SAETrainer, StepOutput, adam, default_topk_lr, get_lr_schedule, register_trainer
 
 # Reference re-exports: `from dictionary_learning.trainers.top_k import AutoEncoderTopK, geometric_median`.
@@ -26,6 +26,11 @@ class TopKTrainer(SAETrainer):
     """TopK recipe: Adam, decoder kept unit-norm with projected gradients, clipping at 1,
     geometric-median `b_dec` init, AuxK (coefficient `auxk_alpha`, 1/32 as in appendix B.1),
     optional k-annealing from `activation_dim` down to `k` over `k_anneal_steps`.
+
+    With `sparse=True` (the default) the step decodes from the selected latents only and its
+    backward touches only their encoder rows and decoder rows (`encode_sparse`): the same values and
+    gradients as the dense computation (`sparse=False`, the reference's), with one dense matmul
+    per step instead of three.
     """
 
     project_decoder_grad = True
@@ -53,7 +58,9 @@ class TopKTrainer(SAETrainer):
         device: str | None = None,
         wandb_name: str = "AutoEncoderTopK",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
+        self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size, k, **self._extra_dict_kwargs())
         self._init_topk(
             steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta, threshold_start_step, k_anneal_steps
@@ -111,28 +118,49 @@ class TopKTrainer(SAETrainer):
             self.ae.set_k(self.annealed_k(step))
 
     def _encode_for_training(self, x):
-        """(f, relu pre-activations, fired mask [F], smallest-kept statistic input)."""
+        """Dense path: (f `[B, F]`, ReLU pre-activations, fired mask `[F]`, input of the threshold EMA)."""
         f, values_BK, indices_BK, a = self.ae.encode(x, return_topk=True, use_threshold=False)
         fired_F = torch.zeros(self.ae.dict_size, dtype=torch.bool, device=x.device)
         fired_F[indices_BK.flatten()] = True
         return f, a, fired_F, values_BK
 
+    def _threshold_input(self, code: SparseCode) -> torch.Tensor:
+        return code.values.detach().view(code.n_rows, -1)  # exactly k per row
+
+    def _decode(self, f, feature_mask_F=None):
+        """Reconstruction from a dense code or a `SparseCode` (the latter reads only the used rows)."""
+        if isinstance(f, SparseCode):
+            return self.ae.decode_sparse(f, feature_mask_F)
+        return self.ae.decode(f if feature_mask_F is None else f * feature_mask_F)
+
     def _reconstruction(self, x, f):
         """(x_hat, l2 loss, logs, residual for AuxK)."""
-        x_hat = self.ae.decode(f)
+        x_hat = self._decode(f)
         err = x - x_hat
         l2 = err.pow(2).sum(-1).mean()
         return x_hat, l2, {"l2_loss": l2}, err
 
     def _compute(self, x, step):
         x2 = x.reshape(-1, x.shape[-1])
-        f, a, fired_F, kept = self._encode_for_training(x2)
+        if self.sparse:
+            f, pre = self.ae.encode_sparse(x2)
+            fired_F, kept = f.fired(), self._threshold_input(f)
+
+            def decode_dead(indices_BK, valid_BK):
+                return self.ae.decode_selected(x2, pre, indices_BK, valid_BK)
+        else:
+            f, pre, fired_F, kept = self._encode_for_training(x2)
+
+            def decode_dead(indices_BK, valid_BK):
+                values_BK = pre.gather(-1, indices_BK) * valid_BK
+                return torch.zeros_like(pre).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
+
         x_hat, l2, logs, residual = self._reconstruction(x2, f)
         counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x2.shape[0])
         dead_F = counter_F >= DEAD_FEATURE_TOKENS
         # Until DEAD_FEATURE_TOKENS tokens have been seen no latent can be dead: skip AuxK (no sync needed).
         if self.auxk_alpha > 0 and self.tokens_seen + x2.shape[0] >= DEAD_FEATURE_TOKENS:
-            auxk, raw = auxk_loss(residual.detach(), a, dead_F, self.top_k_aux, self.ae.decoder_FD())
+            auxk, raw = auxk_loss(residual.detach(), pre, dead_F, self.top_k_aux, decode_dead)
         else:
             auxk = raw = torch.zeros((), device=x.device)
         loss = l2 + self.auxk_alpha * auxk
@@ -144,7 +172,7 @@ class TopKTrainer(SAETrainer):
             "pre_norm_auxk_loss": raw,
         }
         commit = {"counter_F": counter_F, "kept": kept, "tokens": x2.shape[0]}
-        return StepOutput(loss, x_hat.view_as(x), f.view(*x.shape[:-1], -1), logs, commit)
+        return StepOutput(loss, x_hat.view_as(x), f, logs, commit)
 
     def _commit(self, out, step):
         self.num_tokens_since_fired = out.commit["counter_F"]

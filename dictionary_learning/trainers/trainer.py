@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from ..dictionaries.base import DICTIONARY_REGISTRY, Dictionary, feature_first
-from ..ops import remove_parallel_grad_, unit_norm_rows_
+from ..ops import SparseCode, remove_parallel_grad_, unit_norm_rows_
 
 TRAINER_REGISTRY: dict[str, type[SAETrainer]] = {}
 
@@ -147,7 +147,7 @@ class StepOutput:
 
     loss: torch.Tensor
     x_hat: torch.Tensor
-    f: torch.Tensor
+    f: torch.Tensor | SparseCode  # `[..., F]` or, for the sparse TopK path, the kept entries of `[B, F]`
     losses: dict[str, Any]
     commit: dict[str, Any] = field(default_factory=dict)
 
@@ -284,7 +284,8 @@ class SAETrainer:
         with torch.no_grad():
             out = self._compute(x, step)
         losses = {k: float(v) for k, v in out.losses.items()}
-        return LossLog(x, out.x_hat, out.f, losses)
+        f = out.f.to_dense() if isinstance(out.f, SparseCode) else out.f
+        return LossLog(x, out.x_hat, f.view(*x.shape[:-1], -1), losses)
 
     def update(self, step: int, activations: torch.Tensor) -> torch.Tensor:
         """One optimisation step on a batch `[B, D]`; returns the (detached) loss without a host sync."""

@@ -1,0 +1,323 @@
+"""Training-step speed: our trainers against the reference package's and SAELens's, same activations.
+
+    python benchmarks/train_step.py --reference-python /path/to/venv_dl/bin/python \\
+        --saelens-python /path/to/venv_sl/bin/python
+
+Writes one file of activations (SmolLM2 activations from an `ActivationCache` folder with
+`--activations`, synthetic planted-feature activations otherwise), then times each trainer in its own
+process for each implementation: ours (this checkout), the reference (`dictionary-learning==0.1.0`
+in its venv) and SAELens (`sae-lens` in its venv; the step of its `SAETrainer._train_step`:
+training forward pass, firing statistics, backward, clipping, Adam). Each process runs
+`--warmup` steps, then times `--steps` steps on the same batches, and reports seconds per step,
+tokens/s and peak memory (CUDA: `max_memory_allocated`; CPU: growth of the peak resident set
+after the data and the trainer exist). Prints one table with the ratios reference/ours and
+SAELens/ours (> 1: ours is faster).
+
+`--quality N` also trains every TopK-family trainer for N steps with the sparse path and with the
+dense path (`sparse=False`) on the same batches and prints the difference in variance explained
+and L0 on held-out batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINERS = [
+    "TopKTrainer",
+    "BatchTopKTrainer",
+    "MatryoshkaBatchTopKTrainer",
+    "StandardTrainer",
+    "StandardTrainerAprilUpdate",
+    "GatedSAETrainer",
+    "JumpReluTrainer",
+    "PAnnealTrainer",
+    "GatedAnnealTrainer",
+]
+# SAELens's training SAE class for each of our trainers (those it has).
+SAELENS = {
+    "TopKTrainer": "TopK",
+    "BatchTopKTrainer": "BatchTopK",
+    "MatryoshkaBatchTopKTrainer": "MatryoshkaBatchTopK",
+    "StandardTrainer": "Standard",
+    "GatedSAETrainer": "Gated",
+    "JumpReluTrainer": "JumpReLU",
+}
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _config(classes: dict, name: str, a: argparse.Namespace, steps: int) -> dict:
+    """The same keyword arguments for our package and the reference (its required ones included)."""
+    common = dict(
+        steps=steps,
+        activation_dim=a.dim,
+        dict_size=a.dict_size,
+        layer=0,
+        lm_name="bench",
+        device=a.device,
+        seed=0,
+        warmup_steps=min(10, steps - 1),
+    )
+    topk = dict(common, k=a.k, threshold_start_step=1)
+    penalised = dict(common, sparsity_warmup_steps=min(10, steps - 1))
+    extra = {
+        "TopKTrainer": topk,
+        "BatchTopKTrainer": topk,
+        "MatryoshkaBatchTopKTrainer": dict(topk, group_fractions=[0.125, 0.125, 0.25, 0.5]),
+        "StandardTrainer": dict(penalised, lr=1e-4, l1_penalty=0.1),
+        "StandardTrainerAprilUpdate": dict(penalised, lr=1e-4, l1_penalty=0.1),
+        "GatedSAETrainer": dict(penalised, lr=1e-4, l1_penalty=0.1),
+        "JumpReluTrainer": dict(penalised, lr=1e-4, target_l0=a.k),
+        "PAnnealTrainer": dict(penalised, lr=1e-4, anneal_start=steps // 2),
+        "GatedAnnealTrainer": dict(penalised, lr=1e-4, anneal_start=steps // 2),
+    }[name]
+    return dict(extra, trainer=classes[name])
+
+
+def _trainer_classes(impl: str) -> dict:
+    if impl == "reference":
+        import dictionary_learning.trainers as mod
+        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+        from dictionary_learning.trainers.standard import StandardTrainerAprilUpdate
+
+        return {name: getattr(mod, name, None) for name in dir(mod)} | {
+            "MatryoshkaBatchTopKTrainer": MatryoshkaBatchTopKTrainer,
+            "StandardTrainerAprilUpdate": StandardTrainerAprilUpdate,
+        }
+    sys.path.insert(0, str(REPO))
+    from dictionary_learning import TRAINER_REGISTRY
+
+    return TRAINER_REGISTRY
+
+
+def _saelens_step_fn(name: str, a: argparse.Namespace):
+    """SAELens's training SAE for `name` and one step of its SAETrainer, written out."""
+    import sae_lens
+    from sae_lens.saes.sae import TrainStepInput
+
+    kind = SAELENS[name]
+    cfg_cls = getattr(sae_lens, f"{kind}TrainingSAEConfig")
+    sae_cls = getattr(sae_lens, f"{kind}TrainingSAE")
+    kwargs = dict(d_in=a.dim, d_sae=a.dict_size, dtype="float32", device=a.device)
+    if "TopK" in kind:
+        kwargs["k"] = a.k
+    if kind == "MatryoshkaBatchTopK":
+        kwargs["matryoshka_widths"] = [a.dict_size // 8, a.dict_size // 4, a.dict_size // 2, a.dict_size]
+    sae = sae_cls(cfg_cls(**kwargs))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    coefficients = {key: (c.value if hasattr(c, "value") else c) for key, c in sae.get_coefficients().items()}
+    since_fired = torch.zeros(a.dict_size, device=a.device)
+
+    def step(i: int, x: torch.Tensor) -> None:
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients=coefficients,
+                dead_neuron_mask=(since_fired > 1000).bool(),
+                n_training_steps=i,
+                is_logging_step=False,
+            )
+        )
+        with torch.no_grad():
+            fired = out.feature_acts.bool().float().sum(-2).bool()
+            since_fired.add_(1)
+            since_fired[fired] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(a: argparse.Namespace) -> dict:
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    x_all = load_file(a.data)["x"]
+    batches = [b.to(a.device) for b in x_all.split(a.batch)]
+    total = a.warmup + a.steps
+    if a.impl == "saelens":
+        step = _saelens_step_fn(a.trainer, a)
+    else:
+        cfg = _config(_trainer_classes(a.impl), a.trainer, a, steps=total + 1)
+        cls = cfg.pop("trainer")
+        if a.impl == "ours" and a.dense:
+            cfg["sparse"] = False
+        trainer = cls(**cfg)
+        step = trainer.update
+    cuda = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base_rss = _peak_rss_bytes()
+    for i in range(a.warmup):
+        step(i, batches[i % len(batches)])
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    for i in range(a.warmup, total):
+        step(i, batches[i % len(batches)])
+    sync()
+    seconds = (time.perf_counter() - start) / a.steps
+    peak = torch.cuda.max_memory_allocated() - base_mem if cuda else _peak_rss_bytes() - base_rss
+    return {"trainer": a.trainer, "impl": a.impl, "s_per_step": seconds, "peak_bytes": peak}
+
+
+# ------------------------------------------------------------------------------------------- parent
+def write_activations(a: argparse.Namespace, path: Path) -> str:
+    n = a.batch * a.n_batches
+    if a.activations:
+        sys.path.insert(0, str(REPO))
+        from dictionary_learning.cache import ActivationCache
+
+        cache = ActivationCache(a.activations, batch_size=n, dtype=torch.float32, sites=None)
+        x = next(iter(cache))
+        x = next(iter(x.values())) if isinstance(x, dict) else x
+        if x.shape[0] < n or x.shape[1] != a.dim:
+            raise SystemExit(f"{a.activations}: need {n} rows of width {a.dim}, found {tuple(x.shape)}")
+        source = f"activations from {a.activations}"
+    else:
+        sys.path.insert(0, str(REPO))
+        from dictionary_learning.synthetic import PlantedFeatures
+
+        x = torch.cat(list(PlantedFeatures(d=a.dim, n_features=2 * a.dim).batches(a.n_batches, a.batch, seed=0)))
+        source = "synthetic planted-feature activations"
+    from safetensors.torch import save_file
+
+    save_file({"x": x.contiguous()}, str(path))
+    return source
+
+
+def run_worker(python: str, a: argparse.Namespace, impl: str, trainer: str, data: Path, dense=False) -> dict | None:
+    cmd = [python, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--trainer", trainer, "--data", str(data)]
+    for key in ("batch", "dim", "dict_size", "k", "steps", "warmup", "device", "threads"):
+        value = getattr(a, key)
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    if dense:
+        cmd.append("--dense")
+    # Away from the repository, whose dictionary_learning must not shadow the reference package.
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        print(f"  {impl} {trainer} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def quality(a: argparse.Namespace, data: Path) -> None:
+    """Sparse and dense paths trained on the same batches: FVE and L0 on held-out batches."""
+    sys.path.insert(0, str(REPO))
+    from safetensors.torch import load_file
+
+    from dictionary_learning import TRAINER_REGISTRY
+
+    x_all = load_file(str(data))["x"].to(a.device)
+    held_out, train = x_all[: a.batch], list(x_all[a.batch :].split(a.batch))
+    print(f"\nquality after {a.quality} steps, sparse vs dense path (held-out {a.batch} rows)")
+    print(f"{'trainer':28s} {'FVE sparse':>10s} {'FVE dense':>10s} {'|dFVE|':>8s} {'L0 sparse':>10s} {'L0 dense':>9s}")
+    for name in ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"):
+        results = []
+        for sparse in (True, False):
+            cfg = _config(TRAINER_REGISTRY, name, a, steps=a.quality)
+            cfg["threshold_start_step"] = a.quality // 2
+            trainer = cfg.pop("trainer")(**cfg, sparse=sparse)
+            for i in range(a.quality):
+                trainer.update(i, train[i % len(train)])
+            with torch.no_grad():
+                x_hat, f = trainer.ae(held_out, output_features=True)
+            fve = 1 - (held_out - x_hat).var(0).sum() / held_out.var(0).sum()
+            results.append((float(fve), float((f != 0).float().sum(-1).mean())))
+        (fs, ls), (fd, ld) = results
+        print(f"{name:28s} {fs:10.4f} {fd:10.4f} {abs(fs - fd):8.4f} {ls:10.2f} {ld:9.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference-python", help="python of a venv with dictionary-learning==0.1.0")
+    p.add_argument("--saelens-python", help="python of a venv with sae-lens")
+    p.add_argument("--activations", help="an ActivationCache folder (default: synthetic activations)")
+    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated trainer names")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=576)
+    p.add_argument("--dict-size", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per trainer")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--n-batches", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
+    p.add_argument("--dense", action="store_true", help="also time our TopK family with sparse=False")
+    p.add_argument("--quality", type=int, default=0, help="steps of the sparse-vs-dense quality check")
+    # worker-only
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--trainer", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "acts.safetensors"
+        source = write_activations(a, data)
+        pythons = {"ours": sys.executable}
+        if a.reference_python:
+            pythons["reference"] = str(Path(a.reference_python).absolute())
+        if a.saelens_python:
+            pythons["saelens"] = str(Path(a.saelens_python).absolute())
+        print(
+            f"B={a.batch} D={a.dim} F={a.dict_size} k={a.k}, device {a.device}, {a.steps} timed steps after "
+            f"{a.warmup} warm-up, {source}; torch threads {a.threads or torch.get_num_threads()}, "
+            f"cpus {os.cpu_count()}"
+        )
+        rows = []
+        for trainer in a.trainers.split(","):
+            row = {"trainer": trainer}
+            for impl, python in pythons.items():
+                if impl == "saelens" and trainer not in SAELENS:
+                    continue
+                row[impl] = run_worker(python, a, impl, trainer, data)
+            if a.dense and trainer in TRAINERS[:3]:
+                row["dense"] = run_worker(sys.executable, a, "ours", trainer, data, dense=True)
+            rows.append(row)
+            _print_row(row, a.batch)
+        if a.quality:
+            quality(a, data)
+
+
+def _print_row(row: dict, batch: int) -> None:
+    def fmt(r):
+        return "       -" if r is None else f"{r['s_per_step']:8.3f}"
+
+    ours = row.get("ours")
+    parts = [f"{row['trainer']:28s}", f"ours {fmt(ours)} s/step"]
+    if ours:
+        parts.append(f"{batch / ours['s_per_step']:9.0f} tok/s  peak {ours['peak_bytes'] / 2**20:7.0f} MiB")
+    for impl in ("dense", "reference", "saelens"):
+        if impl in row:
+            r = row[impl]
+            ratio = f"x{r['s_per_step'] / ours['s_per_step']:.2f}" if r and ours else ""
+            mem = f" {r['peak_bytes'] / 2**20:6.0f} MiB" if r else ""
+            parts.append(f"| {impl} {fmt(r)}{mem} {ratio}")
+    print("  ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Sharing dictionaries on the Hugging Face Hub: `push_to_hub` uploads a checkpoint folder (the same
+files as a local save), and `load_dictionary("hf://owner/repo/sub/folder")` downloads and loads one.
+
+A Hub address is `hf://<owner>/<repo>[@<revision>][/<folder in the repo>]`. Any folder that
+`load_dictionary` reads locally can live there: ours (`ae.pt`/`ae.safetensors` + `config.json`),
+SAELens's or sparsify's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, snapshot_download
+
+from .checkpoint import save_dictionary
+
+HUB_PREFIX = "hf://"
+
+
+@dataclass(frozen=True)
+class HubAddress:
+    repo_id: str
+    folder: str = ""
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{HUB_PREFIX}{self.repo_id}{rev}" + (f"/{self.folder}" if self.folder else "")
+
+
+def is_hub_address(path: Any) -> bool:
+    return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
+def parse_hub_address(address: str) -> HubAddress:
+    """`hf://owner/repo@rev/a/b` -> HubAddress("owner/repo", "a/b", "rev"); ValueError when malformed."""
+    if not is_hub_address(address):
+        raise ValueError(f"{address!r} is not a Hub address (hf://owner/repo[@revision][/folder])")
+    parts = [p for p in address[len(HUB_PREFIX) :].split("/") if p]
+    if len(parts) < 2:
+        raise ValueError(f"{address!r}: a Hub address needs owner and repository: hf://owner/repo[/folder]")
+    repo, _, revision = parts[1].partition("@")
+    return HubAddress(f"{parts[0]}/{repo}", "/".join(parts[2:]), revision or None)
+
+
+def download(address: str | HubAddress, cache_dir: str | Path | None = None) -> Path:
+    """The local copy of a Hub folder (downloaded once, then read from the Hugging Face cache).
+
+    Offline, a copy already in the cache is used; without one the error names the repository.
+    """
+    from .models import hub_reachable
+
+    addr = parse_hub_address(address) if isinstance(address, str) else address
+    patterns = [f"{addr.folder}/*"] if addr.folder else None
+    kwargs = dict(repo_id=addr.repo_id, revision=addr.revision, allow_patterns=patterns, cache_dir=cache_dir)
+    online = hub_reachable()
+    try:
+        root = Path(snapshot_download(**kwargs, local_files_only=not online))
+    except Exception as e:
+        if online:
+            raise OSError(f"could not download {addr} from the Hugging Face Hub: {e}") from e
+        raise OSError(
+            f"cannot fetch {addr}: the Hugging Face Hub is unreachable (offline?) and repository "
+            f"{addr.repo_id!r} is not in the local Hugging Face cache"
+        ) from None
+    local = root / addr.folder
+    if not local.is_dir() or not any(local.iterdir()):
+        raise FileNotFoundError(f"{addr}: repository {addr.repo_id!r} has no folder {addr.folder!r}")
+    return local
+
+
+def push_to_hub(
+    ae,
+    repo_id: str,
+    folder: str = "",
+    config: dict | None = None,
+    safetensors: bool = True,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload `ae` (weights + `config.json`, as a local save writes them) to `repo_id`/`folder`,
+    creating the repository if needed; returns the `hf://` address that `load_dictionary` reads."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_dictionary(ae, tmp, config=config, safetensors=safetensors)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            path_in_repo=folder or None,
+            revision=revision,
+            commit_message=commit_message or f"Upload {type(ae).__name__} ({ae.activation_dim} -> {ae.dict_size})",
+        )
+    return str(HubAddress(repo_id, folder.strip("/"), revision))
