@@ -228,8 +228,9 @@ def quality(a: argparse.Namespace, data: Path) -> None:
     from dictionary_learning import TRAINER_REGISTRY
 
     x_all = load_file(str(data))["x"].to(a.device)
-    held_out, train = x_all[: a.batch], list(x_all[a.batch :].split(a.batch))
-    print(f"\nquality after {a.quality} steps, sparse vs dense path (held-out {a.batch} rows)")
+    held_out, train = x_all[: a.batch], list(x_all[a.batch :].split(a.quality_batch))
+    print(f"\nquality after {a.quality} steps of {a.quality_batch} rows, sparse vs dense path", end="")
+    print(f" (held-out {a.batch} rows)")
     print(f"{'trainer':28s} {'FVE sparse':>10s} {'FVE dense':>10s} {'|dFVE|':>8s} {'L0 sparse':>10s} {'L0 dense':>9s}")
     for name in ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"):
         results = []
@@ -264,6 +265,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
     p.add_argument("--dense", action="store_true", help="also time our TopK family with sparse=False")
     p.add_argument("--quality", type=int, default=0, help="steps of the sparse-vs-dense quality check")
+    p.add_argument("--quality-batch", type=int, default=1024, help="batch size of the quality check")
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)

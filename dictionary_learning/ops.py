@@ -245,3 +245,130 @@ def batch_topk_entries(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     rows_N = torch.div(index, F_, rounding_mode="floor")
     offsets_B = torch.searchsorted(rows_N, torch.arange(B, device=index.device))
     return rows_N, index - rows_N * F_, offsets_B
+
+
+# ------------------------------------------------------------------------- fused ReLU dictionary
+class _ReluDictionary(torch.autograd.Function):
+    """`f = ReLU((x - b_in) @ W_enc.T + b_enc)`, `x_hat = f @ W_dec.T + b_out` with a hand-written backward.
+
+    Autograd's version runs six `[B, F]`-sized matmuls per step; the gradient of `b_in` needs only
+    `sum_b dpre[b] @ W_enc`, so this backward runs four, and masks the ReLU in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D):
+        x_centered = x_BD - b_in_D if b_in_D is not None else x_BD
+        f_BF = torch.addmm(b_enc_F, x_centered, W_enc_FD.T).relu_()
+        x_hat = f_BF @ W_dec_DF.T
+        if b_out_D is not None:
+            x_hat = x_hat + b_out_D
+        ctx.save_for_backward(x_centered, f_BF, W_enc_FD, W_dec_DF)
+        ctx.has_b_in, ctx.has_b_out = b_in_D is not None, b_out_D is not None
+        return f_BF, x_hat
+
+    @staticmethod
+    def backward(ctx, grad_f_BF, grad_x_hat_BD):
+        x_centered, f_BF, W_enc_FD, W_dec_DF = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_x_hat_BD is None:
+            grad_x_hat_BD = torch.zeros_like(x_centered)
+        grad_pre = grad_x_hat_BD @ W_dec_DF
+        if grad_f_BF is not None:
+            grad_pre += grad_f_BF
+        grad_pre.masked_fill_(f_BF <= 0, 0.0)
+        grad_b_enc = grad_pre.sum(0)
+        grad_W_enc = grad_pre.T @ x_centered if need[1] else None
+        grad_W_dec = grad_x_hat_BD.T @ f_BF if need[3] else None
+        grad_b_in = -(grad_b_enc @ W_enc_FD) if ctx.has_b_in and need[4] else None
+        grad_b_out = grad_x_hat_BD.sum(0) if ctx.has_b_out and need[5] else None
+        grad_x = grad_pre @ W_enc_FD if need[0] else None
+        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_W_dec, grad_b_in, grad_b_out
+
+
+def relu_dictionary(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D=None, b_out_D=None):
+    """(f, x_hat) of a ReLU dictionary with the cheaper backward of `_ReluDictionary` (2-D `x`)."""
+    return _ReluDictionary.apply(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D)
+
+
+class _JumpReLUWithL0(torch.autograd.Function):
+    """`(x * 1[x > theta], mean_b sum_F 1[x > theta])`: JumpReLUFunction and the row-mean of
+    StepFunction in one pass, with one shared rectangle-kernel pass in backward (same gradients)."""
+
+    @staticmethod
+    def forward(ctx, x_BF, threshold_F, bandwidth):
+        active = x_BF > threshold_F
+        ctx.save_for_backward(x_BF, threshold_F)
+        ctx.bandwidth = bandwidth
+        l0 = active.sum(-1, dtype=x_BF.dtype).mean()
+        return torch.where(active, x_BF, 0.0), l0
+
+    @staticmethod
+    def backward(ctx, grad_f_BF, grad_l0):
+        x_BF, threshold_F = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_x = torch.where(x_BF > threshold_F, grad_f_BF, 0.0) if grad_f_BF is not None else None
+        near_BF = (x_BF - threshold_F).abs_() < bw / 2  # rectangle kernel of (x - theta) / bw
+        grad_theta = torch.zeros_like(threshold_F)
+        if grad_f_BF is not None:
+            grad_theta -= (threshold_F / bw) * torch.where(near_BF, grad_f_BF, 0.0).sum(0)
+        if grad_l0 is not None:
+            grad_theta -= near_BF.sum(0, dtype=x_BF.dtype) * (grad_l0 / (bw * x_BF.shape[0]))
+        return grad_x, grad_theta, None
+
+
+def jumprelu_with_l0(pre_BF: torch.Tensor, threshold_F: torch.Tensor, bandwidth: float):
+    """(JumpReLU features, mean L0 with the straight-through threshold gradient) of `[B, F]` pre-activations."""
+    return _JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
+
+
+class _GatedDictionary(torch.autograd.Function):
+    """Gated SAE forward for training (Rajamanoharan et al. 2024) with a hand-written backward.
+
+    `z = (x - b_dec) @ W_enc.T`, `pi_gate = z + b_gate`, `pi_mag = exp(r_mag) * z + b_mag`,
+    `f = 1[pi_gate > 0] * ReLU(pi_mag)`, `gate = ReLU(pi_gate)`, `x_hat = f @ W_dec.T + b_dec`,
+    `x_hat_gate = gate @ W_dec.T + b_dec` through a frozen decoder. Backward needs four `[B, F]`
+    matmuls where autograd runs five (the `b_dec` gradient through the encoder is a vector product).
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D):
+        x_centered = x_BD - b_dec_D
+        z_BF = x_centered @ W_enc_FD.T
+        scale_F = r_mag_F.exp()
+        pi_gate = z_BF + b_gate_F
+        active = pi_gate > 0
+        f_BF = torch.where(active, torch.addcmul(b_mag_F, z_BF, scale_F).relu_(), 0.0)
+        gate_BF = pi_gate.relu_()
+        x_hat = torch.addmm(b_dec_D, f_BF, W_dec_DF.T)
+        x_hat_gate = torch.addmm(b_dec_D, gate_BF, W_dec_DF.T)
+        ctx.save_for_backward(x_centered, z_BF, f_BF, gate_BF, W_enc_FD, scale_F, W_dec_DF)
+        return f_BF, gate_BF, x_hat, x_hat_gate
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_gate, grad_x_hat, grad_x_hat_gate):
+        x_centered, z_BF, f_BF, gate_BF, W_enc_FD, scale_F, W_dec_DF = ctx.saved_tensors
+        zeros = torch.zeros_like(x_centered)
+        grad_x_hat = zeros if grad_x_hat is None else grad_x_hat
+        grad_x_hat_gate = zeros if grad_x_hat_gate is None else grad_x_hat_gate
+        grad_mag = grad_x_hat @ W_dec_DF  # d/d pi_mag, masked below where f = 0
+        if grad_f is not None:
+            grad_mag += grad_f
+        grad_mag.masked_fill_(f_BF <= 0, 0.0)
+        grad_pi_gate = grad_x_hat_gate @ W_dec_DF
+        if grad_gate is not None:
+            grad_pi_gate += grad_gate
+        grad_pi_gate.masked_fill_(gate_BF <= 0, 0.0)
+        grad_r_mag = (grad_mag * z_BF).sum(0) * scale_F
+        grad_b_mag = grad_mag.sum(0)
+        grad_b_gate = grad_pi_gate.sum(0)
+        grad_z = grad_pi_gate.add_(grad_mag.mul_(scale_F))
+        grad_W_enc = grad_z.T @ x_centered
+        grad_W_dec = grad_x_hat.T @ f_BF
+        grad_b_dec = grad_x_hat.sum(0) - grad_z.sum(0) @ W_enc_FD
+        grad_x = grad_z @ W_enc_FD if ctx.needs_input_grad[0] else None
+        return grad_x, grad_W_enc, grad_b_gate, grad_r_mag, grad_b_mag, grad_W_dec, grad_b_dec
+
+
+def gated_dictionary(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D):
+    """(f, ReLU(pi_gate), x_hat, x_hat through the frozen decoder) of a Gated SAE; see `_GatedDictionary`."""
+    return _GatedDictionary.apply(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D)

@@ -126,7 +126,7 @@ def test_training_step_never_waits_for_the_gpu(name):
 
 
 def test_sparse_topk_path_matches_dense_on_cuda():
-    from test_sparse_topk import TRAINERS, _grads, _pair
+    from test_fast_paths import TRAINERS, _grads, _pair
 
     for cls, kwargs in TRAINERS:
         sparse, dense = _pair(cls, **kwargs, device="cuda")

@@ -87,6 +87,11 @@ class Dictionary(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(f, x_hat)` for training; classes may override it with a cheaper backward."""
+        f = self.encode(x)
+        return f, self.decode(f)
+
     def forward(self, x: torch.Tensor, output_features: bool = False):
         f = self.encode(x)
         x_hat = self.decode(f)

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from ..ops import relu_dictionary
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ class AutoEncoder(Dictionary):
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
         return self.encoder(x_BD - self.bias)
+
+    def encode_decode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward."""
+        self._check_width(x_BD)
+        x2 = x_BD.reshape(-1, self.activation_dim)
+        f, x_hat = relu_dictionary(
+            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, self.bias, self.bias
+        )
+        return f.view(*x_BD.shape[:-1], -1), x_hat.view_as(x_BD)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activations(x_BD))
@@ -130,6 +140,15 @@ class AutoEncoderNew(Dictionary):
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
         return torch.relu(self.encoder(x_BD))
+
+    def encode_decode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward."""
+        self._check_width(x_BD)
+        x2 = x_BD.reshape(-1, self.activation_dim)
+        f, x_hat = relu_dictionary(
+            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, None, self.decoder.bias
+        )
+        return f.view(*x_BD.shape[:-1], -1), x_hat.view_as(x_BD)
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         return self.decoder(f_BF)

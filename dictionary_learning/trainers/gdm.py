@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import GatedAutoEncoder
+from ..ops import gated_dictionary
 from .standard import reconstruction_terms
 from .trainer import PenalisedTrainer, StepOutput, register_trainer
 
@@ -15,9 +16,14 @@ class GatedLossMixin:
     def _gated_forward(self, x_BD: torch.Tensor):
         """Returns (f, gate, x_hat, mse, l2, aux) with aux = ||x - x_hat_gate||^2 (eq. 8 of the paper):
         the gate path reconstructs through a frozen copy of the decoder so it learns to be useful."""
-        f_BF, gate_BF = self.ae.encode(x_BD, return_gate=True)
-        x_hat_BD = self.ae.decode(f_BF)
-        x_hat_gate_BD = gate_BF @ self.ae.decoder_FD().detach() + self.ae.decoder_bias.detach()
+        ae = self.ae
+        ae._check_width(x_BD)
+        x2 = x_BD.reshape(-1, x_BD.shape[-1])
+        f_BF, gate_BF, x_hat_BD, x_hat_gate_BD = gated_dictionary(
+            x2, ae.encoder.weight, ae.gate_bias, ae.r_mag, ae.mag_bias, ae.decoder.weight, ae.decoder_bias
+        )
+        f_BF, gate_BF = f_BF.view(*x_BD.shape[:-1], -1), gate_BF.view(*x_BD.shape[:-1], -1)
+        x_hat_BD, x_hat_gate_BD = x_hat_BD.view_as(x_BD), x_hat_gate_BD.view_as(x_BD)
         mse, l2 = reconstruction_terms(x_BD, x_hat_BD)
         aux = (x_BD - x_hat_gate_BD).pow(2).sum(-1).mean()
         return f_BF, gate_BF, x_hat_BD, mse, l2, aux
@@ -58,7 +64,7 @@ class GatedSAETrainer(GatedLossMixin, PenalisedTrainer):
 
     def _compute(self, x, step):
         f, gate, x_hat, mse, l2, aux = self._gated_forward(x)
-        sparsity = gate.norm(p=1, dim=-1).mean()
+        sparsity = gate.sum(-1).mean()  # the L1 norm: ReLU(pi_gate) is non-negative
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * sparsity + aux
         return StepOutput(
             loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "loss": loss}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import JumpReluAutoEncoder
-from ..ops import JumpReLUFunction, StepFunction
+from ..ops import JumpReLUFunction, StepFunction, jumprelu_with_l0  # noqa: F401  (reference import path)
 from .top_k import DEAD_FEATURE_TOKENS
 from .trainer import SAETrainer, StepOutput, adam, get_lr_schedule, get_sparsity_warmup_fn, register_trainer
 
@@ -75,10 +75,9 @@ class JumpReluTrainer(SAETrainer):
     def _compute(self, x, step):
         x = x.reshape(-1, x.shape[-1]).to(self.ae.W_enc.dtype)
         pre = self.ae.pre_activations(x)
-        f = JumpReLUFunction.apply(pre, self.ae.threshold, self.bandwidth)
+        f, l0 = jumprelu_with_l0(pre, self.ae.threshold, self.bandwidth)
         x_hat = self.ae.decode(f)
         recon = (x - x_hat).pow(2).sum(-1).mean()
-        l0 = StepFunction.apply(pre, self.ae.threshold, self.bandwidth).sum(-1).mean()
         if self.sparsity_loss == "target_l0":
             penalty = self.sparsity_coefficient * (l0 / self.target_l0 - 1).pow(2)
         else:

@@ -134,8 +134,7 @@ class PAnnealTrainer(LpAnnealing, PenalisedTrainer):
         )
 
     def _compute(self, x, step):
-        f = self.ae.encode(x)
-        x_hat = self.ae.decode(f)
+        f, x_hat = self.ae.encode_decode(x)
         mse, l2 = reconstruction_terms(x, x_hat)
         scaled, logs, commit = self._annealed_penalty(f, step)
         loss = mse + scaled

@@ -42,10 +42,9 @@ class StandardTrainer(PenalisedTrainer):
         self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps)
 
     def _compute(self, x, step):
-        f = self.ae.encode(x)
-        x_hat = self.ae.decode(f)
+        f, x_hat = self.ae.encode_decode(x)
         mse, l2 = reconstruction_terms(x, x_hat)
-        l1 = f.norm(p=1, dim=-1).mean()
+        l1 = f.sum(-1).mean()  # = mean L1 norm: ReLU features are non-negative (and sum's backward is free)
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * l1
         return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": l1, "loss": loss})
 
@@ -82,8 +81,7 @@ class StandardTrainerAprilUpdate(PenalisedTrainer):
         self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, None, constrained=False)
 
     def _compute(self, x, step):
-        f = self.ae.encode(x)
-        x_hat = self.ae.decode(f)
+        f, x_hat = self.ae.encode_decode(x)
         mse, l2 = reconstruction_terms(x, x_hat)
         l1 = (f * self.ae.decoder_FD().norm(dim=-1)).sum(-1).mean()
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * l1

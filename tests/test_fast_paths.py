@@ -1,8 +1,10 @@
-"""The sparse TopK path (`sparse=True`) equals the dense computation in values and gradients."""
+"""Fast training paths equal the plain computation: the sparse TopK path (`sparse=True`) and the fused
+ReLU dictionary backward, in values and gradients."""
 
 import pytest
 import torch
 
+from dictionary_learning.dictionaries import AutoEncoder, AutoEncoderNew
 from dictionary_learning.ops import batch_topk_entries, row_topk_entries
 from dictionary_learning.trainers import BatchTopKTrainer, MatryoshkaBatchTopKTrainer, TopKTrainer
 from dictionary_learning.trainers.top_k import DEAD_FEATURE_TOKENS
@@ -84,3 +86,79 @@ def test_batch_topk_entries_exact_with_uneven_rows():
         assert torch.equal(offsets, torch.searchsorted(rows, torch.arange(32)))
     rows, features, offsets = row_topk_entries(pre, 3)
     assert torch.equal(features.view(32, 3).sort().values, pre.topk(3).indices.sort().values)
+
+
+@pytest.mark.parametrize("cls", [AutoEncoder, AutoEncoderNew], ids=lambda c: c.__name__)
+def test_fused_relu_backward_matches_autograd(cls):
+    torch.manual_seed(0)
+    ae = cls(12, 40)
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(3, 7, 12)
+
+    def loss(f, x_hat):  # a penalty whose gradient depends on f, as p-annealing's does
+        return (x - x_hat).pow(2).sum() + 0.3 * f.pow(1.5).sum()
+
+    f, x_hat = ae.encode_decode(x)
+    loss(f, x_hat).backward()
+    fused = {n: p.grad.clone() for n, p in ae.named_parameters()}
+    ae.zero_grad()
+    f_ref = ae.encode(x)
+    x_hat_ref = ae.decode(f_ref)
+    loss(f_ref, x_hat_ref).backward()
+    torch.testing.assert_close(f, f_ref)
+    torch.testing.assert_close(x_hat, x_hat_ref)
+    for name, p in ae.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, msg=name)
+
+
+def test_fused_jumprelu_with_l0_matches_the_two_functions():
+    from dictionary_learning.ops import JumpReLUFunction, StepFunction, jumprelu_with_l0
+
+    torch.manual_seed(0)
+    pre = torch.randn(64, 20) * 0.1
+    theta = (torch.rand(20) * 0.1).requires_grad_()
+    weights = torch.randn(64, 20)
+    pre_a, pre_b = pre.clone().requires_grad_(), pre.clone().requires_grad_()
+    f, l0 = jumprelu_with_l0(pre_a, theta, 0.05)
+    ((f * weights).sum() + 3 * l0).backward()
+    grads = pre_a.grad, theta.grad.clone()
+    theta.grad = None
+    f_ref = JumpReLUFunction.apply(pre_b, theta, 0.05)
+    l0_ref = StepFunction.apply(pre_b, theta, 0.05).sum(-1).mean()
+    ((f_ref * weights).sum() + 3 * l0_ref).backward()
+    torch.testing.assert_close(f, f_ref)
+    torch.testing.assert_close(l0, l0_ref)
+    torch.testing.assert_close(grads[0], pre_b.grad)
+    torch.testing.assert_close(grads[1], theta.grad)
+
+
+def test_fused_gated_backward_matches_autograd():
+    from dictionary_learning.dictionaries import GatedAutoEncoder
+    from dictionary_learning.ops import gated_dictionary
+
+    torch.manual_seed(0)
+    ae = GatedAutoEncoder(12, 40)
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(30, 12)
+
+    def loss(f, gate, x_hat, x_hat_gate):
+        return (x - x_hat).pow(2).sum() + 0.7 * gate.pow(1.5).sum() + (x - x_hat_gate).pow(2).sum() + f.sum()
+
+    outs = gated_dictionary(
+        x, ae.encoder.weight, ae.gate_bias, ae.r_mag, ae.mag_bias, ae.decoder.weight, ae.decoder_bias
+    )
+    loss(*outs).backward()
+    fused = {n: p.grad.clone() for n, p in ae.named_parameters()}
+    ae.zero_grad()
+    f, gate = ae.encode(x, return_gate=True)
+    x_hat_gate = gate @ ae.decoder.weight.detach().T + ae.decoder_bias.detach()
+    ref = (f, gate, ae.decode(f), x_hat_gate)
+    loss(*ref).backward()
+    for a, b in zip(outs, ref):
+        torch.testing.assert_close(a, b)
+    for name, p in ae.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, msg=name)
