@@ -133,7 +133,7 @@ def load_state_dict_file(path: str | Path) -> WeightsFile:
         try:
             obj: Any = load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is truncated or is not a safetensors file: {e}") from e
+            raise CheckpointError(f"{path} is truncated or is not a readable safetensors file: {e}") from e
     else:
         obj = _torch_load(path)
     bias_scale = 1.0
@@ -147,9 +147,9 @@ def load_state_dict_file(path: str | Path) -> WeightsFile:
     return WeightsFile({k: v for k, v in obj.items()}, str(path), bias_scale)
 
 
-def read_config(folder: str | Path) -> dict:
-    """The parsed `config.json` of a checkpoint folder, or `{}` when there is none."""
-    path = Path(folder) / CONFIG_FILE
+def read_config(folder: str | Path, name: str = CONFIG_FILE) -> dict:
+    """The parsed `config.json` (or `name`) of a checkpoint folder, or `{}` when there is none."""
+    path = Path(folder) / name
     if not path.is_file():
         return {}
     try:

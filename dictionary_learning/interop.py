@@ -10,14 +10,12 @@ and a unit-norm decoder (so outputs agree to float rounding).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, atomic_write_json
+from .checkpoint import CheckpointError, atomic_write_json, load_state_dict_file, read_config, save_state_dict
 from .dictionaries import (
     AutoEncoder,
     AutoEncoderNew,
@@ -54,24 +52,6 @@ def folder_format(folder: str | Path) -> str | None:
     if (folder / SPARSIFY_WEIGHTS).is_file() and (folder / SPARSIFY_CONFIG).is_file():
         return "sparsify"
     return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as fh:
-            cfg = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the config ({e})") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} should hold a JSON object")
-    return cfg
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def _require(cfg: dict, key: str, source: str) -> Any:
@@ -164,8 +144,9 @@ def dictionary_from_saelens(cfg: dict, state: dict[str, torch.Tensor], source: s
 def load_saelens(folder: str | Path, device=None, dtype=None) -> tuple[Dictionary, dict]:
     """Read a SAELens SAE folder (`cfg.json` + `sae_weights.safetensors`); returns `(dictionary, cfg)`."""
     folder = Path(folder)
-    cfg = _read_json(folder / SAELENS_CONFIG)
-    ae = dictionary_from_saelens(cfg, _read_weights(folder / SAELENS_WEIGHTS), source=str(folder))
+    cfg = read_config(folder, SAELENS_CONFIG)
+    state = load_state_dict_file(folder / SAELENS_WEIGHTS).state_dict
+    ae = dictionary_from_saelens(cfg, state, source=str(folder))
     return ae.to(device=device, dtype=dtype), cfg
 
 
@@ -229,10 +210,7 @@ def save_saelens(ae: Dictionary, folder: str | Path, metadata: dict | None = Non
         "reshape_activations": "none",
         "metadata": dict(metadata or {}),
     }
-    weights = folder / SAELENS_WEIGHTS
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(weights)
+    save_state_dict(state, folder / SAELENS_WEIGHTS)
     atomic_write_json(cfg, folder / SAELENS_CONFIG)
     return folder
 
@@ -242,11 +220,11 @@ def load_sparsify(folder: str | Path, device=None, dtype=None) -> tuple[AutoEnco
     """Read a sparsify (EleutherAI) TopK SAE folder (`cfg.json` + `sae.safetensors`) into AutoEncoderTopK."""
     folder = Path(folder)
     source = str(folder)
-    cfg = _read_json(folder / SPARSIFY_CONFIG)
+    cfg = read_config(folder, SPARSIFY_CONFIG)
     for key, ok in (("activation", "topk"), ("transcode", False), ("skip_connection", False)):
         if cfg.get(key, ok) != ok:
             raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported (only {ok!r})")
-    state = _read_weights(folder / SPARSIFY_WEIGHTS)
+    state = load_state_dict_file(folder / SPARSIFY_WEIGHTS).state_dict
     D = int(_require(cfg, "d_in", source))
     F = int(cfg.get("num_latents") or D * int(_require(cfg, "expansion_factor", source)))
     k = int(_require(cfg, "k", source))
@@ -274,7 +252,7 @@ def save_sparsify(ae: AutoEncoderTopK, folder: str | Path) -> Path:
         "W_dec": sd["decoder.weight"].T.contiguous(),
         "b_dec": sd["b_dec"],
     }
-    save_file(state, str(folder / SPARSIFY_WEIGHTS))
+    save_state_dict(state, folder / SPARSIFY_WEIGHTS)
     cfg = {
         "activation": "topk",
         "expansion_factor": max(1, ae.dict_size // ae.activation_dim),

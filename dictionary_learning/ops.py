@@ -215,12 +215,16 @@ def selected_preactivations(
     return _SelectedPreactivations.apply(x_BD, W_FD, b_F, pre_N, features_N, offsets_B)
 
 
+def per_row_entries(indices_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows_N, features_N, offsets_B) of K chosen features in every row."""
+    B, K = indices_BK.shape
+    rows_B = torch.arange(B, device=indices_BK.device)
+    return rows_B.repeat_interleave(K), indices_BK.flatten(), rows_B * K
+
+
 def row_topk_entries(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows_N, features_N, offsets_B) of each row's k largest entries."""
-    B = pre_BF.shape[0]
-    features_N = pre_BF.topk(k, dim=-1, sorted=False).indices.flatten()
-    rows_N = torch.arange(B, device=pre_BF.device).repeat_interleave(k)
-    return rows_N, features_N, torch.arange(B, device=pre_BF.device) * k
+    return per_row_entries(pre_BF.topk(k, dim=-1, sorted=False).indices)
 
 
 def batch_topk_entries(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

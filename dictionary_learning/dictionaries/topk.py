@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ops import SparseCode, batch_topk_entries, row_topk_entries, selected_preactivations, sparse_decode
+from ..ops import (
+    SparseCode,
+    batch_topk_entries,
+    per_row_entries,
+    row_topk_entries,
+    selected_preactivations,
+    sparse_decode,
+)
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 
 
@@ -88,10 +95,8 @@ class _TopKBase(Dictionary):
     def decode_selected(self, x_BD, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
         """Decoder output (no bias) of the ReLU activations of latents `indices_BK` (where `valid_BK`),
         differentiable in the encoder and decoder rows it reads; `pre_BF` from `encode_sparse`."""
-        B, K = indices_BK.shape
         W_FD, b_F = self.encoder_weight_bias()
-        rows_N = torch.arange(B, device=x_BD.device).repeat_interleave(K)
-        features_N, offsets_B = indices_BK.flatten(), torch.arange(B, device=x_BD.device) * K
+        rows_N, features_N, offsets_B = per_row_entries(indices_BK)
         pre_N = selected_preactivations(x_BD - self.b_dec, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B)
         values_N = torch.relu(pre_N) * valid_BK.flatten()
         return sparse_decode(SparseCode(values_N, features_N, rows_N, offsets_B, self.dict_size), self.decoder_FD())
