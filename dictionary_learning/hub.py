@@ -85,6 +85,10 @@ def push_to_hub(
 ) -> str:
     """Upload `ae` (weights + `config.json`, as a local save writes them) to `repo_id`/`folder`,
     creating the repository if needed; returns the `hf://` address that `load_dictionary` reads."""
+    from .models import hub_reachable
+
+    if not hub_reachable():
+        raise OSError(f"cannot push to {repo_id!r}: the Hugging Face Hub is unreachable (offline?)")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -114,3 +114,9 @@ def test_real_client_offline_gives_one_line_error(monkeypatch):
     with pytest.raises(OSError, match="'nobody-here/no-such-saes' is not in the local Hugging Face cache") as info:
         load_dictionary("hf://nobody-here/no-such-saes/layer_0")
     assert "\n" not in str(info.value)
+
+
+def test_push_offline_names_the_repository(local_hub):
+    local_hub.online = False
+    with pytest.raises(OSError, match="cannot push to 'me/saes'"):
+        AutoEncoderTopK(8, 32, 4).push_to_hub("me/saes", "a")
