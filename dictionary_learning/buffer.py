@@ -97,32 +97,7 @@ class ActivationReader:
 
     def tokenize(self, items: list) -> dict[str, torch.Tensor]:
         """Right-padded `input_ids` and `attention_mask` `[B, L <= ctx_len]` for strings or token ids."""
-        if all(isinstance(item, str) for item in items):
-            enc = self.tokenizer(
-                items,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.ctx_len,
-                add_special_tokens=self.add_special_tokens,
-                padding_side="right",
-            )
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        rows = []
-        for item in items:
-            if not isinstance(item, (list, tuple, torch.Tensor)):
-                raise TypeError(f"data must yield strings or non-empty token-id sequences, got {_describe(item)}")
-            ids = torch.as_tensor(item) if not isinstance(item, torch.Tensor) else item
-            if ids.ndim != 1 or ids.is_floating_point() or ids.numel() == 0:
-                raise TypeError(f"data must yield strings or non-empty token-id sequences, got {_describe(item)}")
-            rows.append(ids[: self.ctx_len].long())
-        length = max(r.numel() for r in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : r.numel()] = r
-            attention_mask[i, : r.numel()] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return tokenize_batch(self.tokenizer, items, self.ctx_len, self.add_special_tokens)
 
     def _next_activations(self, return_ids: bool = False) -> list[torch.Tensor] | None:
         """Activations `[N, ...]` per site of the next LM batch (kept positions only), or None at the end."""
@@ -304,6 +279,37 @@ class ActivationBuffer(ActivationReader):
         self.storage = []
         self._order = torch.empty(0, dtype=torch.long)
         self._ptr = 0
+
+
+def tokenize_batch(tokenizer, items: list, ctx_len: int, add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids` and `attention_mask` `[B, L <= ctx_len]` for a list of strings or of
+    token-id sequences (lists or 1-D tensors), truncated to `ctx_len`."""
+    if all(isinstance(item, str) for item in items):
+        enc = tokenizer(
+            items,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=ctx_len,
+            add_special_tokens=add_special_tokens,
+            padding_side="right",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    rows = []
+    for item in items:
+        if not isinstance(item, (list, tuple, torch.Tensor)):
+            raise TypeError(f"data must yield strings or non-empty token-id sequences, got {_describe(item)}")
+        ids = torch.as_tensor(item) if not isinstance(item, torch.Tensor) else item
+        if ids.ndim != 1 or ids.is_floating_point() or ids.numel() == 0:
+            raise TypeError(f"data must yield strings or non-empty token-id sequences, got {_describe(item)}")
+        rows.append(ids[:ctx_len].long())
+    length = max(r.numel() for r in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : r.numel()] = r
+        attention_mask[i, : r.numel()] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _describe(item: Any) -> str:

@@ -129,8 +129,28 @@ def cmd_train(args) -> None:
 
     configs = _trainer_configs(args)
     out = Path(args.out)
-    _prepare_out(out, args.overwrite)
-    if args.cache:
+    if not args.resume:
+        _prepare_out(out, args.overwrite)
+    e2e = None
+    if args.e2e:
+        from .e2e import E2EObjective, TokenBatches
+        from .models import get_submodule
+
+        if args.cache or args.layer is None:
+            raise SystemExit("error: --e2e trains through the model: give --layer (and --site), not --cache")
+        model = _load_model(args)
+        downstream = [get_submodule(model, layer, "resid") for layer in args.downstream_layers or []]
+        e2e = E2EObjective(
+            model,
+            _site(model, args.layer, args.site),
+            kl_weight=args.kl_weight,
+            local_weight=args.local_weight,
+            downstream=downstream,
+            downstream_weight=args.downstream_weight,
+        )
+        data = TokenBatches(_texts(args), model, batch_size=args.lm_batch_size, ctx_len=args.ctx_len)
+        d_submodule, lm_name = e2e.activation_dim, args.model or "SmolLM2-135M-Instruct"
+    elif args.cache:
         data = ActivationCache(args.cache, batch_size=args.batch_size, loop=True)
         d_submodule, lm_name = data.config["d_submodule"], data.config["model"]
     else:
@@ -162,6 +182,7 @@ def cmd_train(args) -> None:
         backup_steps=args.backup_steps,
         log_steps=args.log_steps,
         resume_from=out if args.resume else None,
+        e2e=e2e,
     )
     print(f"saved {len(configs)} dictionaries under {out}/trainer_*")
 
@@ -265,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (trainer_0, trainer_1, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    e2e = p.add_argument_group(
+        "end-to-end training",
+        "train with the dictionary spliced into the model (Braun et al. 2024): each step is one batch of "
+        "--lm-batch-size texts; the loss is the trainer's sparsity mechanism plus the weighted terms below",
+    )
+    e2e.add_argument("--e2e", action="store_true", help="train end to end instead of on activations alone")
+    e2e.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(clean || spliced) (default: 1)")
+    e2e.add_argument(
+        "--local-weight", type=float, default=0.0, help="weight of the reconstruction at the site (default: 0)"
+    )
+    e2e.add_argument(
+        "--downstream-layers", type=int, nargs="*", help="layers whose residual outputs the spliced model should keep"
+    )
+    e2e.add_argument(
+        "--downstream-weight", type=float, default=1.0, help="weight of each downstream MSE term (default: 1)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

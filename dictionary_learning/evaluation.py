@@ -71,13 +71,15 @@ def frac_recovered(losses: dict[str, float]) -> float:
 def baseline(reader, tokens: dict[str, torch.Tensor], io: str = "out") -> dict:
     """The clean and zero-ablated runs of a token batch, which do not depend on the dictionary:
     compute once and pass to `loss_recovered_metrics` for each dictionary evaluated on it."""
-    from .nnsight_io import logits_with_replacement, model_device
+    from .nnsight_io import model_device
+    from .splice import run_model
 
-    site = reader.sites[0]
+    site = reader.sites[0].name
     device = model_device(reader.model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-    clean, x = logits_with_replacement(reader.model, site, io, ids, mask)
-    zeroed, _ = logits_with_replacement(reader.model, site, io, ids, mask, replace=torch.zeros_like)
+    clean, saved = run_model(reader.model, ids, mask, read=[site], io=io)
+    zeroed, _ = run_model(reader.model, ids, mask, replace={site: torch.zeros_like}, io=io)
+    x = saved[site]
     return {"ids": ids, "mask": mask, "clean": clean, "zeroed": zeroed, "x": x}
 
 
@@ -96,7 +98,7 @@ def loss_recovered_metrics(
     spliced and zero-ablated models from the clean one, and the site's activations at the real
     positions with their reconstruction, all from the same tokens. `base` reuses `baseline(...)`.
     """
-    from .nnsight_io import logits_with_replacement
+    from .splice import run_model
 
     base = base or baseline(reader, tokens, io)
     ids, mask, clean, zeroed, x = base["ids"], base["mask"], base["clean"], base["zeroed"], base["x"]
@@ -107,7 +109,7 @@ def loss_recovered_metrics(
         x_hat = dictionary((h * scale).to(dict_device, torch.float32)) / scale
         return x_hat.to(h.device, h.dtype)
 
-    spliced, _ = logits_with_replacement(reader.model, reader.sites[0], io, ids, mask, replace=reconstruct)
+    spliced, _ = run_model(reader.model, ids, mask, replace={reader.sites[0].name: reconstruct}, io=io)
     losses = {
         "loss_original": float(_masked_ce(clean, ids, mask)),
         "loss_reconstructed": float(_masked_ce(spliced, ids, mask)),

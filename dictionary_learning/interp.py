@@ -13,7 +13,8 @@ import torch
 
 from .buffer import ActivationReader
 from .dictionaries.base import device_of
-from .nnsight_io import logits_with_replacement, model_device, read_activations
+from .nnsight_io import model_device, read_activations
+from .splice import dictionary_replacement, run_model
 
 
 @dataclass
@@ -131,19 +132,14 @@ def feature_effect(
     last = mask.sum(1) - 1
     rows = torch.arange(ids.shape[0], device=device)
 
-    dict_device = device_of(dictionary)
+    def zero_at_last_token(f_BLF):
+        f_BLF = f_BLF.clone()
+        f_BLF[rows.to(f_BLF.device), last.to(f_BLF.device), feature] = 0
+        return f_BLF
 
-    def ablate(h_BLD):
-        x = h_BLD.to(dict_device, torch.float32)
-        f = dictionary.encode(x)
-        error = x - dictionary.decode(f)
-        f[rows.to(dict_device), last.to(dict_device), feature] = 0
-        new = dictionary.decode(f) + (error if add_residual else 0)
-        return new.to(h_BLD.device, h_BLD.dtype)
-
-    site = reader.sites[0]
-    clean, _ = logits_with_replacement(model, site, "out", ids, mask)
-    ablated, _ = logits_with_replacement(model, site, "out", ids, mask, replace=ablate)
+    ablate = dictionary_replacement(dictionary, add_error=add_residual, edit=zero_at_last_token)
+    clean, _ = run_model(model, ids, mask)
+    ablated, _ = run_model(model, ids, mask, replace={reader.sites[0].name: ablate})
     effect_V = torch.log_softmax(clean[rows, last].float(), -1) - torch.log_softmax(ablated[rows, last].float(), -1)
     values, top = effect_V.mean(0).topk(k, largest=largest)
     return [reader.tokenizer.decode([int(i)]) for i in top], values.cpu()

@@ -116,37 +116,6 @@ def _kinds(io: str) -> tuple[str, ...]:
 
 
 def _timing(model) -> dict[str, tuple[float, float]]:
-    """For each module, when its input and its output become available, estimated from the
-    module tree: a module's input precedes its children's, its output follows its last
-    descendant's (nnsight needs values requested in execution order). Siblings are assumed to
-    run in registration order, which holds for the sites of the supported transformer families."""
-    names = [name for name, _ in torch_model(model).named_modules()]
-    timing = {}
-    for rank, name in enumerate(names):
-        prefix = f"{name}." if name else ""
-        last = rank
-        while last + 1 < len(names) and names[last + 1].startswith(prefix):
-            last += 1
-        timing[name] = (rank, last + 0.5)
-    return timing
+    from .splice import module_timing
 
-
-@torch.no_grad()
-def logits_with_replacement(model, site: Site, io: str, input_ids, attention_mask, replace=None):
-    """A full forward pass returning `(logits, activations at the site)`; with `replace`, the site's
-    output (io="out") or first input (io="in") is replaced by `replace(activations)` first."""
-    saved: dict[str, object] = {}
-    with model.trace(input_ids, attention_mask=attention_mask):
-        envoy = site.envoy
-        value = envoy.input if io == "in" else envoy.output
-        hidden = _first(value)
-        saved["x"] = hidden.save()
-        if replace is not None:
-            new_hidden = replace(hidden)
-            new_value = (new_hidden, *value[1:]) if isinstance(value, tuple) else new_hidden
-            if io == "in":
-                envoy.input = new_value
-            else:
-                envoy.output = new_value
-        saved["logits"] = model.output.logits.save()
-    return saved["logits"], saved["x"]
+    return module_timing(torch_model(model))

@@ -17,7 +17,7 @@ import signal
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,9 @@ from .checkpoint import CONFIG_FILE, atomic_torch_save, atomic_write_json, read_
 from .dictionaries import Dictionary
 from .evaluation import frac_variance_explained
 from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, resolve_device
+
+if TYPE_CHECKING:
+    from .e2e import E2EObjective
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +149,10 @@ class _GracefulInterrupt:
 class _RunFiles:
     """Writes one run's folders; a no-op when `save_dir` is None."""
 
-    def __init__(self, save_dir: str | Path | None, n_trainers: int, safetensors: bool):
+    def __init__(self, save_dir: str | Path | None, n_trainers: int, safetensors: bool, e2e: dict | None = None):
         self.dirs = [Path(save_dir) / f"trainer_{i}" for i in range(n_trainers)] if save_dir else []
         self.safetensors = safetensors
+        self.e2e = e2e
 
     def write_configs(self, trainers, data, run_cfg, norm_factor) -> None:
         for folder, trainer in zip(self.dirs, trainers):
@@ -159,6 +163,8 @@ class _RunFiles:
                 config["buffer"] = data.config
             if run_cfg:
                 config["run"] = run_cfg
+            if self.e2e is not None:
+                config["e2e"] = self.e2e
             config["library"] = {"name": "dictionary_learning", "version": __version__}
             atomic_write_json(config, folder / CONFIG_FILE)
 
@@ -181,6 +187,7 @@ class _RunFiles:
                     "next_step": next_step,
                     "batches_consumed": batches_consumed,
                     "norm_factor": norm_factor,
+                    "e2e": self.e2e,
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
@@ -213,6 +220,7 @@ def log_stats(trainers: list[SAETrainer], step: int, act: torch.Tensor | list[to
     for trainer, x in zip(trainers, acts):
         log = trainer.loss(x, step=step, logging=True)
         record = dict(log.losses)
+        record |= {k: float(v) for k, v in getattr(trainer, "extra_logs", {}).items()}  # e2e terms, latest step
         record["l0"] = float((log.f != 0).float().sum(-1).mean())
         record["frac_variance_explained"] = float(frac_variance_explained(log.x, log.x_hat))
         records.append(record)
@@ -269,6 +277,7 @@ def trainSAE(
     norm_factor_batches: int = 10,
     safetensors: bool = False,
     progress: bool = True,
+    e2e: E2EObjective | None = None,
 ) -> list[Dictionary]:
     """Train every trainer in `trainer_configs` on the same batches of `data`; return the dictionaries.
 
@@ -289,6 +298,10 @@ def trainSAE(
         resume_from: a previous `save_dir`; training continues from its `resume.pt` files.
         activations_split_by_head: batches are `[B, n_heads, d]` (HeadActivationBuffer); trainer i
             trains and is logged on head i.
+        e2e: an `E2EObjective`: end-to-end training with the dictionaries spliced into its model.
+            `data` then yields token batches (`TokenBatches`); each is run once through the clean
+            model for all trainers, and each trainer's loss becomes the objective's (KL, downstream
+            MSE, reweighted local term). Resume checks that the objective is unchanged.
     Returns:
         The trained dictionaries, normalisation folded in.
     """
@@ -315,37 +328,47 @@ def trainSAE(
     if seekable:
         data.skip_batches(consumed)  # an ActivationCache jumps straight to where the run stopped
 
-    batches: Iterator[torch.Tensor] = iter(data)
+    batches: Iterator = iter(data)
     if resume_states is not None and not seekable:
         for _ in range(consumed):  # replay the stream up to where the interrupted run stopped
             next(batches, None)
+    if e2e is not None:
+        if resume_states is not None and resume_states[0].get("e2e") != e2e.config:
+            raise ValueError(f"the run was saved with e2e={resume_states[0].get('e2e')}, not {e2e.config}")
+        batches = map(e2e.prepare, batches)  # token batch -> clean run, once for all trainers
+
+    def activations_of(item):
+        return item.x if e2e is not None else item
+
     try:
         first = next(batches)
     except StopIteration:
         raise ValueError("data yielded no batches: check the data source (empty file, exhausted iterator)") from None
-    keys = _site_keys(first, trainers, activations_split_by_head)
-    _check_batch(first, trainers, keys)
+    keys = _site_keys(activations_of(first), trainers, activations_split_by_head)
+    _check_batch(activations_of(first), trainers, keys)
     batches = itertools.chain([first], batches)
     if resume_states is None and normalize_activations:
         peeked = list(itertools.islice(batches, norm_factor_batches))
-        norm_factor = get_norm_factor(peeked)
+        norm_factor = get_norm_factor([activations_of(item) for item in peeked])
         logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
         batches = itertools.chain(peeked, batches)
 
-    files = _RunFiles(save_dir, len(trainers), safetensors)
+    files = _RunFiles(save_dir, len(trainers), safetensors, e2e.config if e2e is not None else None)
     files.write_configs(trainers, data, run_cfg, norm_factor)
     log_every = log_steps or max(1, steps // 100)
     wandb_logger = _WandbLogger(trainers, wandb_entity, wandb_project, run_cfg) if use_wandb else None
     skipped = 0
     bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="trainSAE")
     step = start_step
-    with _GracefulInterrupt() as interrupt:
+    frozen = e2e.frozen_model() if e2e is not None else contextlib.nullcontext()
+    with _GracefulInterrupt() as interrupt, frozen:
         while step < steps:
-            act = next(batches, None)
-            if act is None:
+            item = next(batches, None)
+            if item is None:
                 logger.warning("data ran out after %d of %d steps; stopping early", step, steps)
                 break
             consumed += 1
+            act = activations_of(item)
             if not _all_finite(act):
                 skipped += 1
                 logger.warning("skipping a batch with NaN/Inf activations (%d skipped so far)", skipped)
@@ -358,8 +381,9 @@ def trainSAE(
             if save_steps is not None and step in save_steps:
                 files.save_weights(trainers, norm_factor, step=step)
             for trainer, key in zip(trainers, keys):
+                extra = e2e.loss_fn(item, trainer, norm_factor) if e2e is not None else None
                 with _autocast(trainer.device, autocast_dtype):
-                    trainer.update(step, inputs.on(trainer.device, key))
+                    trainer.update(step, inputs.on(trainer.device, key), extra)
             step += 1
             bar.update(1)
             if (backup_steps and step % backup_steps == 0) or interrupt.requested:
@@ -426,6 +450,8 @@ def _report(records, step, bar, verbose, wandb_logger, skipped) -> None:
         "L0": f"{first['l0']:.1f}",
         "FVE": f"{first['frac_variance_explained']:.3f}",
     }
+    if "kl_loss" in first:
+        postfix["KL"] = f"{first['kl_loss']:.4g}"
     if len(records) > 1:
         fves = [r["frac_variance_explained"] for r in records]
         postfix["FVE_all"] = f"{min(fves):.2f}..{max(fves):.2f}"

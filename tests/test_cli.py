@@ -105,6 +105,51 @@ def test_train_from_the_model_with_a_yaml_config(tmp_path, tiny):
     main([*args, "--overwrite"])
 
 
+def test_train_end_to_end_and_resume(tmp_path, tiny):
+    args = [
+        "train",
+        *tiny,
+        "--layer",
+        "0",
+        "--site",
+        "mlp",
+        "--trainer",
+        "TopKTrainer",
+        "--set",
+        "k=4",
+        "--set",
+        "warmup_steps=1",
+        "--steps",
+        "4",
+        "--lm-batch-size",
+        "4",
+        "--backup-steps",
+        "2",
+        "--e2e",
+        "--kl-weight",
+        "1",
+        "--downstream-layers",
+        "1",
+        "--downstream-weight",
+        "0.5",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    main(args)
+    ae, config = load_dictionary(tmp_path / "run" / "trainer_0")
+    assert config["e2e"] == {
+        "site": "model.layers.0.mlp",
+        "io": "out",
+        "kl_weight": 1.0,
+        "local_weight": 0.0,
+        "downstream": {"model.layers.1": 0.5},
+    }
+    assert config["buffer"] == {"kind": "tokens", "batch_size": 4, "ctx_len": 16} and ae.activation_dim == 32
+    main([*args, "--resume"])  # the finished run resumes with the same objective (a different one is refused)
+    with pytest.raises(SystemExit, match="--e2e trains through the model"):
+        main([*args[:-1], str(tmp_path / "other"), "--cache", str(tmp_path)])
+
+
 def test_bad_arguments_are_named(tmp_path, tiny):
     with pytest.raises(SystemExit, match="unknown trainer 'TopK'"):
         (tmp_path / "c.json").write_text(json.dumps({"trainer": "TopK"}))

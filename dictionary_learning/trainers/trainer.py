@@ -179,6 +179,8 @@ class SAETrainer:
     # Attributes saved for resume besides ae/optimizer/scheduler.
     state_attrs: ClassVar[tuple[str, ...]] = ()
     logging_parameters: ClassVar[list[str]] = []
+    # The logged loss term that is the reconstruction error at the site (reweighted by e2e training).
+    reconstruction_term: ClassVar[str] = "l2_loss"
 
     ae: Dictionary
     optimizer: torch.optim.Optimizer
@@ -287,13 +289,21 @@ class SAETrainer:
         f = out.f.to_dense() if isinstance(out.f, SparseCode) else out.f
         return LossLog(x, out.x_hat, f.view(*x.shape[:-1], -1), losses)
 
-    def update(self, step: int, activations: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on a batch `[B, D]`; returns the (detached) loss without a host sync."""
+    def update(
+        self, step: int, activations: torch.Tensor, extra_loss: Callable[[StepOutput], tuple] | None = None
+    ) -> torch.Tensor:
+        """One optimisation step on a batch `[B, D]`; returns the (detached) loss without a host sync.
+
+        `extra_loss(out) -> (loss, logs)` replaces the trainer's loss by another built from its
+        forward output (e2e training); its logs are kept in `extra_logs` for logging."""
         x = activations.to(self.device)
         self._prepare(step, x)
         out = self._compute(x, step)
+        loss = out.loss
+        if extra_loss is not None:
+            loss, self.extra_logs = extra_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         if self.project_decoder_grad:
             self._project_decoder_grad()
         if self.grad_clip_norm is not None:
@@ -305,7 +315,7 @@ class SAETrainer:
         self._commit(out, step)
         self._after_step(step, x)
         self.steps_done = step + 1
-        return out.loss.detach()
+        return loss.detach()
 
     def _project_decoder_grad(self) -> None:
         name, dim = self.ae.layout.decoder
@@ -401,6 +411,7 @@ class PenalisedTrainer(SAETrainer):
     """
 
     state_attrs = ("steps_since_active", "resampled_features")
+    reconstruction_term = "mse_loss"
 
     def _init_penalised(
         self,
