@@ -446,7 +446,7 @@ def _restore(trainers: list[SAETrainer], states: list[dict]) -> tuple[int, int, 
 def _report(records, step, bar, verbose, wandb_logger, skipped) -> None:
     first = records[0]
     postfix = {
-        "loss": f"{first['loss']:.4g}",
+        "loss": f"{first.get('e2e_loss', first['loss']):.4g}",
         "L0": f"{first['l0']:.1f}",
         "FVE": f"{first['frac_variance_explained']:.3f}",
     }
