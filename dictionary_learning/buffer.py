@@ -9,6 +9,7 @@ real token sees exactly the positions and context it would see unpadded.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -84,6 +85,12 @@ class ActivationReader:
             except StopIteration:
                 break
         return items
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only documents rank, rank + world_size, ... of the data stream (data-parallel training)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.data = itertools.islice(self.data, rank, None, world_size)
 
     def text_batch(self, batch_size: int | None = None) -> list:
         """The next `batch_size` items of the data stream (the reference's API, used by evaluate)."""

@@ -88,6 +88,7 @@ class ActivationCache:
         if self.n_tokens == 0:
             raise CacheError(f"{self.path} holds no tokens")
         self._start_batch = 0
+        self._rank, self._world_size = 0, 1
         self._loaded: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------- reading
@@ -99,12 +100,19 @@ class ActivationCache:
         """Start the next iteration `n` batches later (trainSAE uses this to resume without replay)."""
         self._start_batch += n
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only batches rank, rank + world_size, ... (data-parallel training: disjoint shares)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self._rank, self._world_size = rank, world_size
+
     def __iter__(self) -> Iterator:
-        position = self._start_batch * self.batch_size
-        while self.loop or position < self.n_tokens:
+        index = self._start_batch * self._world_size + self._rank  # batch number in the unsharded stream
+        while self.loop or index * self.batch_size < self.n_tokens:
+            position = index * self.batch_size
             end = position + self.batch_size if self.loop else min(position + self.batch_size, self.n_tokens)
             parts = self._rows(position, end)
-            position = end
+            index += self._world_size
             batch = {name: torch.cat([p[name] for p in parts]) for name in self.sites}
             batch = {k: v.to(self.device, self.dtype) if self.dtype else v.to(self.device) for k, v in batch.items()}
             yield batch if len(self.sites) > 1 else batch[self.sites[0]]

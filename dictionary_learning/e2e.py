@@ -15,6 +15,7 @@ trainers' own reconstruction loss. Use through `trainSAE(TokenBatches(...), conf
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,12 @@ class TokenBatches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only texts rank, rank + world_size, ... (data-parallel training: disjoint shares)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.data = itertools.islice(self.data, rank, None, world_size)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         items = []

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import CONFIG_FILE, atomic_torch_save, atomic_write_json, read_config, save_dictionary
 from .dictionaries import Dictionary
 from .evaluation import frac_variance_explained
-from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, resolve_device
+from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, _jsonable, resolve_device
 
 if TYPE_CHECKING:
     from .e2e import E2EObjective
@@ -149,8 +149,8 @@ class _GracefulInterrupt:
 class _RunFiles:
     """Writes one run's folders; a no-op when `save_dir` is None."""
 
-    def __init__(self, save_dir: str | Path | None, n_trainers: int, safetensors: bool, e2e: dict | None = None):
-        self.dirs = [Path(save_dir) / f"trainer_{i}" for i in range(n_trainers)] if save_dir else []
+    def __init__(self, save_dir: str | Path | None, indices: list[int], safetensors: bool, e2e: dict | None = None):
+        self.dirs = [Path(save_dir) / f"trainer_{i}" for i in indices] if save_dir else []
         self.safetensors = safetensors
         self.e2e = e2e
 
@@ -278,6 +278,8 @@ def trainSAE(
     safetensors: bool = False,
     progress: bool = True,
     e2e: E2EObjective | None = None,
+    parallel: str = "data",
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
 ) -> list[Dictionary]:
     """Train every trainer in `trainer_configs` on the same batches of `data`; return the dictionaries.
 
@@ -311,6 +313,8 @@ def trainSAE(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if save_dir is None and resume_from is not None:
         save_dir = resume_from
+    group = distributed.setup(parallel, dist_timeout)
+    rank_tag = f"rank {group.rank}: " if group is not None else ""
 
     resume_states = _load_resume_states(resume_from) if resume_from is not None else None
     if trainer_configs is None:
@@ -319,19 +323,101 @@ def trainSAE(
         trainer_configs = [s["config"] for s in resume_states]
     if not trainer_configs:
         raise ValueError("trainer_configs is empty: pass at least one trainer config")
+    indices = list(range(len(trainer_configs)))
+    if group is not None:
+        distributed.check_agreement(group, "trainer configs", [_jsonable(c) for c in trainer_configs])
+        distributed.check_agreement(group, "number of steps and the parallel mode", (steps, parallel))
+        if parallel == "data":
+            distributed.check_agreement(group, "data source", distributed.describe_data(data))
+        else:
+            if group.world_size > len(trainer_configs):
+                raise ValueError(
+                    f"trainer-parallel training over {group.world_size} processes needs at least as many trainer "
+                    f"configs, got {len(trainer_configs)}: use fewer processes or parallel='data'"
+                )
+            indices = indices[group.rank :: group.world_size]
+        trainer_configs = [
+            dict(trainer_configs[i], device=distributed.local_device(trainer_configs[i].get("device") or device, group))
+            for i in indices
+        ]
+        if resume_states is not None:
+            resume_states = [resume_states[i] for i in indices]
     trainers = [build_trainer(cfg, steps, device) for cfg in trainer_configs]
+    for trainer in trainers:
+        distributed.broadcast_module(trainer.ae, group)  # data parallel: every replica starts from rank 0's
 
+    with distributed.active(group):
+        return _train_loop(
+            data,
+            trainers,
+            indices,
+            steps,
+            group,
+            rank_tag,
+            resume_states,
+            e2e,
+            activations_split_by_head,
+            normalize_activations,
+            norm_factor_batches,
+            save_dir,
+            safetensors,
+            run_cfg,
+            log_steps,
+            progress,
+            verbose,
+            use_wandb,
+            wandb_entity,
+            wandb_project,
+            save_steps,
+            backup_steps,
+            autocast_dtype,
+        )
+
+
+def _train_loop(
+    data,
+    trainers,
+    indices,
+    steps,
+    group,
+    rank_tag,
+    resume_states,
+    e2e,
+    activations_split_by_head,
+    normalize_activations,
+    norm_factor_batches,
+    save_dir,
+    safetensors,
+    run_cfg,
+    log_steps,
+    progress,
+    verbose,
+    use_wandb,
+    wandb_entity,
+    wandb_project,
+    save_steps,
+    backup_steps,
+    autocast_dtype,
+) -> list[Dictionary]:
+    data_parallel = group is not None and group.mode == "data"
+    writes = group is None or group.mode == "trainers" or group.is_main
     start_step, consumed, norm_factor = 0, 0, None
     if resume_states is not None:
         start_step, consumed, norm_factor = _restore(trainers, resume_states)
+    if data_parallel and hasattr(data, "shard"):
+        data.shard(group.rank, group.world_size)  # each replica reads its own disjoint share
     seekable = resume_states is not None and hasattr(data, "skip_batches")
     if seekable:
         data.skip_batches(consumed)  # an ActivationCache jumps straight to where the run stopped
 
-    batches: Iterator = iter(data)
+    batches: Iterator = iter(data) if group is None or group.mode == "data" or group.is_main else iter(())
     if resume_states is not None and not seekable:
         for _ in range(consumed):  # replay the stream up to where the interrupted run stopped
             next(batches, None)
+    if group is not None and group.mode == "trainers":
+        batches = distributed.broadcast_batches(batches, group)  # rank 0 reads, every rank trains on it
+    elif data_parallel and not hasattr(data, "shard"):
+        batches = (distributed.row_slice(b, group) for b in batches)  # every rank read it: keep a share
     if e2e is not None:
         if resume_states is not None and resume_states[0].get("e2e") != e2e.config:
             raise ValueError(f"the run was saved with e2e={resume_states[0].get('e2e')}, not {e2e.config}")
@@ -340,44 +426,48 @@ def trainSAE(
     def activations_of(item):
         return item.x if e2e is not None else item
 
-    try:
-        first = next(batches)
-    except StopIteration:
-        raise ValueError("data yielded no batches: check the data source (empty file, exhausted iterator)") from None
+    first = next(batches, None)
+    if _any_rank(group, first is None):
+        raise ValueError(f"{rank_tag}data yielded no batches: check the data source (empty file, exhausted iterator)")
     keys = _site_keys(activations_of(first), trainers, activations_split_by_head)
     _check_batch(activations_of(first), trainers, keys)
     batches = itertools.chain([first], batches)
     if resume_states is None and normalize_activations:
         peeked = list(itertools.islice(batches, norm_factor_batches))
         norm_factor = get_norm_factor([activations_of(item) for item in peeked])
+        if data_parallel:  # the replicas' shards: the root of the mean of their mean squares
+            norm_factor = float(distributed.sum_(torch.tensor(norm_factor**2)) / group.world_size) ** 0.5
         logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
         batches = itertools.chain(peeked, batches)
 
-    files = _RunFiles(save_dir, len(trainers), safetensors, e2e.config if e2e is not None else None)
+    files = _RunFiles(save_dir if writes else None, indices, safetensors, e2e.config if e2e is not None else None)
     files.write_configs(trainers, data, run_cfg, norm_factor)
     log_every = log_steps or max(1, steps // 100)
-    wandb_logger = _WandbLogger(trainers, wandb_entity, wandb_project, run_cfg) if use_wandb else None
+    show = writes and (group is None or group.is_main)  # one progress bar and one log
+    wandb_logger = _WandbLogger(trainers, wandb_entity, wandb_project, run_cfg) if use_wandb and writes else None
     skipped = 0
-    bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="trainSAE")
+    bar = tqdm(total=steps, initial=start_step, disable=not (progress and show), desc="trainSAE")
     step = start_step
     frozen = e2e.frozen_model() if e2e is not None else contextlib.nullcontext()
     with _GracefulInterrupt() as interrupt, frozen:
         while step < steps:
             item = next(batches, None)
-            if item is None:
+            act = activations_of(item) if item is not None else None
+            exhausted, bad, stop = _flags(group, item is None, act is not None and not _all_finite(act), interrupt)
+            if exhausted:
                 logger.warning("data ran out after %d of %d steps; stopping early", step, steps)
                 break
             consumed += 1
-            act = activations_of(item)
-            if not _all_finite(act):
+            if bad:
                 skipped += 1
                 logger.warning("skipping a batch with NaN/Inf activations (%d skipped so far)", skipped)
                 continue
             inputs = _DeviceCache(act, norm_factor)
 
-            if step % log_every == 0 and (progress or verbose or wandb_logger):
+            if step % log_every == 0 and (progress or verbose or use_wandb):  # the same on every rank
                 records = log_stats(trainers, step, [inputs.on(t.device, k) for t, k in zip(trainers, keys)])
-                _report(records, step, bar, verbose, wandb_logger, skipped)
+                if show or wandb_logger is not None:
+                    _report(records, step, bar, verbose and show, wandb_logger, skipped)
             if save_steps is not None and step in save_steps:
                 files.save_weights(trainers, norm_factor, step=step)
             for trainer, key in zip(trainers, keys):
@@ -386,16 +476,18 @@ def trainSAE(
                     trainer.update(step, inputs.on(trainer.device, key), extra)
             step += 1
             bar.update(1)
-            if (backup_steps and step % backup_steps == 0) or interrupt.requested:
+            if (backup_steps and step % backup_steps == 0) or stop:
                 files.save_resume(trainers, step, consumed, norm_factor)
                 files.save_weights(trainers, norm_factor)  # ae.pt: the latest weights, loadable anywhere
-            if interrupt.requested:
+            if stop:
                 bar.close()
+                distributed.barrier(group)
                 raise KeyboardInterrupt(f"training interrupted after step {step}; resume with resume_from")
     bar.close()
 
     files.save_resume(trainers, step, consumed, norm_factor)
     files.save_weights(trainers, norm_factor)
+    distributed.barrier(group)  # every rank's files are complete when trainSAE returns
     if wandb_logger is not None:
         wandb_logger.finish()
     if skipped:
@@ -404,6 +496,26 @@ def trainSAE(
         if norm_factor is not None:
             trainer.ae.scale_biases(norm_factor)
     return [trainer.ae for trainer in trainers]
+
+
+def _any_rank(group, *flags: bool) -> tuple[bool, ...] | bool:
+    """Each flag OR-ed over the ranks (a no-op for one process)."""
+    if group is not None:
+        t = torch.tensor([int(f) for f in flags])
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        flags = tuple(bool(v) for v in t.tolist())
+    return flags if len(flags) > 1 else flags[0]
+
+
+def _flags(group, exhausted: bool, bad: bool, interrupt: _GracefulInterrupt) -> tuple[bool, bool, bool]:
+    """(data ran out, batch not finite, stop requested), agreed by every rank so that all take the same
+    branch (one rank skipping or stopping alone would leave the others waiting in a collective)."""
+    exhausted, bad, stop = _any_rank(group, exhausted, bad, interrupt.requested)
+    if stop:
+        interrupt.requested = True
+    return exhausted, bad, stop
 
 
 class _DeviceCache:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..dictionaries import BatchTopKSAE
 from .top_k import TopKTrainer
 from .trainer import register_trainer
@@ -73,5 +74,5 @@ class BatchTopKTrainer(TopKTrainer):
     @torch.no_grad()
     def _update_threshold(self, f):
         positive = f > 0
-        m = torch.where(positive, f, torch.inf).min().float()
-        self._ema_threshold(torch.where(torch.isfinite(m), m, 0.0), positive.any())
+        m = distributed.min_(torch.where(positive, f, torch.inf).min().float())
+        self._ema_threshold(torch.where(torch.isfinite(m), m, 0.0), torch.isfinite(m))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..dictionaries import JumpReluAutoEncoder
 from ..ops import JumpReLUFunction, StepFunction, jumprelu_with_l0  # noqa: F401  (reference import path)
 from .top_k import DEAD_FEATURE_TOKENS
@@ -84,8 +85,8 @@ class JumpReluTrainer(SAETrainer):
             penalty = self.sparsity_coefficient * l0
         scale = 1.0 if step is None else self.sparsity_warmup_fn(step)
         loss = recon + penalty * scale
-        fired_F = (f.detach() > 0).any(0)
-        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x.shape[0])
+        fired_F = distributed.any_((f.detach() > 0).any(0))
+        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x.shape[0] * distributed.world_size())
         logs = {
             "l2_loss": recon,
             "sparsity_loss": penalty,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..dictionaries import AutoEncoderTopK
 from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
 from ..ops import SparseCode, auxk_loss, geometric_median
@@ -113,7 +114,8 @@ class TopKTrainer(SAETrainer):
 
     def _prepare(self, step, x):
         if step == 0 and self.steps_done == 0:
-            self.ae.b_dec.data.copy_(geometric_median(x.reshape(-1, x.shape[-1])).to(self.ae.b_dec.dtype))
+            rows = distributed.gather_rows(x.reshape(-1, x.shape[-1]))  # every replica's rows
+            self.ae.b_dec.data.copy_(geometric_median(rows).to(self.ae.b_dec.dtype))
         if self.k_anneal_steps:
             self.ae.set_k(self.annealed_k(step))
 
@@ -156,10 +158,12 @@ class TopKTrainer(SAETrainer):
                 return torch.zeros_like(pre).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
 
         x_hat, l2, logs, residual = self._reconstruction(x2, f)
-        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x2.shape[0])
+        fired_F = distributed.any_(fired_F)  # data parallel: fired on any replica
+        n_rows = x2.shape[0] * distributed.world_size()
+        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + n_rows)
         dead_F = counter_F >= DEAD_FEATURE_TOKENS
         # Until DEAD_FEATURE_TOKENS tokens have been seen no latent can be dead: skip AuxK (no sync needed).
-        if self.auxk_alpha > 0 and self.tokens_seen + x2.shape[0] >= DEAD_FEATURE_TOKENS:
+        if self.auxk_alpha > 0 and self.tokens_seen + n_rows >= DEAD_FEATURE_TOKENS:
             auxk, raw = auxk_loss(residual.detach(), pre, dead_F, self.top_k_aux, decode_dead)
         else:
             auxk = raw = torch.zeros((), device=x.device)
@@ -171,7 +175,7 @@ class TopKTrainer(SAETrainer):
             "dead_features": dead_F.sum(),
             "pre_norm_auxk_loss": raw,
         }
-        commit = {"counter_F": counter_F, "kept": kept, "tokens": x2.shape[0]}
+        commit = {"counter_F": counter_F, "kept": kept, "tokens": n_rows}
         return StepOutput(loss, x_hat.view_as(x), f, logs, commit)
 
     def _commit(self, out, step):
@@ -187,8 +191,8 @@ class TopKTrainer(SAETrainer):
         positive = kept > 0
         row_min = torch.where(positive, kept, torch.inf).min(-1).values.float()
         valid = positive.any(-1)
-        count = valid.sum()
-        m = torch.where(valid, row_min, 0.0).sum() / count.clamp_min(1)
+        total, count = distributed.sum_(torch.stack([torch.where(valid, row_min, 0.0).sum(), valid.sum().float()]))
+        m = total / count.clamp_min(1)
         self._ema_threshold(m, count > 0)
 
     def _ema_threshold(self, m, has_value):

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+from .. import distributed
 from ..dictionaries.base import DICTIONARY_REGISTRY, Dictionary, feature_first
 from ..ops import SparseCode, remove_parallel_grad_, unit_norm_rows_
 
@@ -304,6 +305,7 @@ class SAETrainer:
             loss, self.extra_logs = extra_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.ae.parameters(), out.x_hat.reshape(-1, out.x_hat.shape[-1]).shape[0])
         if self.project_decoder_grad:
             self._project_decoder_grad()
         if self.grad_clip_norm is not None:
@@ -446,12 +448,13 @@ class PenalisedTrainer(SAETrainer):
 
     def _commit(self, out: StepOutput, step: int) -> None:
         if self.steps_since_active is not None:
-            fired_F = (out.f.detach().reshape(-1, self.ae.dict_size) != 0).any(0)
+            fired_F = distributed.any_((out.f.detach().reshape(-1, self.ae.dict_size) != 0).any(0))
             self.steps_since_active = torch.where(fired_F, 0, self.steps_since_active + 1)
 
     def _after_step(self, step: int, x: torch.Tensor) -> None:
         if self.resample_steps is not None and step % self.resample_steps == 0:
             dead_F = self.steps_since_active > self.resample_steps / 2
             resampled = resample_dead_features(self.ae, self.optimizer, dead_F, x)
+            distributed.broadcast_trainer_state(self)  # replicas drew different rows: keep rank 0's
             self.steps_since_active[resampled] = 0
             self.resampled_features += resampled.numel()

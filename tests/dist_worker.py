@@ -1,0 +1,66 @@
+"""Processes spawned by test_distributed.py: each joins a gloo group the way torchrun's would and runs a scenario."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import torch
+
+from dictionary_learning import trainSAE
+from dictionary_learning.synthetic import PlantedFeatures
+from dictionary_learning.trainers import JumpReluTrainer, StandardTrainer, TopKTrainer
+
+D, F, STEPS, BATCH = 16, 48, 12, 64
+COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=2, seed=0, device="cpu", layer=0, lm_name="synthetic")
+CONFIGS = [
+    dict(trainer=TopKTrainer, k=4, threshold_start_step=3, lr=1e-3, **COMMON),
+    dict(trainer=StandardTrainer, l1_penalty=0.05, sparsity_warmup_steps=3, lr=1e-3, **COMMON),
+    dict(trainer=JumpReluTrainer, target_l0=4, sparsity_loss="l0", sparsity_warmup_steps=3, lr=1e-3, **COMMON),
+]
+
+
+def batches(n: int = STEPS) -> list[torch.Tensor]:
+    return [x * 3 + 0.5 for x in PlantedFeatures(d=D, seed=1).batches(n, batch_size=BATCH)]
+
+
+def scenario(name: str, rank: int, out: Path):
+    if name == "data":
+        return trainSAE(batches(), CONFIGS, STEPS, save_dir=out / "run", progress=False, dist_timeout=60)
+    if name == "trainers":
+        return trainSAE(
+            batches(), CONFIGS, STEPS, save_dir=out / "run", progress=False, parallel="trainers", dist_timeout=60
+        )
+    if name == "mismatch":
+        configs = [dict(CONFIGS[0], k=4 + rank)]
+        return trainSAE(batches(), configs, STEPS, progress=False, dist_timeout=60)
+    if name == "uneven":
+        return trainSAE([torch.randn(63, D)] * 3, CONFIGS[:1], 3, progress=False, dist_timeout=60)
+    if name == "crash":
+
+        def data():
+            for i, x in enumerate(batches()):
+                if rank == 1 and i == 3:
+                    raise RuntimeError("rank 1 lost its data")
+                yield x
+
+        return trainSAE(data(), CONFIGS[:1], STEPS, progress=False, dist_timeout=10)
+    raise ValueError(name)
+
+
+def run(rank: int, world_size: int, port: int, name: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
+    out = Path(out)
+    try:
+        dictionaries = scenario(name, rank, out)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        torch.save({"world_size": world, "weights": [d.state_dict() for d in dictionaries]}, out / f"rank{rank}.pt")
+    except BaseException as e:  # noqa: BLE001 - reported to the test through a file
+        (out / f"rank{rank}.err").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
