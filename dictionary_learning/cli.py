@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -183,8 +184,10 @@ def cmd_train(args) -> None:
         log_steps=args.log_steps,
         resume_from=out if args.resume else None,
         e2e=e2e,
+        parallel=args.parallel,
     )
-    print(f"saved {len(configs)} dictionaries under {out}/trainer_*")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"saved {len(configs)} dictionaries under {out}/trainer_*")
 
 
 _PUBLISHED_SITE = re.compile(r"(?P<kind>attn|mlp|resid)_out_layer(?P<layer>\d+)|(?P<embed>embed)")
@@ -286,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (trainer_0, trainer_1, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument(
+        "--parallel",
+        default="data",
+        choices=["data", "trainers"],
+        help="under torchrun: split each batch over processes (data) or spread the trainers over them (trainers)",
+    )
     e2e = p.add_argument_group(
         "end-to-end training",
         "train with the dictionary spliced into the model (Braun et al. 2024): each step is one batch of "

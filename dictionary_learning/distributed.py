@@ -90,31 +90,34 @@ def world_size() -> int:
 
 
 # ------------------------------------------------------------------------ reductions used by trainers
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a copy of `t` (on the GPU when the backend is NCCL, which has no CPU tensors)."""
+    work = t.clone()
+    if work.device.type == "cpu" and dist.get_backend() == "nccl":
+        work = work.cuda()
+    dist.all_reduce(work, op=op)
+    return work.to(t.device)
+
+
 def any_(mask: torch.Tensor) -> torch.Tensor:
     """Logical OR of a boolean tensor over the replicas (e.g. which latents fired anywhere)."""
     if _ACTIVE is None:
         return mask
-    flags = mask.to(torch.int32)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags.bool()
+    return _all_reduce(mask.to(torch.int32), dist.ReduceOp.MAX).bool()
 
 
 def sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum of a tensor over the replicas."""
     if _ACTIVE is None:
         return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
+    return _all_reduce(t)
 
 
 def min_(t: torch.Tensor) -> torch.Tensor:
     """Minimum of a tensor over the replicas."""
     if _ACTIVE is None:
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MIN)
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -151,17 +154,27 @@ def average_gradients(params: Iterable[torch.nn.Parameter], n_rows: int) -> None
         offset += n
 
 
+def _broadcast_(t: torch.Tensor) -> None:
+    """In-place broadcast from rank 0 that also accepts non-contiguous views (NCCL refuses them)."""
+    if t.is_contiguous():
+        dist.broadcast(t, src=0)
+    else:
+        buffer = t.contiguous()
+        dist.broadcast(buffer, src=0)
+        t.copy_(buffer)
+
+
 def broadcast_trainer_state(trainer) -> None:
     """Copy rank 0's weights and optimizer moments to every replica (after a random resampling)."""
     if _ACTIVE is None:
         return
     with torch.no_grad():
         for t in [*trainer.ae.parameters(), *trainer.ae.buffers()]:
-            dist.broadcast(t.data, src=0)
+            _broadcast_(t.data)
         for state in trainer.optimizer.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.numel() > 1:
-                    dist.broadcast(value, src=0)
+                    _broadcast_(value)
 
 
 def broadcast_module(module: torch.nn.Module, group: Group | None) -> None:
@@ -170,7 +183,7 @@ def broadcast_module(module: torch.nn.Module, group: Group | None) -> None:
         return
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(t.data, src=0)
+            _broadcast_(t.data)
 
 
 # ----------------------------------------------------------------------------------- data and checks

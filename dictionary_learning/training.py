@@ -501,10 +501,7 @@ def _train_loop(
 def _any_rank(group, *flags: bool) -> tuple[bool, ...] | bool:
     """Each flag OR-ed over the ranks (a no-op for one process)."""
     if group is not None:
-        t = torch.tensor([int(f) for f in flags])
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        t = distributed._all_reduce(torch.tensor([int(f) for f in flags]), torch.distributed.ReduceOp.MAX)
         flags = tuple(bool(v) for v in t.tolist())
     return flags if len(flags) > 1 else flags[0]
 

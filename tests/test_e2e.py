@@ -36,8 +36,9 @@ def token_batches(model, n_batches=6, batch_size=4, ctx_len=12):
 
 
 def logits_of(model, tokens):
+    device = next(model._module.parameters()).device
     with torch.no_grad():
-        return model._module(**tokens).logits
+        return model._module(**{k: v.to(device) for k, v in tokens.items()}).logits
 
 
 # ------------------------------------------------------------------------------------------ splice
