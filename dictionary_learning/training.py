@@ -347,155 +347,105 @@ def trainSAE(
         distributed.broadcast_module(trainer.ae, group)  # data parallel: every replica starts from rank 0's
 
     with distributed.active(group):
-        return _train_loop(
-            data,
-            trainers,
-            indices,
-            steps,
-            group,
-            rank_tag,
-            resume_states,
-            e2e,
-            activations_split_by_head,
-            normalize_activations,
-            norm_factor_batches,
-            save_dir,
-            safetensors,
-            run_cfg,
-            log_steps,
-            progress,
-            verbose,
-            use_wandb,
-            wandb_entity,
-            wandb_project,
-            save_steps,
-            backup_steps,
-            autocast_dtype,
-        )
+        data_parallel = group is not None and group.mode == "data"
+        writes = group is None or group.mode == "trainers" or group.is_main
+        start_step, consumed, norm_factor = 0, 0, None
+        if resume_states is not None:
+            start_step, consumed, norm_factor = _restore(trainers, resume_states)
+        if data_parallel and hasattr(data, "shard"):
+            data.shard(group.rank, group.world_size)  # each replica reads its own disjoint share
+        seekable = resume_states is not None and hasattr(data, "skip_batches")
+        if seekable:
+            data.skip_batches(consumed)  # an ActivationCache jumps straight to where the run stopped
 
+        batches: Iterator = iter(data) if group is None or group.mode == "data" or group.is_main else iter(())
+        if resume_states is not None and not seekable:
+            for _ in range(consumed):  # replay the stream up to where the interrupted run stopped
+                next(batches, None)
+        if group is not None and group.mode == "trainers":
+            batches = distributed.broadcast_batches(batches, group)  # rank 0 reads, every rank trains on it
+        elif data_parallel and not hasattr(data, "shard"):
+            batches = (distributed.row_slice(b, group) for b in batches)  # every rank read it: keep a share
+        if e2e is not None:
+            if resume_states is not None and resume_states[0].get("e2e") != e2e.config:
+                raise ValueError(f"the run was saved with e2e={resume_states[0].get('e2e')}, not {e2e.config}")
+            batches = map(e2e.prepare, batches)  # token batch -> clean run, once for all trainers
 
-def _train_loop(
-    data,
-    trainers,
-    indices,
-    steps,
-    group,
-    rank_tag,
-    resume_states,
-    e2e,
-    activations_split_by_head,
-    normalize_activations,
-    norm_factor_batches,
-    save_dir,
-    safetensors,
-    run_cfg,
-    log_steps,
-    progress,
-    verbose,
-    use_wandb,
-    wandb_entity,
-    wandb_project,
-    save_steps,
-    backup_steps,
-    autocast_dtype,
-) -> list[Dictionary]:
-    data_parallel = group is not None and group.mode == "data"
-    writes = group is None or group.mode == "trainers" or group.is_main
-    start_step, consumed, norm_factor = 0, 0, None
-    if resume_states is not None:
-        start_step, consumed, norm_factor = _restore(trainers, resume_states)
-    if data_parallel and hasattr(data, "shard"):
-        data.shard(group.rank, group.world_size)  # each replica reads its own disjoint share
-    seekable = resume_states is not None and hasattr(data, "skip_batches")
-    if seekable:
-        data.skip_batches(consumed)  # an ActivationCache jumps straight to where the run stopped
+        def activations_of(item):
+            return item.x if e2e is not None else item
 
-    batches: Iterator = iter(data) if group is None or group.mode == "data" or group.is_main else iter(())
-    if resume_states is not None and not seekable:
-        for _ in range(consumed):  # replay the stream up to where the interrupted run stopped
-            next(batches, None)
-    if group is not None and group.mode == "trainers":
-        batches = distributed.broadcast_batches(batches, group)  # rank 0 reads, every rank trains on it
-    elif data_parallel and not hasattr(data, "shard"):
-        batches = (distributed.row_slice(b, group) for b in batches)  # every rank read it: keep a share
-    if e2e is not None:
-        if resume_states is not None and resume_states[0].get("e2e") != e2e.config:
-            raise ValueError(f"the run was saved with e2e={resume_states[0].get('e2e')}, not {e2e.config}")
-        batches = map(e2e.prepare, batches)  # token batch -> clean run, once for all trainers
+        first = next(batches, None)
+        if _any_rank(group, first is None):
+            raise ValueError(
+                f"{rank_tag}data yielded no batches: check the data source (empty file, exhausted iterator)"
+            )
+        keys = _site_keys(activations_of(first), trainers, activations_split_by_head)
+        _check_batch(activations_of(first), trainers, keys)
+        batches = itertools.chain([first], batches)
+        if resume_states is None and normalize_activations:
+            peeked = list(itertools.islice(batches, norm_factor_batches))
+            norm_factor = get_norm_factor([activations_of(item) for item in peeked])
+            if data_parallel:  # the replicas' shards: the root of the mean of their mean squares
+                norm_factor = float(distributed.sum_(torch.tensor(norm_factor**2)) / group.world_size) ** 0.5
+            logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
+            batches = itertools.chain(peeked, batches)
 
-    def activations_of(item):
-        return item.x if e2e is not None else item
+        files = _RunFiles(save_dir if writes else None, indices, safetensors, e2e.config if e2e is not None else None)
+        files.write_configs(trainers, data, run_cfg, norm_factor)
+        log_every = log_steps or max(1, steps // 100)
+        show = writes and (group is None or group.is_main)  # one progress bar and one log
+        wandb_logger = _WandbLogger(trainers, wandb_entity, wandb_project, run_cfg) if use_wandb and writes else None
+        skipped = 0
+        bar = tqdm(total=steps, initial=start_step, disable=not (progress and show), desc="trainSAE")
+        step = start_step
+        frozen = e2e.frozen_model() if e2e is not None else contextlib.nullcontext()
+        with _GracefulInterrupt() as interrupt, frozen:
+            while step < steps:
+                item = next(batches, None)
+                act = activations_of(item) if item is not None else None
+                exhausted, bad, stop = _flags(group, item is None, act is not None and not _all_finite(act), interrupt)
+                if exhausted:
+                    logger.warning("data ran out after %d of %d steps; stopping early", step, steps)
+                    break
+                consumed += 1
+                if bad:
+                    skipped += 1
+                    logger.warning("skipping a batch with NaN/Inf activations (%d skipped so far)", skipped)
+                    continue
+                inputs = _DeviceCache(act, norm_factor)
 
-    first = next(batches, None)
-    if _any_rank(group, first is None):
-        raise ValueError(f"{rank_tag}data yielded no batches: check the data source (empty file, exhausted iterator)")
-    keys = _site_keys(activations_of(first), trainers, activations_split_by_head)
-    _check_batch(activations_of(first), trainers, keys)
-    batches = itertools.chain([first], batches)
-    if resume_states is None and normalize_activations:
-        peeked = list(itertools.islice(batches, norm_factor_batches))
-        norm_factor = get_norm_factor([activations_of(item) for item in peeked])
-        if data_parallel:  # the replicas' shards: the root of the mean of their mean squares
-            norm_factor = float(distributed.sum_(torch.tensor(norm_factor**2)) / group.world_size) ** 0.5
-        logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
-        batches = itertools.chain(peeked, batches)
+                if step % log_every == 0 and (progress or verbose or use_wandb):  # the same on every rank
+                    records = log_stats(trainers, step, [inputs.on(t.device, k) for t, k in zip(trainers, keys)])
+                    if show or wandb_logger is not None:
+                        _report(records, step, bar, verbose and show, wandb_logger, skipped)
+                if save_steps is not None and step in save_steps:
+                    files.save_weights(trainers, norm_factor, step=step)
+                for trainer, key in zip(trainers, keys):
+                    extra = e2e.loss_fn(item, trainer, norm_factor) if e2e is not None else None
+                    with _autocast(trainer.device, autocast_dtype):
+                        trainer.update(step, inputs.on(trainer.device, key), extra)
+                step += 1
+                bar.update(1)
+                if (backup_steps and step % backup_steps == 0) or stop:
+                    files.save_resume(trainers, step, consumed, norm_factor)
+                    files.save_weights(trainers, norm_factor)  # ae.pt: the latest weights, loadable anywhere
+                if stop:
+                    bar.close()
+                    distributed.barrier(group)
+                    raise KeyboardInterrupt(f"training interrupted after step {step}; resume with resume_from")
+        bar.close()
 
-    files = _RunFiles(save_dir if writes else None, indices, safetensors, e2e.config if e2e is not None else None)
-    files.write_configs(trainers, data, run_cfg, norm_factor)
-    log_every = log_steps or max(1, steps // 100)
-    show = writes and (group is None or group.is_main)  # one progress bar and one log
-    wandb_logger = _WandbLogger(trainers, wandb_entity, wandb_project, run_cfg) if use_wandb and writes else None
-    skipped = 0
-    bar = tqdm(total=steps, initial=start_step, disable=not (progress and show), desc="trainSAE")
-    step = start_step
-    frozen = e2e.frozen_model() if e2e is not None else contextlib.nullcontext()
-    with _GracefulInterrupt() as interrupt, frozen:
-        while step < steps:
-            item = next(batches, None)
-            act = activations_of(item) if item is not None else None
-            exhausted, bad, stop = _flags(group, item is None, act is not None and not _all_finite(act), interrupt)
-            if exhausted:
-                logger.warning("data ran out after %d of %d steps; stopping early", step, steps)
-                break
-            consumed += 1
-            if bad:
-                skipped += 1
-                logger.warning("skipping a batch with NaN/Inf activations (%d skipped so far)", skipped)
-                continue
-            inputs = _DeviceCache(act, norm_factor)
-
-            if step % log_every == 0 and (progress or verbose or use_wandb):  # the same on every rank
-                records = log_stats(trainers, step, [inputs.on(t.device, k) for t, k in zip(trainers, keys)])
-                if show or wandb_logger is not None:
-                    _report(records, step, bar, verbose and show, wandb_logger, skipped)
-            if save_steps is not None and step in save_steps:
-                files.save_weights(trainers, norm_factor, step=step)
-            for trainer, key in zip(trainers, keys):
-                extra = e2e.loss_fn(item, trainer, norm_factor) if e2e is not None else None
-                with _autocast(trainer.device, autocast_dtype):
-                    trainer.update(step, inputs.on(trainer.device, key), extra)
-            step += 1
-            bar.update(1)
-            if (backup_steps and step % backup_steps == 0) or stop:
-                files.save_resume(trainers, step, consumed, norm_factor)
-                files.save_weights(trainers, norm_factor)  # ae.pt: the latest weights, loadable anywhere
-            if stop:
-                bar.close()
-                distributed.barrier(group)
-                raise KeyboardInterrupt(f"training interrupted after step {step}; resume with resume_from")
-    bar.close()
-
-    files.save_resume(trainers, step, consumed, norm_factor)
-    files.save_weights(trainers, norm_factor)
-    distributed.barrier(group)  # every rank's files are complete when trainSAE returns
-    if wandb_logger is not None:
-        wandb_logger.finish()
-    if skipped:
-        logger.warning("%d batches with NaN/Inf activations were skipped", skipped)
-    for trainer in trainers:
-        if norm_factor is not None:
-            trainer.ae.scale_biases(norm_factor)
-    return [trainer.ae for trainer in trainers]
+        files.save_resume(trainers, step, consumed, norm_factor)
+        files.save_weights(trainers, norm_factor)
+        distributed.barrier(group)  # every rank's files are complete when trainSAE returns
+        if wandb_logger is not None:
+            wandb_logger.finish()
+        if skipped:
+            logger.warning("%d batches with NaN/Inf activations were skipped", skipped)
+        for trainer in trainers:
+            if norm_factor is not None:
+                trainer.ae.scale_biases(norm_factor)
+        return [trainer.ae for trainer in trainers]
 
 
 def _any_rank(group, *flags: bool) -> tuple[bool, ...] | bool:
