@@ -9,13 +9,13 @@ real token sees exactly the positions and context it would see unpadded.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
+from .distributed import strided
 from .nnsight_io import IO_MODES, Site, model_device, plan_requests, read_activations, resolve_site, torch_model
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ class ActivationReader:
             io = "in_to_out"
         if io not in IO_MODES:
             raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
-        for name, value in (("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(ctx_len=ctx_len, refresh_batch_size=refresh_batch_size)
         self.data = iter(data)
         self.model = model
         self.tokenizer = model.tokenizer
@@ -62,8 +60,7 @@ class ActivationReader:
         self.names = [k if isinstance(k, str) else site.name for k, site in zip(subs, self.sites)]
         self.submodule = None if self.multi else self.sites[0].envoy
         self._requests = plan_requests(model, self.sites)
-        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer)
         if remove_bos and self.tokenizer.bos_token_id is None:
             logger.warning("the tokenizer has no BOS token: remove_bos drops each row's first token instead")
         self.widths = self._probe_widths()
@@ -88,9 +85,7 @@ class ActivationReader:
 
     def shard(self, rank: int, world_size: int) -> None:
         """Read only documents rank, rank + world_size, ... of the data stream (data-parallel training)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.data = itertools.islice(self.data, rank, None, world_size)
+        self.data = strided(self.data, rank, world_size)
 
     def text_batch(self, batch_size: int | None = None) -> list:
         """The next `batch_size` items of the data stream (the reference's API, used by evaluate)."""
@@ -197,9 +192,7 @@ class ActivationBuffer(ActivationReader):
         dtype: torch.dtype | None = None,
         seed: int | None = None,
     ):
-        for name, value in (("n_ctxs", n_ctxs), ("out_batch_size", out_batch_size)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(n_ctxs=n_ctxs, out_batch_size=out_batch_size)
         super().__init__(
             data,
             model,
@@ -286,6 +279,19 @@ class ActivationBuffer(ActivationReader):
         self.storage = []
         self._order = torch.empty(0, dtype=torch.long)
         self._ptr = 0
+
+
+def check_positive_ints(**values: Any) -> None:
+    """Raise a ValueError naming the first argument that is not a positive integer (3e4 is accepted)."""
+    for name, value in values.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Pad with EOS when the tokenizer has no padding token (GPT-2, Pythia, Llama)."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def tokenize_batch(tokenizer, items: list, ctx_len: int, add_special_tokens: bool = True) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .buffer import ActivationReader
 from .checkpoint import _atomic_write, atomic_write_json
+from .distributed import check_shard
 from .nnsight_io import torch_model
 
 FORMAT = "dictionary_learning.activation_cache"
@@ -102,8 +103,7 @@ class ActivationCache:
 
     def shard(self, rank: int, world_size: int) -> None:
         """Read only batches rank, rank + world_size, ... (data-parallel training: disjoint shares)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        check_shard(rank, world_size)
         self._rank, self._world_size = rank, world_size
 
     def __iter__(self) -> Iterator:

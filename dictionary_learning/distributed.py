@@ -18,6 +18,7 @@ The reductions below are no-ops outside data-parallel training, so trainers call
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,6 @@ DEFAULT_TIMEOUT_S = 600.0
 class Group:
     rank: int
     world_size: int
-    local_rank: int
     mode: str
 
     @property
@@ -46,7 +46,7 @@ class Group:
 _ACTIVE: Group | None = None  # set while a data-parallel trainSAE runs in this process
 
 
-def setup(parallel: str = "data", timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> Group | None:
+def setup(parallel: str = "data", timeout_s: float = DEFAULT_TIMEOUT_S) -> Group | None:
     """Join the process group that torchrun describes (or use an initialised one); None for one process."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
@@ -55,14 +55,23 @@ def setup(parallel: str = "data", timeout_s: float = DEFAULT_TIMEOUT_S, backend:
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
             return None  # not launched by torchrun: one process
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(dist.get_rank())))
-    return Group(dist.get_rank(), dist.get_world_size(), local_rank, parallel)
+    return Group(dist.get_rank(), dist.get_world_size(), parallel)
+
+
+def check_shard(rank: int, world_size: int) -> None:
+    """The arguments of every data source's `shard(rank, world_size)`."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+
+
+def strided(items: Iterable, rank: int, world_size: int) -> Iterator:
+    """Items rank, rank + world_size, ... of a stream: one process's share of the documents."""
+    check_shard(rank, world_size)
+    return itertools.islice(items, rank, None, world_size)
 
 
 def local_device(device: str | None, group: Group | None) -> str | None:
@@ -206,7 +215,7 @@ def describe_data(data: Any) -> Any:
     """What identifies a data source across ranks: its config (minus per-rank fields) or its type."""
     config = getattr(data, "config", None)
     if isinstance(config, dict):
-        return {k: v for k, v in config.items() if k not in ("device", "rank", "world_size")}
+        return {k: v for k, v in config.items() if k != "device"}
     return type(data).__name__
 
 
@@ -228,15 +237,24 @@ def row_slice(batch: Any, group: Group) -> Any:
 
 def broadcast_batches(batches: Iterator, group: Group) -> Iterator:
     """Rank 0 reads the stream and sends each batch to every rank (trainer-parallel training)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     while True:
-        item = [next(batches, None)] if group.is_main else [None]
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        if group.is_main and isinstance(item[0], torch.Tensor):
-            item = [item[0].cpu()]
-        dist.broadcast_object_list(item, src=0, device=device)
-        if item[0] is None:
-            return
-        yield item[0]
+        batch = next(batches, None) if group.is_main else None
+        # A small header first; tensors then travel as tensors, not pickled.
+        header = [("tensor", batch.shape, batch.dtype) if isinstance(batch, torch.Tensor) else ("object", batch)]
+        dist.broadcast_object_list(header, src=0, device=device)
+        if header[0][0] == "object":
+            batch = header[0][1]
+            if batch is None:
+                return
+        else:
+            _, shape, dtype = header[0]
+            buffer = batch.to(device or "cpu").contiguous() if group.is_main else None
+            if buffer is None:
+                buffer = torch.empty(shape, dtype=dtype, device=device or "cpu")
+            dist.broadcast(buffer, src=0)
+            batch = buffer
+        yield batch
 
 
 def barrier(group: Group | None) -> None:

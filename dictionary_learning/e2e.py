@@ -15,14 +15,15 @@ trainers' own reconstruction loss. Use through `trainSAE(TokenBatches(...), conf
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .buffer import tokenize_batch
+from .buffer import check_positive_ints, ensure_pad_token, tokenize_batch
+from .dictionaries.base import device_of
+from .distributed import strided
 from .splice import _last_executed, module_name, root_module, run_model
 
 
@@ -38,13 +39,10 @@ class TokenBatches:
         ctx_len: int = 128,
         add_special_tokens: bool = True,
     ):
-        for name, value in (("batch_size", batch_size), ("ctx_len", ctx_len)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(batch_size=batch_size, ctx_len=ctx_len)
         self.data = iter(data)
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # accept an nnsight model too
-        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer)
         self.batch_size, self.ctx_len = int(batch_size), int(ctx_len)
         self.add_special_tokens = add_special_tokens
 
@@ -53,9 +51,7 @@ class TokenBatches:
 
     def shard(self, rank: int, world_size: int) -> None:
         """Read only texts rank, rank + world_size, ... (data-parallel training: disjoint shares)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.data = itertools.islice(self.data, rank, None, world_size)
+        self.data = strided(self.data, rank, world_size)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         items = []
@@ -127,7 +123,7 @@ class E2EObjective:
             if _last_executed(root, [(self.site, io), (name, "out")]) != (name, "out") or name == self.site:
                 raise ValueError(f"downstream site {name!r} does not come after the spliced site {self.site!r}")
         self._reads = [(self.site, io)] + [(name, "out") for name in self.downstream]
-        probe = torch.zeros(1, 1, dtype=torch.long, device=_device(model))
+        probe = torch.zeros(1, 1, dtype=torch.long, device=device_of(root_module(model)))
         with torch.no_grad():
             _, saved = run_model(model, probe, read=[(self.site, io)], logits=False)
         self.activation_dim = saved[(self.site, io)].shape[-1]  # the width a dictionary at the site needs
@@ -169,7 +165,7 @@ class E2EObjective:
                 f"e2e training takes token batches {{'input_ids', 'attention_mask'}} (e.g. TokenBatches), "
                 f"got {type(tokens).__name__}"
             )
-        device = _device(self.model)
+        device = device_of(root_module(self.model))
         ids = tokens["input_ids"].to(device)
         mask = tokens.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(device)
@@ -222,11 +218,6 @@ class E2EObjective:
             return loss, logs
 
         return total
-
-
-def _device(model) -> torch.device:
-    param = next(root_module(model).parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 __all__ = ["E2EBatch", "E2EObjective", "TokenBatches"]

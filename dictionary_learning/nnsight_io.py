@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .splice import module_timing
+
 IO_MODES = ("out", "in", "in_to_out")
 
 
@@ -81,7 +83,7 @@ def _first(value):
 def plan_requests(model, sites: Sequence[Site]) -> list[tuple[int, str]]:
     """The (site index, "in"/"out") values to request, in the order the model computes them."""
     requests = [(i, kind) for i, site in enumerate(sites) for kind in _kinds(site.io)]
-    timing = _timing(model)
+    timing = module_timing(torch_model(model))
     return sorted(requests, key=lambda r: timing[sites[r[0]].name][0 if r[1] == "in" else 1])
 
 
@@ -113,9 +115,3 @@ def read_activations(
 
 def _kinds(io: str) -> tuple[str, ...]:
     return ("in", "out") if io == "in_to_out" else (io,)
-
-
-def _timing(model) -> dict[str, tuple[float, float]]:
-    from .splice import module_timing
-
-    return module_timing(torch_model(model))

@@ -176,19 +176,15 @@ def dictionary_replacement(
     dictionary: nn.Module,
     add_error: bool = False,
     edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    scale: float | None = None,
 ) -> Replacement:
     """`x -> decode(edit(encode(x)))` computed in the dictionary's dtype and device; with `add_error`,
     plus the reconstruction error `x - decode(encode(x))` (treated as a constant by autograd), so
-    that without `edit` the model computes exactly what it computed before. `scale` divides x before
-    the dictionary and multiplies its output (for dictionaries trained on normalised activations)."""
+    that without `edit` the model computes exactly what it computed before."""
 
     def replace(x: torch.Tensor) -> torch.Tensor:
         param = next(dictionary.parameters(), None)
         device, dtype = (param.device, param.dtype) if param is not None else (x.device, torch.float32)
         h = x.to(device, dtype)
-        if scale is not None:
-            h = h / scale
         if edit is None and not add_error:
             x_hat = dictionary(h)
         else:
@@ -196,8 +192,6 @@ def dictionary_replacement(
             x_hat = dictionary.decode(edit(f) if edit is not None else f)
             if add_error:
                 x_hat = x_hat + (h - dictionary.decode(f)).detach()
-        if scale is not None:
-            x_hat = x_hat * scale
         return x_hat.to(x.device, x.dtype)
 
     return replace

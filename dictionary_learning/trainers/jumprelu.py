@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
 from ..dictionaries import JumpReluAutoEncoder
 from ..ops import JumpReLUFunction, StepFunction, jumprelu_with_l0  # noqa: F401  (reference import path)
 from .top_k import DEAD_FEATURE_TOKENS
-from .trainer import SAETrainer, StepOutput, adam, get_lr_schedule, get_sparsity_warmup_fn, register_trainer
+from .trainer import (
+    SAETrainer,
+    StepOutput,
+    adam,
+    get_lr_schedule,
+    get_sparsity_warmup_fn,
+    register_trainer,
+    tokens_since_fired,
+)
 
 SPARSITY_LOSSES = ("target_l0", "l0")
 
@@ -85,8 +92,7 @@ class JumpReluTrainer(SAETrainer):
             penalty = self.sparsity_coefficient * l0
         scale = 1.0 if step is None else self.sparsity_warmup_fn(step)
         loss = recon + penalty * scale
-        fired_F = distributed.any_((f.detach() > 0).any(0))
-        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + x.shape[0] * distributed.world_size())
+        counter_F, _ = tokens_since_fired(self.num_tokens_since_fired, (f.detach() > 0).any(0), x.shape[0])
         logs = {
             "l2_loss": recon,
             "sparsity_loss": penalty,

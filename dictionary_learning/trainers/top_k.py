@@ -13,7 +13,15 @@ from .. import distributed
 from ..dictionaries import AutoEncoderTopK
 from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
 from ..ops import SparseCode, auxk_loss, geometric_median
-from .trainer import SAETrainer, StepOutput, adam, default_topk_lr, get_lr_schedule, register_trainer
+from .trainer import (
+    SAETrainer,
+    StepOutput,
+    adam,
+    default_topk_lr,
+    get_lr_schedule,
+    register_trainer,
+    tokens_since_fired,
+)
 
 # Reference re-exports: `from dictionary_learning.trainers.top_k import AutoEncoderTopK, geometric_median`.
 __all__ = ["AutoEncoderTopK", "TopKTrainer", "geometric_median"]
@@ -158,9 +166,7 @@ class TopKTrainer(SAETrainer):
                 return torch.zeros_like(pre).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
 
         x_hat, l2, logs, residual = self._reconstruction(x2, f)
-        fired_F = distributed.any_(fired_F)  # data parallel: fired on any replica
-        n_rows = x2.shape[0] * distributed.world_size()
-        counter_F = torch.where(fired_F, 0, self.num_tokens_since_fired + n_rows)
+        counter_F, n_rows = tokens_since_fired(self.num_tokens_since_fired, fired_F, x2.shape[0])
         dead_F = counter_F >= DEAD_FEATURE_TOKENS
         # Until DEAD_FEATURE_TOKENS tokens have been seen no latent can be dead: skip AuxK (no sync needed).
         if self.auxk_alpha > 0 and self.tokens_seen + n_rows >= DEAD_FEATURE_TOKENS:

@@ -305,7 +305,7 @@ class SAETrainer:
             loss, self.extra_logs = extra_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(self.ae.parameters(), out.x_hat.reshape(-1, out.x_hat.shape[-1]).shape[0])
+        distributed.average_gradients(self.ae.parameters(), x.numel() // x.shape[-1])
         if self.project_decoder_grad:
             self._project_decoder_grad()
         if self.grad_clip_norm is not None:
@@ -354,6 +354,14 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
+
+
+def tokens_since_fired(counter_F: torch.Tensor, fired_F: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+    """Each latent's count of tokens since it last fired, after a batch of `n_rows` rows in which
+    `fired_F` fired; under data-parallel training over every replica's rows. Also returns the
+    number of tokens the batch counts for."""
+    n_tokens = n_rows * distributed.world_size()
+    return torch.where(distributed.any_(fired_F), 0, counter_F + n_tokens), n_tokens
 
 
 def default_topk_lr(dict_size: int) -> float:
