@@ -32,6 +32,19 @@ def scenario(name: str, rank: int, out: Path):
         return trainSAE(
             batches(), CONFIGS, STEPS, save_dir=out / "run", progress=False, parallel="trainers", dist_timeout=60
         )
+    if name == "resume":
+
+        def crashing():
+            for i, x in enumerate(batches()):
+                if i == 7:
+                    raise RuntimeError("simulated crash")
+                yield x
+
+        try:
+            trainSAE(crashing(), CONFIGS, STEPS, save_dir=out / "run", backup_steps=5, progress=False, dist_timeout=60)
+        except RuntimeError as e:
+            assert "simulated crash" in str(e)
+        return trainSAE(batches(), None, STEPS, resume_from=out / "run", progress=False, dist_timeout=60)
     if name == "mismatch":
         configs = [dict(CONFIGS[0], k=4 + rank)]
         return trainSAE(batches(), configs, STEPS, progress=False, dist_timeout=60)

@@ -55,6 +55,15 @@ def test_data_parallel_equals_one_process_on_the_combined_batch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["trainer_0", "trainer_1", "trainer_2"]
 
 
+def test_data_parallel_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    results, errors = spawn("resume", tmp_path)
+    assert errors == ["", ""], errors
+    expected = single_process()
+    for rank_result in results:
+        for got, want in zip(rank_result, expected):
+            assert_close(got, want)
+
+
 def test_trainer_parallel_gives_each_trainer_its_solo_weights(tmp_path):
     results, errors = spawn("trainers", tmp_path)
     assert errors == ["", ""], errors
