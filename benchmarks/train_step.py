@@ -137,7 +137,42 @@ def _saelens_step_fn(name: str, a: argparse.Namespace):
         optimizer.step()
         optimizer.zero_grad()
 
-    return step
+    return step, sae
+
+
+# The parameter that sets how many features fire, by implementation: biases raise L0, thresholds lower it.
+DENSITY_PARAMS = {
+    "encoder.bias": 1.0,  # AutoEncoder (ours, reference)
+    "gate_bias": 1.0,  # GatedAutoEncoder
+    "threshold": -1.0,  # JumpReluAutoEncoder
+    "b_gate": 1.0,  # SAELens gated
+    "log_threshold": -1.0,  # SAELens JumpReLU
+    "b_enc": 1.0,  # SAELens standard
+}
+
+
+@torch.no_grad()
+def set_l0(module: torch.nn.Module, x: torch.Tensor, target: float) -> float:
+    """Shift one bias (or threshold) of an untrained dictionary so that its mean L0 on `x` is `target`,
+    as after training; returns the L0 reached. Bisection on the shift."""
+    params = dict(module.named_parameters())
+    name = next(n for n in DENSITY_PARAMS if n in params)
+    param, sign = params[name], DENSITY_PARAMS[name]
+    base = param.detach().clone()
+
+    def l0(c: float) -> float:
+        param.copy_(base + sign * c)
+        return float((module.encode(x) != 0).float().sum(-1).mean())
+
+    lo, hi = -1.0, 1.0
+    while l0(lo) > target:
+        lo *= 2
+    while l0(hi) < target:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if l0(mid) < target else (lo, mid)
+    return l0(hi)
 
 
 def _peak_rss_bytes() -> int:
@@ -153,14 +188,16 @@ def worker(a: argparse.Namespace) -> dict:
     batches = [b.to(a.device) for b in x_all.split(a.batch)]
     total = a.warmup + a.steps
     if a.impl == "saelens":
-        step = _saelens_step_fn(a.trainer, a)
+        step, module = _saelens_step_fn(a.trainer, a)
     else:
         cfg = _config(_trainer_classes(a.impl), a.trainer, a, steps=total + 1)
         cls = cfg.pop("trainer")
         if a.impl == "ours" and a.dense:
             cfg["sparse"] = False
         trainer = cls(**cfg)
-        step = trainer.update
+        step, module = trainer.update, trainer.ae
+    # TopK-family dictionaries fire k per row by construction; --l0 sets the others'.
+    l0 = set_l0(module, batches[0][:1024], a.l0) if a.l0 and a.trainer not in TRAINERS[:3] else None
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base_rss = _peak_rss_bytes()
@@ -176,7 +213,7 @@ def worker(a: argparse.Namespace) -> dict:
     sync()
     seconds = (time.perf_counter() - start) / a.steps
     peak = torch.cuda.max_memory_allocated() - base_mem if cuda else _peak_rss_bytes() - base_rss
-    return {"trainer": a.trainer, "impl": a.impl, "s_per_step": seconds, "peak_bytes": peak}
+    return {"trainer": a.trainer, "impl": a.impl, "s_per_step": seconds, "peak_bytes": peak, "l0": l0}
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -206,7 +243,7 @@ def write_activations(a: argparse.Namespace, path: Path) -> str:
 
 def run_worker(python: str, a: argparse.Namespace, impl: str, trainer: str, data: Path, dense=False) -> dict | None:
     cmd = [python, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--trainer", trainer, "--data", str(data)]
-    for key in ("batch", "dim", "dict_size", "k", "steps", "warmup", "device", "threads"):
+    for key in ("batch", "dim", "dict_size", "k", "steps", "warmup", "device", "threads", "l0"):
         value = getattr(a, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -263,7 +300,14 @@ def main() -> None:
     p.add_argument("--n-batches", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
-    p.add_argument("--dense", action="store_true", help="also time our TopK family with sparse=False")
+    p.add_argument("--dense", action="store_true", help="also time our trainers with sparse=False")
+    p.add_argument(
+        "--l0",
+        type=float,
+        help="time the L1/JumpReLU recipes at this mean L0 (a bias or threshold of every implementation's "
+        "untrained dictionary is shifted until its features fire this often, as after training); "
+        "default: as initialised (about half of the features fire)",
+    )
     p.add_argument("--quality", type=int, default=0, help="steps of the sparse-vs-dense quality check")
     p.add_argument("--quality-batch", type=int, default=1024, help="batch size of the quality check")
     # worker-only
@@ -296,7 +340,7 @@ def main() -> None:
                 if impl == "saelens" and trainer not in SAELENS:
                     continue
                 row[impl] = run_worker(python, a, impl, trainer, data)
-            if a.dense and trainer in TRAINERS[:3]:
+            if a.dense:
                 row["dense"] = run_worker(sys.executable, a, "ours", trainer, data, dense=True)
             rows.append(row)
             _print_row(row, a.batch)
@@ -306,7 +350,9 @@ def main() -> None:
 
 def _print_row(row: dict, batch: int) -> None:
     def fmt(r):
-        return "       -" if r is None else f"{r['s_per_step']:8.3f}"
+        if r is None:
+            return "       -"
+        return f"{r['s_per_step']:8.3f}" + (f" (L0 {r['l0']:.0f})" if r.get("l0") is not None else "")
 
     ours = row.get("ours")
     parts = [f"{row['trainer']:28s}", f"ours {fmt(ours)} s/step"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -85,10 +86,26 @@ def lp_norm(f_BF: torch.Tensor, p: float, kind: str = "Lp") -> torch.Tensor:
     """
     if kind not in ("Lp", "Lp^p"):
         raise ValueError(f"sparsity_function must be 'Lp' or 'Lp^p', got {kind!r}")
+    if isinstance(f_BF, SparseCode):
+        v_N = f_BF.values
+        return _lp_from_row_sums(f_BF.row_sums((v_N != 0).to(v_N.dtype) if p == 0 else v_N.pow(p)), p, kind)
     if p == 0:
         return (f_BF != 0).to(f_BF.dtype).sum(-1).mean()
-    s_B = f_BF.pow(p).sum(-1)
+    return _lp_from_row_sums(f_BF.pow(p).sum(-1), p, kind)
+
+
+def _lp_from_row_sums(s_B: torch.Tensor, p: float, kind: str) -> torch.Tensor:
+    """`lp_norm` from the per-row sums of `f^p` (of non-zero counts at p = 0)."""
+    if p == 0:
+        return s_B.mean()
     return s_B.mean() if kind == "Lp^p" else s_B.pow(1.0 / p).mean()
+
+
+def row_sums(f_BF, weight_F: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B]` row sums of a `[B, F]` code or a `SparseCode`, each feature weighted by `weight_F` if given."""
+    if isinstance(f_BF, SparseCode):
+        return f_BF.row_sums(None if weight_F is None else f_BF.values * weight_F[f_BF.features])
+    return (f_BF if weight_F is None else f_BF * weight_F).sum(-1)
 
 
 # ------------------------------------------------------------------------ JumpReLU estimators
@@ -160,10 +177,73 @@ class SparseCode(NamedTuple):
         out = self.values.new_zeros(self.n_rows * self.dict_size)
         return out.index_put((flat,), self.values).view(self.n_rows, self.dict_size)
 
+    def row_sums(self, values_N: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B]` sums of each row's entries (of `values_N`, default the code's values); differentiable."""
+        values_N = self.values if values_N is None else values_N
+        return values_N.new_zeros(self.n_rows).index_add(0, self.rows, values_N)
+
     def fired(self) -> torch.Tensor:
         """`[F]` bool: features with a positive value in some row."""
         positive_N = (self.values.detach() > 0).float()
         return positive_N.new_zeros(self.dict_size).index_add_(0, self.features, positive_N) > 0
+
+
+def feature_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N, features_N, n_features: int) -> torch.Tensor:
+    """`[F, D]` sums `out[f] = sum over entries n of feature f of weights[n] * src[rows[n]]`, i.e. `code.T @ src`.
+
+    The entries are grouped by feature with one stable sort, then summed by `embedding_bag`, which
+    reads each source row once per entry: no `[N, D]` intermediate and no dense `[F, B]` matmul.
+    """
+    sorted_N, order_N = torch.sort(features_N, stable=True)
+    # searchsorted, not bincount: bincount sizes its output from the data, a host sync on GPUs
+    starts_F = torch.searchsorted(sorted_N, torch.arange(n_features, device=features_N.device))
+    return F.embedding_bag(
+        rows_N[order_N], src_BD.contiguous(), starts_F, mode="sum", per_sample_weights=weights_N[order_N]
+    )
+
+
+# Tests switch this off to check the portable branch of `sampled_products` on CPU too.
+USE_CPU_SDDMM = True
+
+
+def sampled_products(a_BD: torch.Tensor, W_FD: torch.Tensor, rows_N, features_N, offsets_B) -> torch.Tensor:
+    """`(a @ W.T)[rows, features]` for the listed entries only (a sampled dense-dense matmul).
+
+    On CPU `torch.sparse.sampled_addmm` computes them from a CSR pattern; elsewhere the backward
+    of `embedding_bag` does (it forms the same per-entry dot products).
+    """
+    n = features_N.shape[0]
+    if a_BD.device.type == "cpu" and USE_CPU_SDDMM:
+        crow = torch.cat([offsets_B, offsets_B.new_tensor([n])])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, features_N, a_BD.new_zeros(n), (a_BD.shape[0], W_FD.shape[0]))
+            return torch.sparse.sampled_addmm(pattern, a_BD, W_FD.T, beta=0.0).values()
+    with torch.enable_grad():
+        weights = a_BD.new_zeros(n, requires_grad=True)
+        out = F.embedding_bag(features_N, W_FD.contiguous(), offsets_B, mode="sum", per_sample_weights=weights)
+        return torch.autograd.grad(out, weights, a_BD)[0]
+
+
+class _SparseDecode(torch.autograd.Function):
+    """`code @ W_FD` from the kept entries; backward touches only the used rows of `W_FD`."""
+
+    @staticmethod
+    def forward(ctx, values_N, W_FD, rows_N, features_N, offsets_B):
+        W = W_FD.contiguous()  # embedding_bag has a fast kernel only for a contiguous table
+        ctx.save_for_backward(values_N, W, rows_N, features_N, offsets_B)
+        return F.embedding_bag(features_N, W, offsets_B, mode="sum", per_sample_weights=values_N)
+
+    @staticmethod
+    def backward(ctx, grad_BD):
+        values_N, W, rows_N, features_N, offsets_B = ctx.saved_tensors
+        grad_BD = grad_BD.to(W.dtype).contiguous()
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_values = sampled_products(grad_BD, W, rows_N, features_N, offsets_B)
+        if ctx.needs_input_grad[1]:
+            grad_W = feature_sums(values_N, grad_BD, rows_N, features_N, W.shape[0])
+        return grad_values, grad_W, None, None, None
 
 
 def sparse_decode(code: SparseCode, W_FD: torch.Tensor, feature_mask_F: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,47 +252,54 @@ def sparse_decode(code: SparseCode, W_FD: torch.Tensor, feature_mask_F: torch.Te
     values = code.values.to(W_FD.dtype)
     if feature_mask_F is not None:
         values = values * feature_mask_F[code.features]
-    # embedding_bag has a fast kernel only for a contiguous table; the copy costs one pass over W.
-    return F.embedding_bag(code.features, W_FD.contiguous(), code.offsets, mode="sum", per_sample_weights=values)
+    return _SparseDecode.apply(values, W_FD, code.rows, code.features, code.offsets)
 
 
 class _SelectedPreactivations(torch.autograd.Function):
-    """Entries `pre[rows[n], features[n]]` of `x @ W_FD.T + b_F`, already computed without autograd.
+    """Entries `pre[rows[n], features[n]]` of `(x - b_in) @ W_FD.T + b_F`, already computed without autograd.
 
-    Backward touches only the selected rows of `W_FD`: `dW[f] += g[n] * x[rows[n]]`, `dx[b] += g[n] * W[f]`,
-    `db[f] += g[n]`; the dense backward would need a second `[F, B] @ [B, D]` matmul.
+    Backward touches only the selected rows of `W_FD`: `dW[f] += g[n] * (x - b_in)[rows[n]]`,
+    `db[f] += g[n]`, `db_in = -db @ W`; the dense backward would need a `[F, B] @ [B, D]` matmul.
     """
 
     @staticmethod
-    def forward(ctx, x_BD, W_FD, b_F, pre_N, features_N, offsets_B):
-        ctx.save_for_backward(x_BD, W_FD, features_N, offsets_B)
-        ctx.b_shape = b_F.shape
+    def forward(ctx, x_BD, b_in_D, W_FD, b_F, pre_N, rows_N, features_N, offsets_B):
+        ctx.save_for_backward(x_BD, b_in_D, W_FD, rows_N, features_N, offsets_B)
         return pre_N.clone()
 
     @staticmethod
     def backward(ctx, grad_N):
-        x_BD, W_FD, features_N, offsets_B = ctx.saved_tensors
+        x_BD, b_in_D, W_FD, rows_N, features_N, offsets_B = ctx.saved_tensors
+        need_x, need_b_in, need_W, need_b = ctx.needs_input_grad[:4]
         grad_N = grad_N.to(W_FD.dtype)
-        with torch.enable_grad():
-            W = W_FD.detach().contiguous().requires_grad_()
-            grad_x_BD = F.embedding_bag(features_N, W, offsets_B, mode="sum", per_sample_weights=grad_N)
-        grad_W = None
-        if ctx.needs_input_grad[1]:
-            (grad_W,) = torch.autograd.grad(grad_x_BD, W, x_BD.to(W.dtype))
-        grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_N.new_zeros(ctx.b_shape).index_add_(0, features_N, grad_N)
-        grad_x = grad_x_BD.detach().to(x_BD.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_W, grad_b, None, None, None
+        grad_x = grad_b_in = grad_W = grad_b = None
+        if need_b or need_b_in:
+            grad_b = grad_N.new_zeros(W_FD.shape[0]).index_add_(0, features_N, grad_N)
+        if need_b_in:
+            grad_b_in = -(grad_b @ W_FD)
+        if need_W:
+            x_centered = x_BD.to(W_FD.dtype) if b_in_D is None else (x_BD - b_in_D).to(W_FD.dtype)
+            grad_W = feature_sums(grad_N, x_centered, rows_N, features_N, W_FD.shape[0])
+        if need_x:
+            W = W_FD.contiguous()
+            grad_x = F.embedding_bag(features_N, W, offsets_B, mode="sum", per_sample_weights=grad_N).to(x_BD.dtype)
+        return grad_x, grad_b_in, grad_W, grad_b if need_b else None, None, None, None, None
 
 
 def selected_preactivations(
-    x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, pre_BF: torch.Tensor, rows_N, features_N, offsets_B
+    x_BD: torch.Tensor,
+    W_FD: torch.Tensor,
+    b_F: torch.Tensor | None,
+    pre_BF: torch.Tensor,
+    rows_N,
+    features_N,
+    offsets_B,
+    b_in_D: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Differentiable `(x @ W_FD.T + b_F)[rows, features]`, read from `pre_BF` (computed without
-    autograd); rows must be grouped as `offsets_B` says."""
+    """Differentiable `((x - b_in) @ W_FD.T + b_F)[rows, features]`, read from `pre_BF` (computed without
+    autograd); rows must be grouped as `offsets_B` says. `b_F`/`b_in_D` may be None (no such bias)."""
     pre_N = pre_BF[rows_N, features_N]
-    return _SelectedPreactivations.apply(x_BD, W_FD, b_F, pre_N, features_N, offsets_B)
+    return _SelectedPreactivations.apply(x_BD, b_in_D, W_FD, b_F, pre_N, rows_N, features_N, offsets_B)
 
 
 def per_row_entries(indices_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,18 +338,43 @@ def batch_topk_entries(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return rows_N, index - rows_N * F_, offsets_B
 
 
+# ------------------------------------------------------------------- sparse activations on CPU
+# Above this fraction of non-zero features the dense matmuls win on CPU (measured break-even ~0.15 on
+# 2 cores at B=4096, D=576, F=4608; see benchmarks/train_step.py --l0).
+SPARSE_MAX_DENSITY = 0.12
+
+
+def active_entries(mask_BF: torch.Tensor, max_density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows_N, features_N, offsets_B) of the True entries of a 2-D mask, in row-major order, or None
+    when the sparse path should not run: off CPU (finding them needs the count on the host), with
+    `max_density <= 0`, or when more than `max_density` of the entries are True."""
+    if max_density <= 0 or mask_BF.device.type != "cpu":
+        return None
+    if int(mask_BF.count_nonzero()) > max_density * mask_BF.numel():
+        return None
+    B, F_ = mask_BF.shape
+    index = mask_BF.flatten().nonzero().squeeze(1)
+    rows_N = torch.div(index, F_, rounding_mode="floor")
+    return rows_N, index - rows_N * F_, torch.searchsorted(rows_N, torch.arange(B))
+
+
+def _sparse_allowed(x: torch.Tensor, max_density: float) -> bool:
+    return max_density > 0 and x.device.type == "cpu"
+
+
 # ------------------------------------------------------------------------- fused ReLU dictionary
 class _ReluDictionary(torch.autograd.Function):
     """`f = ReLU((x - b_in) @ W_enc.T + b_enc)`, `x_hat = f @ W_dec.T + b_out` with a hand-written backward.
 
     Autograd's version runs six `[B, F]`-sized matmuls per step; the gradient of `b_in` needs only
-    `sum_b dpre[b] @ W_enc`, so this backward runs four, and masks the ReLU in place.
+    `sum_b dpre[b] @ W_enc`, so this backward runs four, and masks the ReLU in place. `pre_BF`, the
+    pre-activations computed without autograd, is consumed (overwritten by f).
     """
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D):
+    def forward(ctx, x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D, pre_BF):
         x_centered = x_BD - b_in_D if b_in_D is not None else x_BD
-        f_BF = torch.addmm(b_enc_F, x_centered, W_enc_FD.T).relu_()
+        f_BF = pre_BF.relu_()
         x_hat = f_BF @ W_dec_DF.T
         if b_out_D is not None:
             x_hat = x_hat + b_out_D
@@ -286,12 +398,26 @@ class _ReluDictionary(torch.autograd.Function):
         grad_b_in = -(grad_b_enc @ W_enc_FD) if ctx.has_b_in and need[4] else None
         grad_b_out = grad_x_hat_BD.sum(0) if ctx.has_b_out and need[5] else None
         grad_x = grad_pre @ W_enc_FD if need[0] else None
-        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_W_dec, grad_b_in, grad_b_out
+        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_W_dec, grad_b_in, grad_b_out, None
 
 
-def relu_dictionary(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D=None, b_out_D=None):
-    """(f, x_hat) of a ReLU dictionary with the cheaper backward of `_ReluDictionary` (2-D `x`)."""
-    return _ReluDictionary.apply(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D)
+def relu_dictionary(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D=None, b_out_D=None, max_density: float = 0.0):
+    """(f, x_hat) of a ReLU dictionary (2-D `x`) with the cheaper backward of `_ReluDictionary`.
+
+    With `max_density > 0`, on CPU, when at most that fraction of f is non-zero, f is a `SparseCode`
+    and the step runs on its entries only: one dense matmul (the encoder) instead of five, same
+    values and gradients.
+    """
+    with torch.no_grad():
+        pre_BF = torch.addmm(b_enc_F, x_BD - b_in_D if b_in_D is not None else x_BD, W_enc_FD.T)
+    entries = active_entries(pre_BF > 0, max_density) if _sparse_allowed(x_BD, max_density) else None
+    if entries is None:
+        return _ReluDictionary.apply(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D, pre_BF)
+    rows_N, features_N, offsets_B = entries
+    pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF, rows_N, features_N, offsets_B, b_in_D)
+    code = SparseCode(pre_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])  # all entries > 0: ReLU = id
+    x_hat = sparse_decode(code, W_dec_DF.T)
+    return code, x_hat + b_out_D if b_out_D is not None else x_hat
 
 
 class _JumpReLUWithL0(torch.autograd.Function):
@@ -325,6 +451,32 @@ def jumprelu_with_l0(pre_BF: torch.Tensor, threshold_F: torch.Tensor, bandwidth:
     return _JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
 
 
+def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D, bandwidth, max_density=0.0):
+    """(f, mean L0, x_hat) of a JumpReLU dictionary in training (2-D `x`): `f = jumprelu(x W_enc.T + b_enc)`,
+    `x_hat = f W_dec + b_dec`, with the straight-through threshold gradients of `jumprelu_with_l0`.
+
+    With `max_density > 0`, on CPU, when the entries that are active or within half a bandwidth of
+    their threshold (the only ones with a value or a threshold gradient) are at most that fraction,
+    f is a `SparseCode` over those entries and the step touches only them (same values and gradients).
+    """
+    pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
+    if _sparse_allowed(x_BD, max_density):
+        with torch.no_grad():
+            gap_BF = pre_BF.detach() - threshold_F
+            # a full bandwidth (not half) so that rounding never drops an entry the rectangle kernel sees
+            entries = active_entries((gap_BF > 0) | (gap_BF.abs_() < bandwidth), max_density)
+        if entries is not None:
+            rows_N, features_N, offsets_B = entries
+            pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF.detach(), rows_N, features_N, offsets_B)
+            threshold_N = threshold_F[features_N]
+            values_N = JumpReLUFunction.apply(pre_N, threshold_N, bandwidth)
+            l0 = StepFunction.apply(pre_N, threshold_N, bandwidth).sum() / x_BD.shape[0]
+            code = SparseCode(values_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
+            return code, l0, sparse_decode(code, W_dec_FD) + b_dec_D
+    f_BF, l0 = _JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
+    return f_BF, l0, f_BF @ W_dec_FD + b_dec_D
+
+
 class _GatedDictionary(torch.autograd.Function):
     """Gated SAE forward for training (Rajamanoharan et al. 2024) with a hand-written backward.
 
@@ -335,9 +487,8 @@ class _GatedDictionary(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D):
+    def forward(ctx, x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, z_BF):
         x_centered = x_BD - b_dec_D
-        z_BF = x_centered @ W_enc_FD.T
         scale_F = r_mag_F.exp()
         pi_gate = z_BF + b_gate_F
         active = pi_gate > 0
@@ -370,9 +521,26 @@ class _GatedDictionary(torch.autograd.Function):
         grad_W_dec = grad_x_hat.T @ f_BF
         grad_b_dec = grad_x_hat.sum(0) - grad_z.sum(0) @ W_enc_FD
         grad_x = grad_z @ W_enc_FD if ctx.needs_input_grad[0] else None
-        return grad_x, grad_W_enc, grad_b_gate, grad_r_mag, grad_b_mag, grad_W_dec, grad_b_dec
+        return grad_x, grad_W_enc, grad_b_gate, grad_r_mag, grad_b_mag, grad_W_dec, grad_b_dec, None
 
 
-def gated_dictionary(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D):
-    """(f, ReLU(pi_gate), x_hat, x_hat through the frozen decoder) of a Gated SAE; see `_GatedDictionary`."""
-    return _GatedDictionary.apply(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D)
+def gated_dictionary(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, max_density: float = 0.0):
+    """(f, ReLU(pi_gate), x_hat, x_hat through the frozen decoder) of a Gated SAE; see `_GatedDictionary`.
+
+    With `max_density > 0`, on CPU, when the gate is open on at most that fraction of entries, f and
+    ReLU(pi_gate) are `SparseCode`s over those entries and the step touches only them.
+    """
+    with torch.no_grad():
+        z_BF = (x_BD - b_dec_D) @ W_enc_FD.T
+    entries = active_entries(z_BF + b_gate_F > 0, max_density) if _sparse_allowed(x_BD, max_density) else None
+    if entries is None:
+        return _GatedDictionary.apply(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, z_BF)
+    rows_N, features_N, offsets_B = entries
+    z_N = selected_preactivations(x_BD, W_enc_FD, None, z_BF, rows_N, features_N, offsets_B, b_dec_D)
+    gate_N = torch.relu(z_N + b_gate_F[features_N])
+    f_N = torch.relu(r_mag_F.exp()[features_N] * z_N + b_mag_F[features_N])  # the gate is open on every entry
+    f = SparseCode(f_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
+    gate = f._replace(values=gate_N)
+    x_hat = sparse_decode(f, W_dec_DF.T) + b_dec_D
+    x_hat_gate = sparse_decode(gate, W_dec_DF.detach().T) + b_dec_D.detach()
+    return f, gate, x_hat, x_hat_gate

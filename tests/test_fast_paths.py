@@ -162,3 +162,164 @@ def test_fused_gated_backward_matches_autograd():
         torch.testing.assert_close(a, b)
     for name, p in ae.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, msg=name)
+
+
+# ------------------------------------------------------------------ sparse activations (dense recipes)
+@pytest.mark.parametrize("cpu_sddmm", [True, False], ids=["csr", "portable"])
+def test_sampled_products_and_feature_sums_equal_dense(monkeypatch, cpu_sddmm):
+    from dictionary_learning import ops
+
+    monkeypatch.setattr(ops, "USE_CPU_SDDMM", cpu_sddmm)
+    torch.manual_seed(0)
+    a, W = torch.randn(16, 8), torch.randn(30, 8)
+    for rows, features, offsets in (
+        row_topk_entries(torch.randn(16, 30), 5),  # unsorted features within a row
+        ops.active_entries(torch.rand(16, 30) < 0.3, 1.0),
+    ):
+        torch.testing.assert_close(ops.sampled_products(a, W, rows, features, offsets), (a @ W.T)[rows, features])
+        w = torch.randn(rows.shape[0])
+        dense = torch.zeros(16, 30).index_put((rows, features), w)
+        torch.testing.assert_close(ops.feature_sums(w, a, rows, features, 30), dense.T @ a)
+
+
+def test_active_entries_declines_dense_masks_and_other_devices():
+    from dictionary_learning.ops import active_entries
+
+    mask = torch.rand(20, 50) < 0.2
+    assert active_entries(mask, 0.1) is None and active_entries(mask, 0.0) is None
+    rows, features, offsets = active_entries(mask, 0.5)
+    assert torch.equal(torch.zeros_like(mask).index_put((rows, features), torch.tensor(True)), mask)
+    assert torch.equal(offsets, torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(-1).cumsum(0)[:-1]]))
+    assert active_entries(mask.to("meta"), 1.0) is None
+
+
+def _perturbed(ae, scale=0.1):
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return ae
+
+
+def _both_paths(run, params):
+    """Outputs and parameter gradients of `run(max_density)` on the sparse and the dense path."""
+    results = []
+    for max_density in (1.0, 0.0):
+        for p in params.values():
+            p.grad = None
+        outs = run(max_density)
+        results.append((outs, {n: p.grad.clone() for n, p in params.items()}))
+    return results
+
+
+@pytest.mark.parametrize("cls", [AutoEncoder, AutoEncoderNew], ids=lambda c: c.__name__)
+def test_sparse_relu_path_matches_dense(cls):
+    from dictionary_learning.ops import SparseCode, lp_norm, row_sums
+
+    torch.manual_seed(0)
+    ae = _perturbed(cls(12, 40))
+    with torch.no_grad():
+        ae.encoder.bias.sub_(0.3)  # about a third of the features fire
+    x = torch.randn(30, 12)
+    norms = torch.rand(40) + 0.5
+
+    def run(max_density):
+        f, x_hat = ae.encode_decode(x, max_density)
+        penalty = row_sums(f, norms).mean() + lp_norm(f, 0.5, "Lp") + lp_norm(f, 0.0, "Lp^p")
+        ((x - x_hat).pow(2).sum() + 0.3 * penalty).backward()
+        return f, x_hat, penalty
+
+    (f_s, x_hat_s, pen_s), g_s = _both_paths(run, dict(ae.named_parameters()))[0]
+    (f_d, x_hat_d, pen_d), g_d = _both_paths(run, dict(ae.named_parameters()))[1]
+    assert isinstance(f_s, SparseCode) and not isinstance(f_d, SparseCode)
+    assert 0.1 < (f_d > 0).float().mean() < 0.6
+    torch.testing.assert_close(f_s.to_dense(), f_d)
+    torch.testing.assert_close(x_hat_s, x_hat_d)
+    torch.testing.assert_close(pen_s, pen_d)
+    for name in g_d:
+        torch.testing.assert_close(g_s[name], g_d[name], msg=name)
+
+
+def test_sparse_jumprelu_path_matches_dense():
+    from dictionary_learning.dictionaries import JumpReluAutoEncoder
+    from dictionary_learning.ops import jumprelu_dictionary
+
+    torch.manual_seed(0)
+    ae = _perturbed(JumpReluAutoEncoder(12, 40))
+    x = torch.randn(64, 12)
+    bw = 0.2  # wide, so that many pre-activations sit near a threshold on either side
+    with torch.no_grad():
+        ae.threshold.copy_((x @ ae.W_enc + ae.b_enc).quantile(0.7, dim=0))
+    weights = torch.randn(64, 12)
+
+    def run(max_density):
+        f, l0, x_hat = jumprelu_dictionary(x, ae.W_enc.T, ae.b_enc, ae.threshold, ae.W_dec, ae.b_dec, bw, max_density)
+        ((x_hat * weights).sum() + 3 * l0).backward()
+        return f, l0, x_hat
+
+    (s, g_s), (d, g_d) = _both_paths(run, dict(ae.named_parameters()))
+    torch.testing.assert_close(s[0].to_dense(), d[0])
+    torch.testing.assert_close(s[1], d[1])
+    torch.testing.assert_close(s[2], d[2])
+    assert g_d["threshold"].abs().sum() > 0
+    for name in g_d:
+        torch.testing.assert_close(g_s[name], g_d[name], msg=name)
+
+
+def test_sparse_gated_path_matches_dense():
+    from dictionary_learning.dictionaries import GatedAutoEncoder
+    from dictionary_learning.ops import gated_dictionary, lp_norm, row_sums
+
+    torch.manual_seed(0)
+    ae = _perturbed(GatedAutoEncoder(12, 40))
+    with torch.no_grad():
+        ae.gate_bias.sub_(0.3)
+    x = torch.randn(30, 12)
+
+    def run(max_density):
+        f, gate, x_hat, x_hat_gate = gated_dictionary(
+            x, ae.encoder.weight, ae.gate_bias, ae.r_mag, ae.mag_bias, ae.decoder.weight, ae.decoder_bias, max_density
+        )
+        loss = (x - x_hat).pow(2).sum() + (x - x_hat_gate).pow(2).sum() + row_sums(f).sum()
+        (loss + 0.7 * row_sums(gate).mean() + lp_norm(gate, 0.5)).backward()
+        return f, gate, x_hat, x_hat_gate
+
+    (s, g_s), (d, g_d) = _both_paths(run, dict(ae.named_parameters()))
+    torch.testing.assert_close(s[0].to_dense(), d[0])
+    torch.testing.assert_close(s[1].to_dense(), d[1])
+    torch.testing.assert_close(s[2], d[2])
+    torch.testing.assert_close(s[3], d[3])
+    for name in g_d:
+        torch.testing.assert_close(g_s[name], g_d[name], msg=name)
+
+
+DENSE_RECIPES = [
+    ("StandardTrainer", {"l1_penalty": 0.5}),
+    ("StandardTrainerAprilUpdate", {"l1_penalty": 0.5}),
+    ("PAnnealTrainer", {"anneal_start": 2, "n_sparsity_updates": 3, "sparsity_function": "Lp^p"}),
+    ("GatedSAETrainer", {"l1_penalty": 0.5}),
+    ("GatedAnnealTrainer", {"anneal_start": 2, "n_sparsity_updates": 3}),
+    ("JumpReluTrainer", {"target_l0": 5.0, "bandwidth": 0.1}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", DENSE_RECIPES, ids=[n for n, _ in DENSE_RECIPES])
+def test_dense_recipes_train_the_same_on_the_sparse_path(monkeypatch, name, kwargs):
+    from dictionary_learning import TRAINER_REGISTRY, ops
+
+    monkeypatch.setattr(ops, "SPARSE_MAX_DENSITY", 1.0)  # always sparse when allowed
+    cls = TRAINER_REGISTRY[name]
+    common = dict(steps=10, activation_dim=D, dict_size=F, seed=3, device="cpu", warmup_steps=0)
+    common |= dict(sparsity_warmup_steps=None, lr=1e-3) | kwargs
+    sparse, dense = cls(**common, sparse=True), cls(**common, sparse=False)
+    torch.manual_seed(1)
+    batches = [torch.randn(128, D) + 0.3 for _ in range(6)]
+    seen = []
+    for step, x in enumerate(batches):
+        seen.append(type(sparse._compute(x.clone(), step).f).__name__)
+        sparse.update(step, x)
+        dense.update(step, x)
+    assert seen == ["SparseCode"] * len(batches)
+    for (key, p_s), p_d in zip(sparse.ae.state_dict().items(), dense.ae.state_dict().values()):
+        torch.testing.assert_close(p_s, p_d, rtol=1e-4, atol=1e-5, msg=key)
+    log = sparse.loss(batches[0], step=6, logging=True)
+    assert log.f.shape == (128, F)

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from ..ops import relu_dictionary
+from ..ops import SparseCode, relu_dictionary
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 
 logger = logging.getLogger(__name__)
@@ -48,14 +48,15 @@ class AutoEncoder(Dictionary):
         self._check_width(x_BD)
         return self.encoder(x_BD - self.bias)
 
-    def encode_decode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward."""
+    def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
+        """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
+        `max_density > 0` the features may come as a `SparseCode` (see `ops.relu_dictionary`)."""
         self._check_width(x_BD)
         x2 = x_BD.reshape(-1, self.activation_dim)
         f, x_hat = relu_dictionary(
-            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, self.bias, self.bias
+            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, self.bias, self.bias, max_density
         )
-        return f.view(*x_BD.shape[:-1], -1), x_hat.view_as(x_BD)
+        return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activations(x_BD))
@@ -141,14 +142,15 @@ class AutoEncoderNew(Dictionary):
         self._check_width(x_BD)
         return torch.relu(self.encoder(x_BD))
 
-    def encode_decode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward."""
+    def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
+        """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
+        `max_density > 0` the features may come as a `SparseCode` (see `ops.relu_dictionary`)."""
         self._check_width(x_BD)
         x2 = x_BD.reshape(-1, self.activation_dim)
         f, x_hat = relu_dictionary(
-            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, None, self.decoder.bias
+            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, None, self.decoder.bias, max_density
         )
-        return f.view(*x_BD.shape[:-1], -1), x_hat.view_as(x_BD)
+        return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         return self.decoder(f_BF)

@@ -84,12 +84,11 @@ class _TopKBase(Dictionary):
         """
         self._check_width(x_BD)
         W_FD, b_F = self.encoder_weight_bias()
-        x_centered = x_BD - self.b_dec
         with torch.no_grad():
-            pre_BF = torch.addmm(b_F, x_centered, W_FD.T)
+            pre_BF = torch.addmm(b_F, x_BD - self.b_dec, W_FD.T)
         select = batch_topk_entries if self.batch_selection else row_topk_entries
         rows_N, features_N, offsets_B = select(pre_BF, self._k)
-        pre_N = selected_preactivations(x_centered, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B)
+        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.b_dec)
         return SparseCode(torch.relu(pre_N), features_N, rows_N, offsets_B, self.dict_size), pre_BF
 
     def decode_selected(self, x_BD, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
@@ -97,7 +96,7 @@ class _TopKBase(Dictionary):
         differentiable in the encoder and decoder rows it reads; `pre_BF` from `encode_sparse`."""
         W_FD, b_F = self.encoder_weight_bias()
         rows_N, features_N, offsets_B = per_row_entries(indices_BK)
-        pre_N = selected_preactivations(x_BD - self.b_dec, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B)
+        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.b_dec)
         values_N = torch.relu(pre_N) * valid_BK.flatten()
         return sparse_decode(SparseCode(values_N, features_N, rows_N, offsets_B, self.dict_size), self.decoder_FD())
 

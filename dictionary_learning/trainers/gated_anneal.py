@@ -40,7 +40,9 @@ class GatedAnnealTrainer(GatedLossMixin, LpAnnealing, PenalisedTrainer):
         seed: int | None = 42,
         wandb_name: str = "GatedAnnealTrainer",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
+        self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self._init_penalised(
             steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps, betas=(0.0, 0.999)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import GatedAutoEncoder
-from ..ops import gated_dictionary
+from ..ops import SparseCode, gated_dictionary, row_sums
 from .standard import reconstruction_terms
 from .trainer import PenalisedTrainer, StepOutput, register_trainer
 
@@ -20,9 +20,17 @@ class GatedLossMixin:
         ae._check_width(x_BD)
         x2 = x_BD.reshape(-1, x_BD.shape[-1])
         f_BF, gate_BF, x_hat_BD, x_hat_gate_BD = gated_dictionary(
-            x2, ae.encoder.weight, ae.gate_bias, ae.r_mag, ae.mag_bias, ae.decoder.weight, ae.decoder_bias
+            x2,
+            ae.encoder.weight,
+            ae.gate_bias,
+            ae.r_mag,
+            ae.mag_bias,
+            ae.decoder.weight,
+            ae.decoder_bias,
+            self.max_density,
         )
-        f_BF, gate_BF = f_BF.view(*x_BD.shape[:-1], -1), gate_BF.view(*x_BD.shape[:-1], -1)
+        if not isinstance(f_BF, SparseCode):
+            f_BF, gate_BF = f_BF.view(*x_BD.shape[:-1], -1), gate_BF.view(*x_BD.shape[:-1], -1)
         x_hat_BD, x_hat_gate_BD = x_hat_BD.view_as(x_BD), x_hat_gate_BD.view_as(x_BD)
         mse, l2 = reconstruction_terms(x_BD, x_hat_BD)
         aux = (x_BD - x_hat_gate_BD).pow(2).sum(-1).mean()
@@ -55,7 +63,9 @@ class GatedSAETrainer(GatedLossMixin, PenalisedTrainer):
         device: str | None = None,
         wandb_name: str = "GatedSAETrainer",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
+        self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self.l1_penalty = l1_penalty
         self._init_penalised(
@@ -64,7 +74,7 @@ class GatedSAETrainer(GatedLossMixin, PenalisedTrainer):
 
     def _compute(self, x, step):
         f, gate, x_hat, mse, l2, aux = self._gated_forward(x)
-        sparsity = gate.sum(-1).mean()  # the L1 norm: ReLU(pi_gate) is non-negative
+        sparsity = row_sums(gate).mean()  # the L1 norm: ReLU(pi_gate) is non-negative
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * sparsity + aux
         return StepOutput(
             loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "loss": loss}

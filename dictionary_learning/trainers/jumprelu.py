@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import JumpReluAutoEncoder
-from ..ops import JumpReLUFunction, StepFunction, jumprelu_with_l0  # noqa: F401  (reference import path)
+from ..ops import JumpReLUFunction, SparseCode, StepFunction, jumprelu_dictionary  # noqa: F401  (reference path)
 from .top_k import DEAD_FEATURE_TOKENS
 from .trainer import (
     SAETrainer,
@@ -58,11 +58,13 @@ class JumpReluTrainer(SAETrainer):
         device: str | None = None,
         wandb_name: str = "JumpRelu",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
         if sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
         if target_l0 <= 0:
             raise ValueError(f"target_l0 must be > 0, got {target_l0}")
+        self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self.steps = steps
         self.lr = lr
@@ -81,10 +83,13 @@ class JumpReluTrainer(SAETrainer):
         return int((self.num_tokens_since_fired > DEAD_FEATURE_TOKENS).sum())
 
     def _compute(self, x, step):
-        x = x.reshape(-1, x.shape[-1]).to(self.ae.W_enc.dtype)
-        pre = self.ae.pre_activations(x)
-        f, l0 = jumprelu_with_l0(pre, self.ae.threshold, self.bandwidth)
-        x_hat = self.ae.decode(f)
+        ae = self.ae
+        x = x.reshape(-1, x.shape[-1]).to(ae.W_enc.dtype)
+        ae._check_width(x)
+        x_in = x - ae.b_dec if ae.apply_b_dec_to_input else x
+        f, l0, x_hat = jumprelu_dictionary(
+            x_in, ae.W_enc.T, ae.b_enc, ae.threshold, ae.W_dec, ae.b_dec, self.bandwidth, self.max_density
+        )
         recon = (x - x_hat).pow(2).sum(-1).mean()
         if self.sparsity_loss == "target_l0":
             penalty = self.sparsity_coefficient * (l0 / self.target_l0 - 1).pow(2)
@@ -92,7 +97,8 @@ class JumpReluTrainer(SAETrainer):
             penalty = self.sparsity_coefficient * l0
         scale = 1.0 if step is None else self.sparsity_warmup_fn(step)
         loss = recon + penalty * scale
-        counter_F, _ = tokens_since_fired(self.num_tokens_since_fired, (f.detach() > 0).any(0), x.shape[0])
+        fired_F = f.fired() if isinstance(f, SparseCode) else (f.detach() > 0).any(0)
+        counter_F, _ = tokens_since_fired(self.num_tokens_since_fired, fired_F, x.shape[0])
         logs = {
             "l2_loss": recon,
             "sparsity_loss": penalty,

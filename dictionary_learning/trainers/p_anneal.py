@@ -59,7 +59,7 @@ class LpAnnealing:
         if self.next_p is not None:
             with torch.no_grad():
                 commit["lp_pair"] = torch.stack(
-                    [lp.detach(), lp_norm(acts_BF.detach(), self.next_p, self.sparsity_function)]
+                    [lp.detach(), lp_norm(acts_BF, self.next_p, self.sparsity_function)]
                 ).float()
         logs = {
             "p": self.p,
@@ -118,7 +118,9 @@ class PAnnealTrainer(LpAnnealing, PenalisedTrainer):
         seed: int | None = 42,
         wandb_name: str = "PAnnealTrainer",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
+        self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps)
         self._init_annealing(
@@ -134,7 +136,7 @@ class PAnnealTrainer(LpAnnealing, PenalisedTrainer):
         )
 
     def _compute(self, x, step):
-        f, x_hat = self.ae.encode_decode(x)
+        f, x_hat = self.ae.encode_decode(x, self.max_density)
         mse, l2 = reconstruction_terms(x, x_hat)
         scaled, logs, commit = self._annealed_penalty(f, step)
         loss = mse + scaled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import AutoEncoder
+from ..ops import row_sums
 from .trainer import PenalisedTrainer, StepOutput, register_trainer
 
 
@@ -36,15 +37,17 @@ class StandardTrainer(PenalisedTrainer):
         device: str | None = None,
         wandb_name: str = "StandardTrainer",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
+        self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self.l1_penalty = l1_penalty
         self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps)
 
     def _compute(self, x, step):
-        f, x_hat = self.ae.encode_decode(x)
+        f, x_hat = self.ae.encode_decode(x, self.max_density)
         mse, l2 = reconstruction_terms(x, x_hat)
-        l1 = f.sum(-1).mean()  # = mean L1 norm: ReLU features are non-negative (and sum's backward is free)
+        l1 = row_sums(f).mean()  # = mean L1 norm: ReLU features are non-negative (and sum's backward is free)
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * l1
         return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": l1, "loss": loss})
 
@@ -75,14 +78,16 @@ class StandardTrainerAprilUpdate(PenalisedTrainer):
         device: str | None = None,
         wandb_name: str = "StandardTrainerAprilUpdate",
         submodule_name: str | None = None,
+        sparse: bool = True,
     ):
+        self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self.l1_penalty = l1_penalty
         self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, None, constrained=False)
 
     def _compute(self, x, step):
-        f, x_hat = self.ae.encode_decode(x)
+        f, x_hat = self.ae.encode_decode(x, self.max_density)
         mse, l2 = reconstruction_terms(x, x_hat)
-        l1 = (f * self.ae.decoder_FD().norm(dim=-1)).sum(-1).mean()
+        l1 = row_sums(f, self.ae.decoder_FD().norm(dim=-1)).mean()
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * l1
         return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": l1, "loss": loss})

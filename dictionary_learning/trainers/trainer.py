@@ -18,7 +18,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from .. import distributed
+from .. import distributed, ops
 from ..dictionaries.base import DICTIONARY_REGISTRY, Dictionary, feature_first
 from ..ops import SparseCode, remove_parallel_grad_, unit_norm_rows_
 
@@ -182,6 +182,8 @@ class SAETrainer:
     logging_parameters: ClassVar[list[str]] = []
     # The logged loss term that is the reconstruction error at the site (reweighted by e2e training).
     reconstruction_term: ClassVar[str] = "l2_loss"
+    # Train on the non-zero features only when there are few (`ops.SPARSE_MAX_DENSITY`; CPU only).
+    sparse: bool = False
 
     ae: Dictionary
     optimizer: torch.optim.Optimizer
@@ -260,6 +262,11 @@ class SAETrainer:
     def _resolved_config(self) -> dict[str, Any]:
         """Values computed in the constructor that belong in the config (e.g. a default lr)."""
         return {}
+
+    @property
+    def max_density(self) -> float:
+        """Feature density below which a step takes the sparse path (0: never)."""
+        return ops.SPARSE_MAX_DENSITY if self.sparse else 0.0
 
     def get_logging_parameters(self) -> dict[str, Any]:
         """Current values of the trainer's `logging_parameters` (the reference's API)."""
@@ -456,7 +463,11 @@ class PenalisedTrainer(SAETrainer):
 
     def _commit(self, out: StepOutput, step: int) -> None:
         if self.steps_since_active is not None:
-            fired_F = distributed.any_((out.f.detach().reshape(-1, self.ae.dict_size) != 0).any(0))
+            f = out.f
+            fired_F = (
+                f.fired() if isinstance(f, SparseCode) else (f.detach().reshape(-1, self.ae.dict_size) != 0).any(0)
+            )
+            fired_F = distributed.any_(fired_F)
             self.steps_since_active = torch.where(fired_F, 0, self.steps_since_active + 1)
 
     def _after_step(self, step: int, x: torch.Tensor) -> None:
