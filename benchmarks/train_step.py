@@ -13,9 +13,10 @@ tokens/s and peak memory (CUDA: `max_memory_allocated`; CPU: growth of the peak 
 after the data and the trainer exist). Prints one table with the ratios reference/ours and
 SAELens/ours (> 1: ours is faster).
 
-`--quality N` also trains every TopK-family trainer for N steps with the sparse path and with the
-dense path (`sparse=False`) on the same batches and prints the difference in variance explained
-and L0 on held-out batches.
+`--quality N` also trains the TopK-family trainers, Standard and JumpReLU for N steps with the
+sparse path and with the dense path (`sparse=False`) on the same batches and prints the difference
+in variance explained and L0 on held-out batches (Standard and JumpReLU take the sparse path only
+in steps where fewer than 12 % of their features fire).
 """
 
 from __future__ import annotations
@@ -269,11 +270,12 @@ def quality(a: argparse.Namespace, data: Path) -> None:
     print(f"\nquality after {a.quality} steps of {a.quality_batch} rows, sparse vs dense path", end="")
     print(f" (held-out {a.batch} rows)")
     print(f"{'trainer':28s} {'FVE sparse':>10s} {'FVE dense':>10s} {'|dFVE|':>8s} {'L0 sparse':>10s} {'L0 dense':>9s}")
-    for name in ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"):
+    for name in (*TRAINERS[:3], "StandardTrainer", "JumpReluTrainer"):
         results = []
         for sparse in (True, False):
             cfg = _config(TRAINER_REGISTRY, name, a, steps=a.quality)
-            cfg["threshold_start_step"] = a.quality // 2
+            if name in TRAINERS[:3]:
+                cfg["threshold_start_step"] = a.quality // 2
             trainer = cfg.pop("trainer")(**cfg, sparse=sparse)
             for i in range(a.quality):
                 trainer.update(i, train[i % len(train)])
