@@ -86,19 +86,17 @@ def lp_norm(f_BF: torch.Tensor, p: float, kind: str = "Lp") -> torch.Tensor:
     """
     if kind not in ("Lp", "Lp^p"):
         raise ValueError(f"sparsity_function must be 'Lp' or 'Lp^p', got {kind!r}")
+    v = f_BF.values if isinstance(f_BF, SparseCode) else f_BF
+    v = (v != 0).to(v.dtype) if p == 0 else v.pow(p)
+    s_B = f_BF.row_sums(v) if isinstance(f_BF, SparseCode) else v.sum(-1)
+    return s_B.mean() if p == 0 or kind == "Lp^p" else s_B.pow(1.0 / p).mean()
+
+
+def fired_features(f_BF) -> torch.Tensor:
+    """`[F]` bool: features with a positive value in some row of a `[..., F]` code or a `SparseCode`."""
     if isinstance(f_BF, SparseCode):
-        v_N = f_BF.values
-        return _lp_from_row_sums(f_BF.row_sums((v_N != 0).to(v_N.dtype) if p == 0 else v_N.pow(p)), p, kind)
-    if p == 0:
-        return (f_BF != 0).to(f_BF.dtype).sum(-1).mean()
-    return _lp_from_row_sums(f_BF.pow(p).sum(-1), p, kind)
-
-
-def _lp_from_row_sums(s_B: torch.Tensor, p: float, kind: str) -> torch.Tensor:
-    """`lp_norm` from the per-row sums of `f^p` (of non-zero counts at p = 0)."""
-    if p == 0:
-        return s_B.mean()
-    return s_B.mean() if kind == "Lp^p" else s_B.pow(1.0 / p).mean()
+        return f_BF.fired()
+    return (f_BF.detach().reshape(-1, f_BF.shape[-1]) > 0).any(0)
 
 
 def row_sums(f_BF, weight_F: torch.Tensor | None = None) -> torch.Tensor:
@@ -333,9 +331,13 @@ def batch_topk_entries(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
             index = index[flat[index].topk(n, sorted=False).indices].sort().values
     else:
         index = flat.topk(n, sorted=False).indices.sort().values
-    rows_N = torch.div(index, F_, rounding_mode="floor")
-    offsets_B = torch.searchsorted(rows_N, torch.arange(B, device=index.device))
-    return rows_N, index - rows_N * F_, offsets_B
+    return _entries_of_flat_index(index, B, F_)
+
+
+def _entries_of_flat_index(index_N: torch.Tensor, B: int, F_: int):
+    """(rows_N, features_N, offsets_B) of ascending flat indices into a `[B, F]` array."""
+    rows_N = torch.div(index_N, F_, rounding_mode="floor")
+    return rows_N, index_N - rows_N * F_, torch.searchsorted(rows_N, torch.arange(B, device=index_N.device))
 
 
 # ------------------------------------------------------------------- sparse activations on CPU
@@ -348,17 +350,13 @@ def active_entries(mask_BF: torch.Tensor, max_density: float) -> tuple[torch.Ten
     """(rows_N, features_N, offsets_B) of the True entries of a 2-D mask, in row-major order, or None
     when the sparse path should not run: off CPU (finding them needs the count on the host), with
     `max_density <= 0`, or when more than `max_density` of the entries are True."""
-    if max_density <= 0 or mask_BF.device.type != "cpu":
+    if not _sparse_allowed(mask_BF, max_density) or int(mask_BF.count_nonzero()) > max_density * mask_BF.numel():
         return None
-    if int(mask_BF.count_nonzero()) > max_density * mask_BF.numel():
-        return None
-    B, F_ = mask_BF.shape
-    index = mask_BF.flatten().nonzero().squeeze(1)
-    rows_N = torch.div(index, F_, rounding_mode="floor")
-    return rows_N, index - rows_N * F_, torch.searchsorted(rows_N, torch.arange(B))
+    return _entries_of_flat_index(mask_BF.flatten().nonzero().squeeze(1), *mask_BF.shape)
 
 
 def _sparse_allowed(x: torch.Tensor, max_density: float) -> bool:
+    """Whether a sparse path may run at all (callers check before building the mask)."""
     return max_density > 0 and x.device.type == "cpu"
 
 
@@ -455,8 +453,8 @@ def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D,
     """(f, mean L0, x_hat) of a JumpReLU dictionary in training (2-D `x`): `f = jumprelu(x W_enc.T + b_enc)`,
     `x_hat = f W_dec + b_dec`, with the straight-through threshold gradients of `jumprelu_with_l0`.
 
-    With `max_density > 0`, on CPU, when the entries that are active or within half a bandwidth of
-    their threshold (the only ones with a value or a threshold gradient) are at most that fraction,
+    With `max_density > 0`, on CPU, when the entries that are active or within a bandwidth of their
+    threshold (a superset of those with a value or a threshold gradient) are at most that fraction,
     f is a `SparseCode` over those entries and the step touches only them (same values and gradients).
     """
     pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)

@@ -19,6 +19,14 @@ def _tied_init_columns(activation_dim: int, dict_size: int, column_norm: float) 
     return w_DF / w_DF.norm(dim=0, keepdim=True) * column_norm
 
 
+def _encode_decode(ae, x_BD, b_in_D, b_out_D, max_density):
+    """`encode_decode` of both ReLU layouts (`nn.Linear` encoder and decoder, optional biases)."""
+    ae._check_width(x_BD)
+    x2 = x_BD.reshape(-1, ae.activation_dim)
+    f, x_hat = relu_dictionary(x2, ae.encoder.weight, ae.encoder.bias, ae.decoder.weight, b_in_D, b_out_D, max_density)
+    return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
+
+
 @register_dictionary
 class AutoEncoder(Dictionary):
     """Standard ReLU SAE: `f = ReLU(W_enc (x - b) + b_enc)`, `x_hat = W_dec f + b` (one shared bias b).
@@ -51,12 +59,7 @@ class AutoEncoder(Dictionary):
     def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
         """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
         `max_density > 0` the features may come as a `SparseCode` (see `ops.relu_dictionary`)."""
-        self._check_width(x_BD)
-        x2 = x_BD.reshape(-1, self.activation_dim)
-        f, x_hat = relu_dictionary(
-            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, self.bias, self.bias, max_density
-        )
-        return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
+        return _encode_decode(self, x_BD, self.bias, self.bias, max_density)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activations(x_BD))
@@ -145,12 +148,7 @@ class AutoEncoderNew(Dictionary):
     def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
         """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
         `max_density > 0` the features may come as a `SparseCode` (see `ops.relu_dictionary`)."""
-        self._check_width(x_BD)
-        x2 = x_BD.reshape(-1, self.activation_dim)
-        f, x_hat = relu_dictionary(
-            x2, self.encoder.weight, self.encoder.bias, self.decoder.weight, None, self.decoder.bias, max_density
-        )
-        return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
+        return _encode_decode(self, x_BD, None, self.decoder.bias, max_density)
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         return self.decoder(f_BF)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import JumpReluAutoEncoder
-from ..ops import JumpReLUFunction, SparseCode, StepFunction, jumprelu_dictionary  # noqa: F401  (reference path)
+from ..ops import JumpReLUFunction, StepFunction, fired_features, jumprelu_dictionary  # noqa: F401 (reference)
 from .top_k import DEAD_FEATURE_TOKENS
 from .trainer import (
     SAETrainer,
@@ -97,8 +97,7 @@ class JumpReluTrainer(SAETrainer):
             penalty = self.sparsity_coefficient * l0
         scale = 1.0 if step is None else self.sparsity_warmup_fn(step)
         loss = recon + penalty * scale
-        fired_F = f.fired() if isinstance(f, SparseCode) else (f.detach() > 0).any(0)
-        counter_F, _ = tokens_since_fired(self.num_tokens_since_fired, fired_F, x.shape[0])
+        counter_F, _ = tokens_since_fired(self.num_tokens_since_fired, fired_features(f), x.shape[0])
         logs = {
             "l2_loss": recon,
             "sparsity_loss": penalty,

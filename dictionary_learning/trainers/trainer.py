@@ -148,7 +148,7 @@ class StepOutput:
 
     loss: torch.Tensor
     x_hat: torch.Tensor
-    f: torch.Tensor | SparseCode  # `[..., F]` or, for the sparse TopK path, the kept entries of `[B, F]`
+    f: torch.Tensor | SparseCode  # `[..., F]` or, on a sparse path, the kept entries of `[B, F]`
     losses: dict[str, Any]
     commit: dict[str, Any] = field(default_factory=dict)
 
@@ -463,11 +463,7 @@ class PenalisedTrainer(SAETrainer):
 
     def _commit(self, out: StepOutput, step: int) -> None:
         if self.steps_since_active is not None:
-            f = out.f
-            fired_F = (
-                f.fired() if isinstance(f, SparseCode) else (f.detach().reshape(-1, self.ae.dict_size) != 0).any(0)
-            )
-            fired_F = distributed.any_(fired_F)
+            fired_F = distributed.any_(ops.fired_features(out.f))  # ReLU/gated features are >= 0
             self.steps_since_active = torch.where(fired_F, 0, self.steps_since_active + 1)
 
     def _after_step(self, step: int, x: torch.Tensor) -> None:
