@@ -11,12 +11,16 @@ training forward pass, firing statistics, backward, clipping, Adam). Each proces
 `--warmup` steps, then times `--steps` steps on the same batches, and reports seconds per step,
 tokens/s and peak memory (CUDA: `max_memory_allocated`; CPU: growth of the peak resident set
 after the data and the trainer exist). Prints one table with the ratios reference/ours and
-SAELens/ours (> 1: ours is faster).
+SAELens/ours (> 1: ours is faster). `--dense` adds ours with `sparse=False`; `--triton` adds ours with
+the Triton kernels of the sparse backward (`DICTIONARY_LEARNING_TRITON=1`; CUDA only).
 
-`--quality N` also trains the TopK-family trainers, Standard and JumpReLU for N steps with the
-sparse path and with the dense path (`sparse=False`) on the same batches and prints the difference
-in variance explained and L0 on held-out batches (Standard and JumpReLU take the sparse path only
-in steps where fewer than 12 % of their features fire).
+`--run N` trains instead: every implementation (ours, ours with `sparse=False`, the reference) trains
+each trainer for N steps of `--run-batch` rows from initialisation on the same batches, and the table
+shows the mean seconds per step of the whole run (the L1/JumpReLU recipes start dense, at about half
+of their features firing, and take the sparse path only in the steps where fewer than 12 % fire),
+then variance explained and L0 on `--batch` held-out rows: the sparse-vs-dense quality check. The
+activations are scaled to unit mean squared norm first (as `trainSAE(normalize_activations=True)`
+does), so that the L1 penalties mean what they mean in the demo.
 """
 
 from __future__ import annotations
@@ -70,18 +74,20 @@ def _config(classes: dict, name: str, a: argparse.Namespace, steps: int) -> dict
         warmup_steps=min(10, steps - 1),
     )
     topk = dict(common, k=a.k, threshold_start_step=1)
-    penalised = dict(common, sparsity_warmup_steps=min(10, steps - 1))
+    penalised = dict(common, sparsity_warmup_steps=min(10, steps - 1), lr=a.lr)
     extra = {
         "TopKTrainer": topk,
         "BatchTopKTrainer": topk,
         "MatryoshkaBatchTopKTrainer": dict(topk, group_fractions=[0.125, 0.125, 0.25, 0.5]),
-        "StandardTrainer": dict(penalised, lr=1e-4, l1_penalty=0.1),
-        "StandardTrainerAprilUpdate": dict(penalised, lr=1e-4, l1_penalty=0.1),
-        "GatedSAETrainer": dict(penalised, lr=1e-4, l1_penalty=0.1),
-        "JumpReluTrainer": dict(penalised, lr=1e-4, target_l0=a.k),
-        "PAnnealTrainer": dict(penalised, lr=1e-4, anneal_start=steps // 2),
-        "GatedAnnealTrainer": dict(penalised, lr=1e-4, anneal_start=steps // 2),
+        "StandardTrainer": dict(penalised, l1_penalty=a.l1_penalty),
+        "StandardTrainerAprilUpdate": dict(penalised, l1_penalty=a.l1_penalty),
+        "GatedSAETrainer": dict(penalised, l1_penalty=a.l1_penalty),
+        "JumpReluTrainer": dict(penalised, target_l0=a.k),
+        "PAnnealTrainer": dict(penalised, initial_sparsity_penalty=a.l1_penalty, anneal_start=steps // 2),
+        "GatedAnnealTrainer": dict(penalised, initial_sparsity_penalty=a.l1_penalty, anneal_start=steps // 2),
     }[name]
+    if a.run and name in TRAINERS[:3]:
+        extra["threshold_start_step"] = steps // 2
     return dict(extra, trainer=classes[name])
 
 
@@ -186,12 +192,18 @@ def worker(a: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(a.threads or torch.get_num_threads())
     x_all = load_file(a.data)["x"]
-    batches = [b.to(a.device) for b in x_all.split(a.batch)]
-    total = a.warmup + a.steps
+    if a.run:  # the first --batch rows are held out; unit mean squared norm, as normalize_activations=True
+        x_all = x_all / x_all[a.batch :].norm(dim=-1).pow(2).mean().sqrt()
+        held_out = x_all[: a.batch].to(a.device)
+        batches = [b.to(a.device) for b in x_all[a.batch :].split(a.run_batch)]
+        warmup, total = 0, a.run
+    else:
+        batches = [b.to(a.device) for b in x_all.split(a.batch)]
+        warmup, total = a.warmup, a.warmup + a.steps
     if a.impl == "saelens":
         step, module = _saelens_step_fn(a.trainer, a)
     else:
-        cfg = _config(_trainer_classes(a.impl), a.trainer, a, steps=total + 1)
+        cfg = _config(_trainer_classes(a.impl), a.trainer, a, steps=a.run or total + 1)
         cls = cfg.pop("trainer")
         if a.impl == "ours" and a.dense:
             cfg["sparse"] = False
@@ -202,19 +214,25 @@ def worker(a: argparse.Namespace) -> dict:
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base_rss = _peak_rss_bytes()
-    for i in range(a.warmup):
+    for i in range(warmup):
         step(i, batches[i % len(batches)])
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    for i in range(a.warmup, total):
+    for i in range(warmup, total):
         step(i, batches[i % len(batches)])
     sync()
-    seconds = (time.perf_counter() - start) / a.steps
+    seconds = (time.perf_counter() - start) / (total - warmup)
     peak = torch.cuda.max_memory_allocated() - base_mem if cuda else _peak_rss_bytes() - base_rss
-    return {"trainer": a.trainer, "impl": a.impl, "s_per_step": seconds, "peak_bytes": peak, "l0": l0}
+    out = {"trainer": a.trainer, "impl": a.impl, "s_per_step": seconds, "peak_bytes": peak, "l0": l0}
+    if a.run:
+        with torch.no_grad():
+            x_hat, f = module(held_out, output_features=True)
+        out["fve"] = float(1 - (held_out - x_hat).var(0).sum() / held_out.var(0).sum())
+        out["l0"] = float((f != 0).float().sum(-1).mean())
+    return out
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -242,49 +260,24 @@ def write_activations(a: argparse.Namespace, path: Path) -> str:
     return source
 
 
-def run_worker(python: str, a: argparse.Namespace, impl: str, trainer: str, data: Path, dense=False) -> dict | None:
+def run_worker(
+    python: str, a: argparse.Namespace, impl: str, trainer: str, data: Path, dense=False, triton=False
+) -> dict | None:
     cmd = [python, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--trainer", trainer, "--data", str(data)]
-    for key in ("batch", "dim", "dict_size", "k", "steps", "warmup", "device", "threads", "l0"):
+    keys = ("batch", "dim", "dict_size", "k", "steps", "warmup", "device", "threads", "l0", "lr", "l1_penalty", "run")
+    for key in keys + ("run_batch",):
         value = getattr(a, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     if dense:
         cmd.append("--dense")
+    env = dict(os.environ, DICTIONARY_LEARNING_TRITON="1" if triton else "0")
     # Away from the repository, whose dictionary_learning must not shadow the reference package.
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env)
     if out.returncode != 0:
         print(f"  {impl} {trainer} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def quality(a: argparse.Namespace, data: Path) -> None:
-    """Sparse and dense paths trained on the same batches: FVE and L0 on held-out batches."""
-    sys.path.insert(0, str(REPO))
-    from safetensors.torch import load_file
-
-    from dictionary_learning import TRAINER_REGISTRY
-
-    x_all = load_file(str(data))["x"].to(a.device)
-    held_out, train = x_all[: a.batch], list(x_all[a.batch :].split(a.quality_batch))
-    print(f"\nquality after {a.quality} steps of {a.quality_batch} rows, sparse vs dense path", end="")
-    print(f" (held-out {a.batch} rows)")
-    print(f"{'trainer':28s} {'FVE sparse':>10s} {'FVE dense':>10s} {'|dFVE|':>8s} {'L0 sparse':>10s} {'L0 dense':>9s}")
-    for name in (*TRAINERS[:3], "StandardTrainer", "JumpReluTrainer"):
-        results = []
-        for sparse in (True, False):
-            cfg = _config(TRAINER_REGISTRY, name, a, steps=a.quality)
-            if name in TRAINERS[:3]:
-                cfg["threshold_start_step"] = a.quality // 2
-            trainer = cfg.pop("trainer")(**cfg, sparse=sparse)
-            for i in range(a.quality):
-                trainer.update(i, train[i % len(train)])
-            with torch.no_grad():
-                x_hat, f = trainer.ae(held_out, output_features=True)
-            fve = 1 - (held_out - x_hat).var(0).sum() / held_out.var(0).sum()
-            results.append((float(fve), float((f != 0).float().sum(-1).mean())))
-        (fs, ls), (fd, ld) = results
-        print(f"{name:28s} {fs:10.4f} {fd:10.4f} {abs(fs - fd):8.4f} {ls:10.2f} {ld:9.2f}")
 
 
 def main() -> None:
@@ -304,14 +297,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
     p.add_argument("--dense", action="store_true", help="also time our trainers with sparse=False")
     p.add_argument(
+        "--triton", action="store_true", help="also time ours with the Triton kernels (DICTIONARY_LEARNING_TRITON=1)"
+    )
+    p.add_argument(
         "--l0",
         type=float,
         help="time the L1/JumpReLU recipes at this mean L0 (a bias or threshold of every implementation's "
         "untrained dictionary is shifted until its features fire this often, as after training); "
         "default: as initialised (about half of the features fire)",
     )
-    p.add_argument("--quality", type=int, default=0, help="steps of the sparse-vs-dense quality check")
-    p.add_argument("--quality-batch", type=int, default=1024, help="batch size of the quality check")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the L1/JumpReLU recipes")
+    p.add_argument("--l1-penalty", type=float, default=0.1, help="L1 coefficient of Standard, Gated and p-anneal")
+    p.add_argument(
+        "--run",
+        type=int,
+        default=0,
+        help="train every implementation this many steps from initialisation (ours, ours dense, reference), "
+        "then report the mean step time of the run and variance explained and L0 on held-out rows",
+    )
+    p.add_argument("--run-batch", type=int, default=1024, help="rows per step in --run")
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -330,42 +334,56 @@ def main() -> None:
             pythons["reference"] = str(Path(a.reference_python).absolute())
         if a.saelens_python:
             pythons["saelens"] = str(Path(a.saelens_python).absolute())
+        if a.run:
+            what = f"{a.run} training steps of {a.run_batch} rows from initialisation, {a.batch} rows held out"
+            a.dense = True
+        else:
+            what = f"B={a.batch}, {a.steps} timed steps after {a.warmup} warm-up"
         print(
-            f"B={a.batch} D={a.dim} F={a.dict_size} k={a.k}, device {a.device}, {a.steps} timed steps after "
-            f"{a.warmup} warm-up, {source}; torch threads {a.threads or torch.get_num_threads()}, "
-            f"cpus {os.cpu_count()}"
+            f"{what}; D={a.dim} F={a.dict_size} k={a.k}, lr {a.lr} and L1 {a.l1_penalty} (L1/JumpReLU recipes), "
+            f"device {a.device}, {source}; torch threads {a.threads or torch.get_num_threads()}, cpus {os.cpu_count()}"
         )
         rows = []
         for trainer in a.trainers.split(","):
             row = {"trainer": trainer}
             for impl, python in pythons.items():
-                if impl == "saelens" and trainer not in SAELENS:
-                    continue
+                if impl == "saelens" and (trainer not in SAELENS or a.run):
+                    continue  # in --run SAELens would train with its own hyperparameters
                 row[impl] = run_worker(python, a, impl, trainer, data)
             if a.dense:
                 row["dense"] = run_worker(sys.executable, a, "ours", trainer, data, dense=True)
+            if a.triton:
+                row["triton"] = run_worker(sys.executable, a, "ours", trainer, data, triton=True)
             rows.append(row)
-            _print_row(row, a.batch)
-        if a.quality:
-            quality(a, data)
+            _print_row(row, a.run_batch if a.run else a.batch)
 
 
 def _print_row(row: dict, batch: int) -> None:
     def fmt(r):
         if r is None:
             return "       -"
-        return f"{r['s_per_step']:8.3f}" + (f" (L0 {r['l0']:.0f})" if r.get("l0") is not None else "")
+        text = f"{r['s_per_step']:8.3f}"
+        if r.get("fve") is not None:
+            text += f" (FVE {r['fve']:.4f}, L0 {r['l0']:.1f})"
+        elif r.get("l0") is not None:
+            text += f" (L0 {r['l0']:.0f})"
+        return text
 
     ours = row.get("ours")
     parts = [f"{row['trainer']:28s}", f"ours {fmt(ours)} s/step"]
     if ours:
         parts.append(f"{batch / ours['s_per_step']:9.0f} tok/s  peak {ours['peak_bytes'] / 2**20:7.0f} MiB")
-    for impl in ("dense", "reference", "saelens"):
+    for impl in ("dense", "triton", "reference", "saelens"):
         if impl in row:
             r = row[impl]
             ratio = f"x{r['s_per_step'] / ours['s_per_step']:.2f}" if r and ours else ""
             mem = f" {r['peak_bytes'] / 2**20:6.0f} MiB" if r else ""
             parts.append(f"| {impl} {fmt(r)}{mem} {ratio}")
+    dense = row.get("dense")
+    if ours and dense and ours.get("fve") is not None:
+        parts.append(
+            f"| sparse-dense |dFVE| {abs(ours['fve'] - dense['fve']):.4f} |dL0| {abs(ours['l0'] - dense['l0']):.1f}"
+        )
     print("  ".join(parts), flush=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -186,12 +187,35 @@ class SparseCode(NamedTuple):
         return positive_N.new_zeros(self.dict_size).index_add_(0, self.features, positive_N) > 0
 
 
+# The Triton kernels of `triton_kernels.py` for the two backward primitives below, on CUDA tensors
+# (on any tensor under TRITON_INTERPRET=1). Off by default: they are checked against the PyTorch path
+# (tests/test_fast_paths.py) but not yet timed on a GPU. DICTIONARY_LEARNING_TRITON=1 switches them on.
+USE_TRITON = os.environ.get("DICTIONARY_LEARNING_TRITON", "") == "1"
+
+
+def _triton_kernels(x: torch.Tensor):
+    """The Triton kernel module when `USE_TRITON` is on and `x` is on a device they run on, else None."""
+    if not USE_TRITON or not (x.is_cuda or os.environ.get("TRITON_INTERPRET", "") == "1"):
+        return None
+    try:
+        from . import triton_kernels
+    except ImportError as e:
+        raise ImportError(
+            f"DICTIONARY_LEARNING_TRITON=1 (ops.USE_TRITON) needs the triton package ({e}); "
+            "pip install triton, or unset it to use the PyTorch path"
+        ) from e
+    return triton_kernels
+
+
 def feature_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N, features_N, n_features: int) -> torch.Tensor:
     """`[F, D]` sums `out[f] = sum over entries n of feature f of weights[n] * src[rows[n]]`, i.e. `code.T @ src`.
 
     The entries are grouped by feature with one stable sort, then summed by `embedding_bag`, which
     reads each source row once per entry: no `[N, D]` intermediate and no dense `[F, B]` matmul.
     """
+    kernels = _triton_kernels(src_BD)
+    if kernels is not None:
+        return kernels.feature_sums(weights_N, src_BD, rows_N, features_N, n_features)
     sorted_N, order_N = torch.sort(features_N, stable=True)
     # searchsorted, not bincount: bincount sizes its output from the data, a host sync on GPUs
     starts_F = torch.searchsorted(sorted_N, torch.arange(n_features, device=features_N.device))
@@ -210,6 +234,9 @@ def sampled_products(a_BD: torch.Tensor, W_FD: torch.Tensor, rows_N, features_N,
     On CPU `torch.sparse.sampled_addmm` computes them from a CSR pattern; elsewhere the backward
     of `embedding_bag` does (it forms the same per-entry dot products).
     """
+    kernels = _triton_kernels(a_BD)
+    if kernels is not None:
+        return kernels.sampled_products(a_BD, W_FD, rows_N, features_N)
     n = features_N.shape[0]
     if a_BD.device.type == "cpu" and USE_CPU_SDDMM:
         crow = torch.cat([offsets_B, offsets_B.new_tensor([n])])

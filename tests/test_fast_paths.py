@@ -1,6 +1,12 @@
 """Fast training paths equal the plain computation: the sparse TopK path (`sparse=True`) and the fused
 ReLU dictionary backward, in values and gradients."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +16,7 @@ from dictionary_learning.trainers import BatchTopKTrainer, MatryoshkaBatchTopKTr
 from dictionary_learning.trainers.top_k import DEAD_FEATURE_TOKENS
 
 D, F, K = 24, 96, 6
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _pair(cls, **kwargs):
@@ -323,3 +330,28 @@ def test_dense_recipes_train_the_same_on_the_sparse_path(monkeypatch, name, kwar
         torch.testing.assert_close(p_s, p_d, rtol=1e-4, atol=1e-5, msg=key)
     log = sparse.loss(batches[0], step=6, logging=True)
     assert log.f.shape == (128, F)
+
+
+# ------------------------------------------------------------------------------------ Triton kernels
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CI installs it)")
+def test_triton_kernels_equal_the_pytorch_path():
+    """The Triton kernels (run by Triton's interpreter on CPU tensors) give the PyTorch path's results:
+    both backward primitives, and whole TopK, BatchTopK and Standard (sparse path) training steps."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DICTIONARY_LEARNING_TRITON="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    script = Path(__file__).with_name("triton_parity.py")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "triton parity ok" in out.stdout
+
+
+def test_triton_switch_needs_triton_and_a_device_it_runs_on(monkeypatch):
+    from dictionary_learning import ops
+
+    monkeypatch.setattr(ops, "USE_TRITON", True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ops._triton_kernels(torch.zeros(2)) is None  # CPU tensors stay on the PyTorch path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "dictionary_learning.triton_kernels", None)  # as if triton were missing
+    with pytest.raises(ImportError, match="needs the triton package"):
+        ops._triton_kernels(torch.zeros(2))
