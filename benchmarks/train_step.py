@@ -75,6 +75,7 @@ def _config(classes: dict, name: str, a: argparse.Namespace, steps: int) -> dict
     )
     topk = dict(common, k=a.k, threshold_start_step=1)
     penalised = dict(common, sparsity_warmup_steps=min(10, steps - 1), lr=a.lr)
+    anneal = dict(penalised, anneal_start=steps // 2, p_end=0.5)
     extra = {
         "TopKTrainer": topk,
         "BatchTopKTrainer": topk,
@@ -83,8 +84,9 @@ def _config(classes: dict, name: str, a: argparse.Namespace, steps: int) -> dict
         "StandardTrainerAprilUpdate": dict(penalised, l1_penalty=a.l1_penalty),
         "GatedSAETrainer": dict(penalised, l1_penalty=a.l1_penalty),
         "JumpReluTrainer": dict(penalised, target_l0=a.k),
-        "PAnnealTrainer": dict(penalised, initial_sparsity_penalty=a.l1_penalty, anneal_start=steps // 2),
-        "GatedAnnealTrainer": dict(penalised, initial_sparsity_penalty=a.l1_penalty, anneal_start=steps // 2),
+        # p_end 0.5 as in the demo: the reference's default p_end=0 with "Lp" divides by zero
+        "PAnnealTrainer": dict(anneal, initial_sparsity_penalty=a.l1_penalty),
+        "GatedAnnealTrainer": dict(anneal, initial_sparsity_penalty=a.l1_penalty),
     }[name]
     if a.run and name in TRAINERS[:3]:
         extra["threshold_start_step"] = steps // 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from test_trainers import LEARNING_CONFIGS
@@ -12,6 +14,8 @@ from dictionary_learning.synthetic import PlantedFeatures
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ON_GPU = [dict(c, device="cuda") for c in CONFIGS]
+# the Triton kernels of the sparse backward (ops.USE_TRITON), where triton is installed
+TRITON = pytest.param(True, marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton"))
 
 
 @pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
@@ -110,8 +114,13 @@ def test_buffer_cache_and_evaluate_with_the_model_on_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
-def test_training_step_never_waits_for_the_gpu(name):
-    """No host synchronisation in `update` after the first step (no .item(), no data-dependent shapes)."""
+@pytest.mark.parametrize("triton", [False, TRITON], ids=["pytorch", "triton"])
+def test_training_step_never_waits_for_the_gpu(monkeypatch, name, triton):
+    """No host synchronisation in `update` after the first step (no .item(), no data-dependent shapes),
+    with the PyTorch and with the Triton kernels of the sparse backward."""
+    from dictionary_learning import ops
+
+    monkeypatch.setattr(ops, "USE_TRITON", triton)
     config, steps = LEARNING_CONFIGS[name]
     trainer = TRAINER_REGISTRY[name](steps=steps, **dict(config, device="cuda"))
     batches_ = [x.cuda() for x in PlantedFeatures(d=32).batches(4)]
@@ -125,9 +134,13 @@ def test_training_step_never_waits_for_the_gpu(name):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_sparse_topk_path_matches_dense_on_cuda():
+@pytest.mark.parametrize("triton", [False, TRITON], ids=["pytorch", "triton"])
+def test_sparse_topk_path_matches_dense_on_cuda(monkeypatch, triton):
     from test_fast_paths import TRAINERS, _grads, _pair
 
+    from dictionary_learning import ops
+
+    monkeypatch.setattr(ops, "USE_TRITON", triton)
     for cls, kwargs in TRAINERS:
         sparse, dense = _pair(cls, **kwargs, device="cuda")
         x = torch.randn(64, 24, device="cuda")
