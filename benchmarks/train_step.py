@@ -266,8 +266,8 @@ def run_worker(
     python: str, a: argparse.Namespace, impl: str, trainer: str, data: Path, dense=False, triton=False
 ) -> dict | None:
     cmd = [python, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--trainer", trainer, "--data", str(data)]
-    keys = ("batch", "dim", "dict_size", "k", "steps", "warmup", "device", "threads", "l0", "lr", "l1_penalty", "run")
-    for key in keys + ("run_batch",):
+    keys = ("batch", "dim", "dict_size", "k", "steps", "warmup", "device", "threads", "l0", "lr", "l1_penalty")
+    for key in keys + ("run", "run_batch"):
         value = getattr(a, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]

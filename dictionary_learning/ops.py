@@ -213,15 +213,15 @@ def feature_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N, features
     The entries are grouped by feature with one stable sort, then summed by `embedding_bag`, which
     reads each source row once per entry: no `[N, D]` intermediate and no dense `[F, B]` matmul.
     """
+    sorted_N, order_N = torch.sort(features_N, stable=True)
+    # bounds[f] .. bounds[f + 1] are feature f's entries in sorted order; searchsorted, not bincount:
+    # bincount sizes its output from the data, a host sync on GPUs
+    bounds = torch.searchsorted(sorted_N, torch.arange(n_features + 1, device=features_N.device))
+    rows_N, weights_N = rows_N[order_N], weights_N[order_N]
     kernels = _triton_kernels(src_BD)
     if kernels is not None:
-        return kernels.feature_sums(weights_N, src_BD, rows_N, features_N, n_features)
-    sorted_N, order_N = torch.sort(features_N, stable=True)
-    # searchsorted, not bincount: bincount sizes its output from the data, a host sync on GPUs
-    starts_F = torch.searchsorted(sorted_N, torch.arange(n_features, device=features_N.device))
-    return F.embedding_bag(
-        rows_N[order_N], src_BD.contiguous(), starts_F, mode="sum", per_sample_weights=weights_N[order_N]
-    )
+        return kernels.group_sums(weights_N, src_BD, rows_N, bounds)
+    return F.embedding_bag(rows_N, src_BD.contiguous(), bounds[:-1], mode="sum", per_sample_weights=weights_N)
 
 
 # Tests switch this off to check the portable branch of `sampled_products` on CPU too.

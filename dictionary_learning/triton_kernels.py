@@ -6,9 +6,9 @@ Both read each source row once per entry and accumulate in float32:
 
 - `sampled_products`: `out[n] = a[rows[n]] . W[features[n]]`, the gradient of the kept code values.
   One program per block of entries, looping over the width `D`.
-- `feature_sums`: `out[f] = sum over entries n of feature f of w[n] * src[rows[n]]`, the gradient of
-  the decoder rows (and of the encoder rows). The entries are grouped by feature with one stable
-  sort (as in the PyTorch path); one program per (feature, block of `D`) sums its group.
+- `group_sums`: `out[f] = sum over entries n of feature f of w[n] * src[rows[n]]`, the gradient of
+  the decoder rows (and of the encoder rows), from the entries `ops.feature_sums` has grouped by
+  feature; one program per (feature, block of `D`) sums its group.
 
 Under `TRITON_INTERPRET=1` they run on CPU tensors (numpy), which is how CI checks them against the
 PyTorch path on machines without a GPU.
@@ -75,17 +75,15 @@ def sampled_products(a_BD: torch.Tensor, W_FD: torch.Tensor, rows_N: torch.Tenso
     return out.to(W_FD.dtype)
 
 
-def feature_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N, features_N, n_features: int):
-    """`[F, D]`: `out[f] = sum over entries n of feature f of weights[n] * src[rows[n]]`, in `src`'s dtype."""
+def group_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N: torch.Tensor, bounds_G: torch.Tensor):
+    """`[G - 1, D]`: `out[g] = sum of weights[n] * src[rows[n]]` over entries `bounds[g] <= n < bounds[g + 1]`,
+    in `src`'s dtype (the entries already grouped, as `ops.feature_sums` does)."""
     src_BD = src_BD.contiguous()
-    sorted_N, order_N = torch.sort(features_N, stable=True)
-    # bounds[f] .. bounds[f + 1] are feature f's entries in the sorted order (no host sync)
-    bounds = torch.searchsorted(sorted_N, torch.arange(n_features + 1, device=features_N.device))
-    width = src_BD.shape[1]
-    out = torch.empty(n_features, width, device=src_BD.device, dtype=torch.float32)
+    n_groups, width = bounds_G.shape[0] - 1, src_BD.shape[1]
+    out = torch.empty(n_groups, width, device=src_BD.device, dtype=torch.float32)
     block_d = min(128, triton.next_power_of_2(width))
-    _group_sums_kernel[(n_features, triton.cdiv(width, block_d))](
-        weights_N[order_N].contiguous(), src_BD, rows_N[order_N].contiguous(), bounds, out, width,
+    _group_sums_kernel[(n_groups, triton.cdiv(width, block_d))](
+        weights_N.contiguous(), src_BD, rows_N.contiguous(), bounds_G, out, width,
         src_BD.stride(0), out.stride(0), BLOCK_N=16, BLOCK_D=block_d,
     )  # fmt: skip
     return out.to(src_BD.dtype)

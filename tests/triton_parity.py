@@ -23,7 +23,7 @@ def counted(name):
     return wrapper
 
 
-for name in ("sampled_products", "feature_sums"):
+for name in ("sampled_products", "group_sums"):
     setattr(triton_kernels, name, counted(name))
 
 
@@ -77,5 +77,5 @@ for cls, kwargs in configs:
     tri, ref = both(train, cls, kwargs)
     for name in ref:
         torch.testing.assert_close(tri[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{cls.__name__} {name}")
-assert calls["sampled_products"] >= 8 + 3 * 6 and calls["feature_sums"] >= 8 + 3 * 6 * 2, calls
+assert calls["sampled_products"] >= 8 + 3 * 6 and calls["group_sums"] >= 8 + 3 * 6 * 2, calls
 print("triton parity ok", dict(calls))
