@@ -382,6 +382,27 @@ def active_entries(mask_BF: torch.Tensor, max_density: float) -> tuple[torch.Ten
     return _entries_of_flat_index(mask_BF.flatten().nonzero().squeeze(1), *mask_BF.shape)
 
 
+# Rows of a strided sample whose density is checked before the whole mask is built.
+DENSITY_SAMPLE_ROWS = 256
+
+
+def sparse_entries(mask_of: Callable[[slice], torch.Tensor], x: torch.Tensor, max_density: float):
+    """`active_entries` of the `[B, F]` mask that `mask_of(rows)` builds for a slice of rows, or None.
+
+    A strided sample of about `DENSITY_SAMPLE_ROWS` rows is checked first: when it is more than twice
+    as dense as allowed, the step is dense and the whole mask (several passes over `[B, F]` for
+    JumpReLU) is never built. A misjudged sample only costs speed, never correctness.
+    """
+    if not _sparse_allowed(x, max_density):
+        return None
+    stride = x.shape[0] // DENSITY_SAMPLE_ROWS
+    if stride > 1:
+        sample = mask_of(slice(None, None, stride))
+        if int(sample.count_nonzero()) > 2 * max_density * sample.numel():
+            return None
+    return active_entries(mask_of(slice(None)), max_density)
+
+
 def _sparse_allowed(x: torch.Tensor, max_density: float) -> bool:
     """Whether a sparse path may run at all (callers check before building the mask)."""
     return max_density > 0 and x.device.type == "cpu"
@@ -435,7 +456,7 @@ def relu_dictionary(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D=None, b_out_D=None
     """
     with torch.no_grad():
         pre_BF = torch.addmm(b_enc_F, x_BD - b_in_D if b_in_D is not None else x_BD, W_enc_FD.T)
-    entries = active_entries(pre_BF > 0, max_density) if _sparse_allowed(x_BD, max_density) else None
+    entries = sparse_entries(lambda rows: pre_BF[rows] > 0, x_BD, max_density)
     if entries is None:
         return _ReluDictionary.apply(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D, pre_BF)
     rows_N, features_N, offsets_B = entries
@@ -485,19 +506,22 @@ def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D,
     f is a `SparseCode` over those entries and the step touches only them (same values and gradients).
     """
     pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
-    if _sparse_allowed(x_BD, max_density):
-        with torch.no_grad():
-            gap_BF = pre_BF.detach() - threshold_F
-            # a full bandwidth (not half) so that rounding never drops an entry the rectangle kernel sees
-            entries = active_entries((gap_BF > 0) | (gap_BF.abs_() < bandwidth), max_density)
-        if entries is not None:
-            rows_N, features_N, offsets_B = entries
-            pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF.detach(), rows_N, features_N, offsets_B)
-            threshold_N = threshold_F[features_N]
-            values_N = JumpReLUFunction.apply(pre_N, threshold_N, bandwidth)
-            l0 = StepFunction.apply(pre_N, threshold_N, bandwidth).sum() / x_BD.shape[0]
-            code = SparseCode(values_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
-            return code, l0, sparse_decode(code, W_dec_FD) + b_dec_D
+
+    def near_or_above(rows: slice) -> torch.Tensor:
+        gap = pre_BF.detach()[rows] - threshold_F.detach()
+        # a full bandwidth (not half) so that rounding never drops an entry the rectangle kernel sees
+        return (gap > 0) | (gap.abs_() < bandwidth)
+
+    with torch.no_grad():
+        entries = sparse_entries(near_or_above, x_BD, max_density)
+    if entries is not None:
+        rows_N, features_N, offsets_B = entries
+        pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF.detach(), rows_N, features_N, offsets_B)
+        threshold_N = threshold_F[features_N]
+        values_N = JumpReLUFunction.apply(pre_N, threshold_N, bandwidth)
+        l0 = StepFunction.apply(pre_N, threshold_N, bandwidth).sum() / x_BD.shape[0]
+        code = SparseCode(values_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
+        return code, l0, sparse_decode(code, W_dec_FD) + b_dec_D
     f_BF, l0 = _JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
     return f_BF, l0, f_BF @ W_dec_FD + b_dec_D
 
@@ -557,7 +581,7 @@ def gated_dictionary(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec
     """
     with torch.no_grad():
         z_BF = (x_BD - b_dec_D) @ W_enc_FD.T
-    entries = active_entries(z_BF + b_gate_F > 0, max_density) if _sparse_allowed(x_BD, max_density) else None
+    entries = sparse_entries(lambda rows: z_BF[rows] + b_gate_F.detach() > 0, x_BD, max_density)
     if entries is None:
         return _GatedDictionary.apply(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, z_BF)
     rows_N, features_N, offsets_B = entries

@@ -200,6 +200,30 @@ def test_active_entries_declines_dense_masks_and_other_devices():
     assert active_entries(mask.to("meta"), 1.0) is None
 
 
+def test_sparse_entries_checks_a_row_sample_before_building_the_whole_mask():
+    from dictionary_learning.ops import DENSITY_SAMPLE_ROWS, active_entries, sparse_entries
+
+    torch.manual_seed(0)
+    B = 4 * DENSITY_SAMPLE_ROWS
+    x = torch.zeros(B, 3)
+    for density, sparse in ((0.5, False), (0.05, True)):
+        mask = torch.rand(B, 40) < density
+        built = []
+
+        def mask_of(rows, mask=mask, built=built):
+            built.append(mask[rows].shape[0])
+            return mask[rows]
+
+        entries = sparse_entries(mask_of, x, 0.12)
+        assert built[0] == DENSITY_SAMPLE_ROWS  # the sample comes first
+        if sparse:  # then the whole mask, with active_entries' result
+            assert built[1:] == [B]
+            assert all(torch.equal(a, b) for a, b in zip(entries, active_entries(mask, 0.12)))
+        else:  # a dense sample: the whole mask is never built
+            assert entries is None and built == [DENSITY_SAMPLE_ROWS]
+    assert sparse_entries(lambda rows: torch.ones(B, 40, dtype=torch.bool)[rows], x, 0.0) is None
+
+
 def _perturbed(ae, scale=0.1):
     with torch.no_grad():
         for p in ae.parameters():
