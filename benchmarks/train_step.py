@@ -12,7 +12,9 @@ training forward pass, firing statistics, backward, clipping, Adam). Each proces
 tokens/s and peak memory (CUDA: `max_memory_allocated`; CPU: growth of the peak resident set
 after the data and the trainer exist). Prints one table with the ratios reference/ours and
 SAELens/ours (> 1: ours is faster). `--dense` adds ours with `sparse=False`; `--triton` adds ours with
-the Triton kernels of the sparse backward (`DICTIONARY_LEARNING_TRITON=1`; CUDA only).
+the Triton kernels of the sparse backward (`DICTIONARY_LEARNING_TRITON=1`; CUDA only). `--repeat R`
+times every implementation R times, alternating between them, and keeps each one's fastest process:
+on shared machines, whose speed drifts by 10-30 % over minutes, single runs give unsteady ratios.
 
 `--run N` trains instead: every implementation (ours, ours with `sparse=False`, the reference) trains
 each trainer for N steps of `--run-batch` rows from initialisation on the same batches, and the table
@@ -318,6 +320,13 @@ def main() -> None:
         "then report the mean step time of the run and variance explained and L0 on held-out rows",
     )
     p.add_argument("--run-batch", type=int, default=1024, help="rows per step in --run")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time every implementation this many times, alternating, and report each one's fastest "
+        "(steadier ratios on a noisy machine; not with --run)",
+    )
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -327,6 +336,8 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a)))
         return
+    if a.repeat < 1 or (a.run and a.repeat > 1):
+        p.error("--repeat must be >= 1, and 1 with --run (a run is measured once)")
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "acts.safetensors"
@@ -340,23 +351,28 @@ def main() -> None:
             what = f"{a.run} training steps of {a.run_batch} rows from initialisation, {a.batch} rows held out"
             a.dense = True
         else:
-            what = f"B={a.batch}, {a.steps} timed steps after {a.warmup} warm-up"
+            what = f"B={a.batch}, {a.steps} timed steps after {a.warmup} warm-up, fastest of {a.repeat} process(es)"
         print(
             f"{what}; D={a.dim} F={a.dict_size} k={a.k}, lr {a.lr} and L1 {a.l1_penalty} (L1/JumpReLU recipes), "
             f"device {a.device}, {source}; torch threads {a.threads or torch.get_num_threads()}, cpus {os.cpu_count()}"
         )
-        rows = []
         for trainer in a.trainers.split(","):
+            # (column, python, implementation, ours with sparse=False, ours with the Triton kernels)
+            variants = [
+                (impl, python, impl, False, False)
+                for impl, python in pythons.items()
+                # in --run SAELens would train with its own hyperparameters
+                if not (impl == "saelens" and (trainer not in SAELENS or a.run))
+            ]
+            variants += [("dense", sys.executable, "ours", True, False)] if a.dense else []
+            variants += [("triton", sys.executable, "ours", False, True)] if a.triton else []
+            results: dict[str, list[dict]] = {column: [] for column, *_ in variants}
+            for _ in range(a.repeat):  # alternating, so that a slow spell of the machine hits every column
+                for column, python, impl, dense, triton in variants:
+                    if (r := run_worker(python, a, impl, trainer, data, dense, triton)) is not None:
+                        results[column].append(r)
             row = {"trainer": trainer}
-            for impl, python in pythons.items():
-                if impl == "saelens" and (trainer not in SAELENS or a.run):
-                    continue  # in --run SAELens would train with its own hyperparameters
-                row[impl] = run_worker(python, a, impl, trainer, data)
-            if a.dense:
-                row["dense"] = run_worker(sys.executable, a, "ours", trainer, data, dense=True)
-            if a.triton:
-                row["triton"] = run_worker(sys.executable, a, "ours", trainer, data, triton=True)
-            rows.append(row)
+            row |= {c: min(rs, key=lambda r: r["s_per_step"]) if rs else None for c, rs in results.items()}
             _print_row(row, a.run_batch if a.run else a.batch)
 
 

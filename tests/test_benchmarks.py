@@ -1,0 +1,37 @@
+"""The step benchmark runs end to end on tiny synthetic data (ours only: the side venvs are optional)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+TINY = ["--batch", "64", "--dim", "16", "--dict-size", "64", "--k", "4", "--n-batches", "2", "--device", "cpu"]
+
+
+def run(*args: str) -> str:
+    out = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_step_benchmark_times_ours_and_our_dense_path_alternately():
+    out = run("--trainers", "StandardTrainer", "--steps", "2", "--warmup", "1", "--dense", "--repeat", "2")
+    assert "fastest of 2 process(es)" in out
+    line = next(line for line in out.splitlines() if line.startswith("StandardTrainer"))
+    assert re.search(r"ours +\d+\.\d+ s/step", line) and re.search(r"\| dense +\d+\.\d+ .* x\d+\.\d+", line), line
+
+
+@pytest.mark.slow
+def test_step_benchmark_run_mode_reports_quality_and_refuses_repeats():
+    out = run("--trainers", "TopKTrainer", "--run", "3", "--run-batch", "32")
+    assert re.search(r"sparse-dense \|dFVE\| \d\.\d{4} \|dL0\| \d+\.\d", out), out
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--run", "3", "--repeat", "2"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "--repeat" in refused.stderr
