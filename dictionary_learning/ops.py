@@ -404,7 +404,7 @@ def sparse_entries(mask_of: Callable[[slice], torch.Tensor], x: torch.Tensor, ma
 
 
 def _sparse_allowed(x: torch.Tensor, max_density: float) -> bool:
-    """Whether a sparse path may run at all (callers check before building the mask)."""
+    """Whether a sparse path may run at all (checked before any mask is built)."""
     return max_density > 0 and x.device.type == "cpu"
 
 
@@ -512,8 +512,7 @@ def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D,
         # a full bandwidth (not half) so that rounding never drops an entry the rectangle kernel sees
         return (gap > 0) | (gap.abs_() < bandwidth)
 
-    with torch.no_grad():
-        entries = sparse_entries(near_or_above, x_BD, max_density)
+    entries = sparse_entries(near_or_above, x_BD, max_density)
     if entries is not None:
         rows_N, features_N, offsets_B = entries
         pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF.detach(), rows_N, features_N, offsets_B)
