@@ -25,6 +25,8 @@ from .dictionaries import (
     MatryoshkaBatchTopKSAE,
     register_dictionary,
 )
+from .run import NonFiniteTrainingError, TrainingInterrupted
+from .safe_io import FolderLockedError
 from .trainers import TRAINER_REGISTRY
 from .training import trainSAE
 
@@ -36,11 +38,14 @@ __all__ = [
     "BatchTopKSAE",
     "CheckpointError",
     "Dictionary",
+    "FolderLockedError",
     "GatedAutoEncoder",
     "IdentityDict",
     "JumpReluAutoEncoder",
     "MatryoshkaBatchTopKSAE",
+    "NonFiniteTrainingError",
     "TRAINER_REGISTRY",
+    "TrainingInterrupted",
     "get_nested_folders",
     "load_dictionary",
     "register_dictionary",

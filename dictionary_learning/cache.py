@@ -8,20 +8,23 @@ seeded, reproducible order, and can jump to any batch index, so trainSAE resumes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 from . import __version__
 from .buffer import ActivationReader
-from .checkpoint import _atomic_write, atomic_write_json
 from .distributed import check_shard
 from .nnsight_io import torch_model
+from .safe_io import FolderLock, atomic_write, atomic_write_json, remove_dead_temporaries
 
 FORMAT = "dictionary_learning.activation_cache"
 MANIFEST = "manifest.json"
@@ -38,6 +41,24 @@ def model_id(model) -> str:
     return name or f"{hf.config.model_type}-{sum(p.numel() for p in hf.parameters())}"
 
 
+def model_fingerprint(model) -> str:
+    """What tells two models with the same architecture apart: a sha256 of a few of their
+    parameter tensors (the first, the middle and the last, up to 1M values each) and of the
+    tokenizer's vocabulary. Two checkpoints of one architecture, or a base and a fine-tuned model,
+    get different fingerprints."""
+    digest = hashlib.sha256()
+    params = list(torch_model(model).named_parameters())
+    for name, param in [params[0], params[len(params) // 2], params[-1]] if params else []:
+        values = param.detach().flatten()[: 1 << 20].to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(values.numpy().tobytes())
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
+        digest.update(json.dumps([type(tokenizer).__name__, vocab]).encode())
+    return digest.hexdigest()[:32]
+
+
 class ActivationCache:
     """Shuffled batches from a cache folder; an iterable that trainSAE accepts like a buffer.
 
@@ -48,7 +69,12 @@ class ActivationCache:
         loop: start another epoch (a new order) instead of stopping after one.
         sites: names of the sites to serve (default all); one site gives tensors, several dicts.
         dtype: cast served batches (e.g. to float32 from a bfloat16 cache).
-        expected_model / expected_sites: raise CacheError unless the cache matches them.
+        expected_model / expected_sites: raise CacheError unless the cache matches them; the model
+            as its id (`model_id`), or as the model itself, which also compares the fingerprint of
+            its weights and tokenizer (`model_fingerprint`) when the cache records one.
+
+    Opening checks the manifest (its fields, and its counts against the shards' own headers);
+    each shard's sha256 is checked when it is read. Problems raise `CacheError` naming the file.
     """
 
     def __init__(
@@ -61,7 +87,7 @@ class ActivationCache:
         sites: list[str] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        expected_model: str | None = None,
+        expected_model: Any = None,
         expected_sites: list[str] | None = None,
     ):
         self.path = Path(path)
@@ -71,18 +97,16 @@ class ActivationCache:
                 f"{self.path} is a partial cache ({self.manifest['n_tokens']} tokens written so far): "
                 f"rerun ActivationCache.build with the same folder to finish it"
             )
+        check_shards(self.path, self.manifest)
         names = [s["name"] for s in self.manifest["sites"]]
-        if expected_model is not None and expected_model != self.manifest["model"]:
-            raise CacheError(f"{self.path} holds activations of {self.manifest['model']!r}, not {expected_model!r}")
+        if expected_model is not None:
+            _check_model(self.path, self.manifest, expected_model)
         if expected_sites is not None and list(expected_sites) != names:
             raise CacheError(f"{self.path} holds activations of {names}, not {list(expected_sites)}")
         self.sites = list(sites) if sites is not None else names
         unknown = [s for s in self.sites if s not in names]
         if unknown:
             raise CacheError(f"{self.path} has no site {unknown}; it holds {names}")
-        for shard in self.manifest["shards"]:
-            if not (self.path / shard["file"]).is_file():
-                raise CacheError(f"{self.path}: shard {shard['file']} listed in the manifest is missing")
         self.batch_size, self.shuffle, self.seed, self.loop = int(batch_size), shuffle, seed, loop
         self.device, self.dtype = torch.device(device), dtype
         self.n_tokens = self.manifest["n_tokens"]
@@ -142,7 +166,7 @@ class ActivationCache:
 
     def _shard(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         if self._loaded is None or self._loaded[0] != (epoch, index):
-            tensors = load_file(str(self.path / self.manifest["shards"][index]["file"]))
+            tensors = read_shard(self.path, self.manifest["shards"][index])
             if self.shuffle:
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + index)
                 perm = torch.randperm(tensors["tokens"].shape[0], generator=gen)
@@ -192,11 +216,12 @@ class ActivationCache:
         """Write about `n_tokens` activations of `model` at `submodule` (one site, or a list / dict
         of sites read in one pass) into `path`, then return a reader of it.
 
-        Interrupted builds resume: calling `build` again with the same folder, model, sites and
-        a data source that yields the same documents continues where it stopped.
+        Interrupted builds resume: calling `build` again with the same folder, model (checked by
+        its fingerprint), sites and a data source that yields the same documents continues where
+        it stopped. One process builds a folder at a time (a lock file); a second one fails at once.
         """
-        from tqdm.auto import tqdm
-
+        if not isinstance(n_tokens, int) or n_tokens < 1:
+            raise CacheError(f"n_tokens must be a positive int, got {n_tokens!r}")
         path = Path(path)
         reader = ActivationReader(
             data,
@@ -210,30 +235,46 @@ class ActivationCache:
             add_special_tokens,
             max_activation_norm_multiple,
         )
-        manifest = _start_manifest(path, reader, model, dtype)
-        for _ in range(manifest["documents_read"]):  # resume: skip documents already cached
-            next(reader.data, None)
-        reader.items_read = manifest["documents_read"]
-        names = [s["name"] for s in manifest["sites"]]
-        pending: list[list[torch.Tensor]] = []
-        bar = tqdm(
-            total=n_tokens, initial=manifest["n_tokens"], disable=not progress, desc="caching activations", unit="tok"
-        )
-        while manifest["n_tokens"] < n_tokens:
-            acts = reader._next_activations(return_ids=True)
-            if acts is None:
-                break
-            pending.append(acts)
-            pending_tokens = sum(a[0].shape[0] for a in pending)
-            if pending_tokens >= shard_tokens or manifest["n_tokens"] + pending_tokens >= n_tokens:
-                bar.update(_write_shard(path, manifest, names, pending, dtype, reader.items_read, n_tokens))
-                pending = []
-        if pending:
-            bar.update(_write_shard(path, manifest, names, pending, dtype, reader.items_read, n_tokens))
-        bar.close()
-        manifest["complete"] = True
-        atomic_write_json(manifest, path / MANIFEST)
+        with FolderLock(path, "cache build"):
+            remove_dead_temporaries(path)
+            _fill(path, reader, model, dtype, n_tokens, shard_tokens, progress)
         return cls(path)
+
+
+def _fill(
+    path: Path, reader: ActivationReader, model, dtype: torch.dtype, n_tokens: int, shard_tokens: int, progress: bool
+) -> None:
+    """Write shards into `path` until it holds `n_tokens` rows (continuing a partial build), then mark it complete."""
+    from tqdm.auto import tqdm
+
+    manifest = _start_manifest(path, reader, model, dtype)
+    for _ in range(manifest["documents_read"]):  # resume: skip documents already cached
+        next(reader.data, None)
+    reader.items_read = manifest["documents_read"]
+    names = [s["name"] for s in manifest["sites"]]
+    pending: list[list[torch.Tensor]] = []
+    bar = tqdm(
+        total=n_tokens, initial=manifest["n_tokens"], disable=not progress, desc="caching activations", unit="tok"
+    )
+    while manifest["n_tokens"] < n_tokens:
+        acts = reader._next_activations(return_ids=True)
+        if acts is None:
+            break
+        pending.append(acts)
+        pending_tokens = sum(a[0].shape[0] for a in pending)
+        if pending_tokens >= shard_tokens or manifest["n_tokens"] + pending_tokens >= n_tokens:
+            bar.update(_write_shard(path, manifest, names, pending, dtype, reader.items_read, n_tokens))
+            pending = []
+    if pending:
+        bar.update(_write_shard(path, manifest, names, pending, dtype, reader.items_read, n_tokens))
+    bar.close()
+    if manifest["n_tokens"] == 0:
+        raise CacheError(
+            f"{path}: the data yielded no tokens ({manifest['documents_read']} documents read), so nothing was "
+            f"cached; check the text source (an empty file or dataset, or texts that are all empty)"
+        )
+    manifest["complete"] = True
+    atomic_write_json(manifest, path / MANIFEST)
 
 
 def read_manifest(path: Path) -> dict:
@@ -248,7 +289,126 @@ def read_manifest(path: Path) -> dict:
         raise CacheError(f"{file} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{file} is not a dictionary_learning activation cache manifest")
+    _validate_manifest(file, manifest)
     return manifest
+
+
+# What each manifest field must be: a JSON type, or a check of the value.
+_MANIFEST_FIELDS: dict[str, Any] = {
+    "model": str,
+    "sites": list,
+    "io": str,
+    "dtype": str,
+    "ctx_len": int,
+    "n_tokens": int,
+    "documents_read": int,
+    "shards": list,
+    "norms": dict,
+    "complete": bool,
+}
+
+
+def _validate_manifest(file: Path, m: dict) -> None:
+    """Raise CacheError naming `file` unless the manifest's fields have their types and agree."""
+
+    def fail(problem: str) -> CacheError:
+        return CacheError(f"{file} is damaged or was edited: {problem}. Rebuild the cache (a new folder)")
+
+    for key, kind in _MANIFEST_FIELDS.items():
+        if key not in m:
+            raise fail(f"the field {key!r} is missing")
+        if not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool)):
+            raise fail(f"{key} should be a {kind.__name__}, got {m[key]!r}")
+    for site in m["sites"]:
+        if not (isinstance(site, dict) and isinstance(site.get("name"), str) and _is_count(site.get("d"), 1)):
+            raise fail(f"a site should be {{'name': str, 'd': int, ...}}, got {site!r}")
+    for shard in m["shards"]:
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and _is_count(shard.get("n_tokens"), 0)):
+            raise fail(f"a shard entry should be {{'file': str, 'n_tokens': int, ...}}, got {shard!r}")
+        if "/" in shard["file"] or "\\" in shard["file"] or shard["file"].startswith("."):
+            raise fail(f"shard file name {shard['file']!r} is not a plain name inside the folder")
+    listed = sum(shard["n_tokens"] for shard in m["shards"])
+    if m["n_tokens"] < 0 or listed != m["n_tokens"]:
+        raise fail(f"n_tokens is {m['n_tokens']} but the shards listed hold {listed} rows")
+    if m["complete"] and not m["shards"]:
+        raise fail("it is marked complete but lists no shards")
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CacheError(f"{path} is truncated ({size} bytes): rebuild the cache")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CacheError(f"{path} is truncated or is not a safetensors file: rebuild the cache")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CacheError(f"{path} has a damaged header ({e}): rebuild the cache") from e
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != size:
+        raise CacheError(
+            f"{path} is {size} bytes but its header describes {8 + n + max(ends, default=0)}: the file is truncated "
+            f"or was appended to; rebuild the cache"
+        )
+    return header
+
+
+def check_shards(path: Path, manifest: dict) -> None:
+    """Every shard the manifest lists exists, is whole (its size agrees with its header), and holds
+    the rows and widths the manifest says. Cheap: reads the headers only."""
+    widths = {s["name"]: s["d"] for s in manifest["sites"]}
+    for shard in manifest["shards"]:
+        file = path / shard["file"]
+        if not file.is_file():
+            raise CacheError(f"{path}: shard {shard['file']} listed in the manifest is missing")
+        header = _safetensors_header(file)
+        for name in [*widths, "tokens"]:
+            entry = header.get(name)
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not shape or shape[0] != shard["n_tokens"] or (name in widths and shape[-1] != widths[name]):
+                raise CacheError(
+                    f"{file}: tensor {name!r} has shape {shape}, but the manifest says {shard['n_tokens']} rows"
+                    + (f" of width {widths[name]}" if name in widths else "")
+                    + "; the shard and the manifest disagree: rebuild the cache"
+                )
+
+
+def read_shard(path: Path, shard: dict) -> dict[str, torch.Tensor]:
+    """A shard's tensors, read once and checked against the sha256 the manifest records for it."""
+    file = path / shard["file"]
+    data = file.read_bytes()
+    expected = shard.get("sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CacheError(
+            f"{file} is corrupted: its sha256 differs from the one recorded in {MANIFEST} when it was written "
+            f"(a flipped bit or a partial copy). Copy the cache again or rebuild it"
+        )
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error type, without the file name
+        raise CacheError(f"{file} cannot be read as safetensors: {e}") from e
+
+
+def _check_model(path: Path, manifest: dict, expected: Any) -> None:
+    if isinstance(expected, str):
+        if expected != manifest["model"]:
+            raise CacheError(f"{path} holds activations of {manifest['model']!r}, not {expected!r}")
+        return
+    name, fingerprint = model_id(expected), model_fingerprint(expected)
+    if name != manifest["model"] or manifest.get("model_fingerprint", fingerprint) != fingerprint:
+        raise CacheError(
+            f"{path} holds activations of {manifest['model']!r} (fingerprint "
+            f"{manifest.get('model_fingerprint', '?')[:12]}), not of the given model {name!r} (fingerprint "
+            f"{fingerprint[:12]}): same name or architecture, other weights or tokenizer. Build a cache for this model"
+        )
 
 
 def _start_manifest(path: Path, reader: ActivationReader, model, dtype: torch.dtype) -> dict:
@@ -258,6 +418,7 @@ def _start_manifest(path: Path, reader: ActivationReader, model, dtype: torch.dt
         "version": 1,
         "library_version": __version__,
         "model": model_id(model),
+        "model_fingerprint": model_fingerprint(model),
         "sites": sites,
         "io": reader.io,
         "dtype": str(dtype).removeprefix("torch."),
@@ -273,8 +434,8 @@ def _start_manifest(path: Path, reader: ActivationReader, model, dtype: torch.dt
         path.mkdir(parents=True, exist_ok=True)
         return fresh
     existing = read_manifest(path)
-    for key in ("model", "sites", "io", "dtype", "ctx_len", "remove_bos"):
-        if existing[key] != fresh[key]:
+    for key in ("model", "model_fingerprint", "sites", "io", "dtype", "ctx_len", "remove_bos"):
+        if key in existing and existing[key] != fresh[key]:
             raise CacheError(
                 f"{path} already holds a cache with {key}={existing[key]!r}, not {fresh[key]!r}; use another folder"
             )
@@ -296,11 +457,11 @@ def _write_shard(
     tensors = {name: col[:keep].to("cpu", dtype).contiguous() for name, col in zip(names, columns)}
     tensors["tokens"] = columns[-1][:keep].to("cpu", torch.int32).contiguous()
     file = f"shard_{len(manifest['shards']):05d}.safetensors"
-    _atomic_write(path / file, lambda tmp: save_file(tensors, tmp))
+    digest = atomic_write(path / file, lambda tmp: save_file(tensors, tmp))
     for name in names:
         norms = manifest["norms"][name]
         norms["sum_squared_norm"] += float(tensors[name].float().flatten(1).pow(2).sum())
-    manifest["shards"].append({"file": file, "n_tokens": keep})
+    manifest["shards"].append({"file": file, "n_tokens": keep, "sha256": digest})
     manifest["n_tokens"] += keep
     manifest["documents_read"] = documents_read
     for name in names:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -255,6 +255,33 @@ def broadcast_batches(batches: Iterator, group: Group) -> Iterator:
             dist.broadcast(buffer, src=0)
             batch = buffer
         yield batch
+
+
+def gather_objects(group: Group | None, value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (`[value]` for one process)."""
+    if group is None:
+        return [value]
+    values: list[Any] = [None] * group.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def on_main(group: Group | None, fn: Callable[[], Any]) -> None:
+    """Run `fn` on rank 0 only; if it raises, every rank raises the same error (instead of the
+    other ranks waiting forever in their next collective)."""
+    if group is None:
+        fn()
+        return
+    error: list[Any] = [None]
+    if group.is_main:
+        try:
+            fn()
+        except Exception as e:  # sent to every rank and raised there
+            error[0] = e
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(error, src=0, device=device)
+    if error[0] is not None:
+        raise error[0]
 
 
 def barrier(group: Group | None) -> None:

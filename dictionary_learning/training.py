@@ -1,11 +1,7 @@
 """trainSAE: one activation stream -> many trainers in lock-step -> checkpoint folders.
 
-Layout written under `save_dir` (the reference's, plus a resume file):
-
-    trainer_{i}/config.json              {"trainer": trainer.config, "buffer": data.config, ...}
-    trainer_{i}/ae.pt                    latest weights (final, or at the last backup), normalisation folded in
-    trainer_{i}/checkpoints/ae_{s}.pt    weights before step s, normalisation folded in
-    trainer_{i}/resume.pt                full training state for `resume_from`
+The run's folder (its layout, lock, backups) and the guards around each step (signals, NaN/Inf)
+live in `run`.
 """
 
 from __future__ import annotations
@@ -13,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import signal
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +17,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import CONFIG_FILE, atomic_torch_save, atomic_write_json, read_config, save_dictionary
 from .dictionaries import Dictionary
 from .evaluation import frac_variance_explained
+from .run import (
+    MAX_CONSECUTIVE_BAD_BATCHES,
+    GracefulStop,
+    NumericGuard,
+    RunFolder,
+    TrainingInterrupted,
+    load_backup,
+    norm_factor_of,
+)
 from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, _jsonable, resolve_device
 
 if TYPE_CHECKING:
@@ -33,12 +35,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RESUME_FILE = "resume.pt"
-
 
 # ------------------------------------------------------------------------------------------- setup
 def build_trainer(config: dict, steps: int, device: str | None = None) -> SAETrainer:
     """Instantiate a trainer from a reference-style config dict (not mutated): `{"trainer": cls, ...}`."""
+    if not isinstance(config, dict):
+        raise TypeError(f"a trainer config must be a dict like {{'trainer': TopKTrainer, ...}}, got {config!r}")
     cfg = dict(config)
     trainer_cls = cfg.pop("trainer", None) or TRAINER_REGISTRY.get(cfg.pop("trainer_class", None))
     if isinstance(trainer_cls, str):
@@ -47,12 +49,17 @@ def build_trainer(config: dict, steps: int, device: str | None = None) -> SAETra
         trainer_cls = TRAINER_REGISTRY[trainer_cls]
     if trainer_cls is None:
         raise ValueError(f"a trainer config needs a 'trainer' entry (one of {', '.join(TRAINER_REGISTRY)})")
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, SAETrainer)):
+        raise TypeError(
+            f"'trainer' must be a trainer class (one of {', '.join(TRAINER_REGISTRY)}), got {trainer_cls!r}"
+        )
     if cfg.get("steps") is None:
         cfg["steps"] = steps
     if device is not None and cfg.get("device") is None:
         cfg["device"] = device
     cfg = {k: v for k, v in cfg.items() if k in trainer_cls.config_keys() or k not in _RECORDED_ONLY}
     trainer_cls.check_config_keys(cfg)
+    trainer_cls.check_config_values(cfg)
     return trainer_cls(**cfg)
 
 
@@ -61,12 +68,8 @@ _RECORDED_ONLY = {"trainer_class", "top_k_aux", "group_sizes", "norm_factor"}
 
 
 def get_norm_factor(batches: list[torch.Tensor]) -> float:
-    """Scale s such that x / s has unit mean squared norm (Anthropic's normalisation, see
-    arXiv 2408.05147 section 3.1): `s = sqrt(mean over rows of ||x||^2)`."""
-    if batches and isinstance(batches[0], dict):
-        raise NotImplementedError("normalize_activations with several sites per batch is not supported yet")
-    sq = torch.cat([b.reshape(-1, b.shape[-1]).float().pow(2).sum(-1) for b in batches])
-    return float(sq.mean().sqrt())
+    """Scale s such that x / s has unit mean squared norm (see `run.norm_factor_of`)."""
+    return norm_factor_of(batches)
 
 
 def _site_keys(batch: Any, trainers: list[SAETrainer], split_by_head: bool = False) -> list[str | int | None]:
@@ -120,92 +123,6 @@ def _all_finite(batch: Any) -> bool:
 
 def _describe(obj: Any) -> str:
     return f"a tensor of shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
-
-
-class _GracefulInterrupt:
-    """First Ctrl-C: finish the current step, save a resumable state, then raise KeyboardInterrupt."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("interrupt received: saving after this step (press Ctrl-C again to abort at once)")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-# ------------------------------------------------------------------------------------ persistence
-class _RunFiles:
-    """Writes one run's folders; a no-op when `save_dir` is None."""
-
-    def __init__(self, save_dir: str | Path | None, indices: list[int], safetensors: bool, e2e: dict | None = None):
-        self.dirs = [Path(save_dir) / f"trainer_{i}" for i in indices] if save_dir else []
-        self.safetensors = safetensors
-        self.e2e = e2e
-
-    def write_configs(self, trainers, data, run_cfg, norm_factor) -> None:
-        for folder, trainer in zip(self.dirs, trainers):
-            config: dict[str, Any] = {"trainer": trainer.config}
-            if norm_factor is not None:
-                config["trainer"]["norm_factor"] = norm_factor  # already folded into the saved weights
-            if getattr(data, "config", None) is not None:
-                config["buffer"] = data.config
-            if run_cfg:
-                config["run"] = run_cfg
-            if self.e2e is not None:
-                config["e2e"] = self.e2e
-            config["library"] = {"name": "dictionary_learning", "version": __version__}
-            atomic_write_json(config, folder / CONFIG_FILE)
-
-    def save_weights(self, trainers, norm_factor, step: int | None = None) -> None:
-        for folder, trainer in zip(self.dirs, trainers):
-            scale = norm_factor or 1.0
-            if step is None:
-                save_dictionary(trainer.ae, folder, read_config(folder), self.safetensors, bias_scale=scale)
-            else:
-                path = folder / "checkpoints" / f"ae_{step}.pt"
-                atomic_torch_save(trainer.ae.scaled_state_dict(scale), path)
-
-    def save_resume(self, trainers, next_step: int, batches_consumed: int, norm_factor) -> None:
-        for folder, trainer in zip(self.dirs, trainers):
-            atomic_torch_save(
-                {
-                    "format": 1,
-                    "trainer": trainer.state_dict(),
-                    "config": trainer.config,
-                    "next_step": next_step,
-                    "batches_consumed": batches_consumed,
-                    "norm_factor": norm_factor,
-                    "e2e": self.e2e,
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                },
-                folder / RESUME_FILE,
-            )
-
-
-def _load_resume_states(resume_from: str | Path) -> list[dict]:
-    folders = sorted(Path(resume_from).glob("trainer_*"), key=lambda p: int(p.name.split("_")[1]))
-    states = []
-    for folder in folders:
-        path = folder / RESUME_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"cannot resume: {path} does not exist (was the run saved with save_dir?)")
-        states.append(torch.load(path, map_location="cpu", weights_only=True))
-    if not states:
-        raise FileNotFoundError(f"cannot resume: {resume_from} holds no trainer_* folders")
-    return states
 
 
 # ---------------------------------------------------------------------------------------- logging
@@ -280,6 +197,7 @@ def trainSAE(
     e2e: E2EObjective | None = None,
     parallel: str = "data",
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
+    overwrite: bool = False,
 ) -> list[Dictionary]:
     """Train every trainer in `trainer_configs` on the same batches of `data`; return the dictionaries.
 
@@ -289,15 +207,19 @@ def trainSAE(
             May be None with `resume_from`, to rebuild the trainers from their saved configs.
         steps: number of optimisation steps (batches) to train for.
         save_steps: steps before which `checkpoints/ae_{step}.pt` is written.
+        save_dir: the run's folder (layout in `run`). One process writes it at a time (a lock); a
+            folder that holds another run is refused unless `overwrite=True`, which removes that run.
         log_steps: cadence of the progress-bar statistics, `verbose` log lines and wandb (default
             steps // 100).
         normalize_activations: divide inputs by a norm factor measured on the first
-            `norm_factor_batches` batches (which are still used for training); the factor is folded
-            into the saved and returned weights, which therefore work on raw activations.
+            `norm_factor_batches` batches (which are still used for training; NaN/Inf and all-zero
+            batches are left out of the factor); the factor is folded into the saved and returned
+            weights, which therefore work on raw activations.
         autocast_dtype: mixed-precision dtype of the forward passes (master weights stay fp32).
-        backup_steps: cadence of the resumable state `resume.pt` (it is also written at every save
-            step, at the end and on the first Ctrl-C).
-        resume_from: a previous `save_dir`; training continues from its `resume.pt` files.
+        backup_steps: cadence of the resumable backup (it is also written at every save step, at the
+            end, and when Ctrl-C, SIGTERM or SIGUSR1 stops the run after its current step).
+        resume_from: a previous `save_dir`; training continues from its last complete backup, with
+            the same `steps` (a schedule cannot be stretched once under way).
         activations_split_by_head: batches are `[B, n_heads, d]` (HeadActivationBuffer); trainer i
             trains and is logged on head i.
         e2e: an `E2EObjective`: end-to-end training with the dictionaries spliced into its model.
@@ -306,23 +228,74 @@ def trainSAE(
             MSE, reweighted local term). Resume checks that the objective is unchanged.
     Returns:
         The trained dictionaries, normalisation folded in.
+    Raises:
+        TrainingInterrupted: after saving, on Ctrl-C, SIGTERM or SIGUSR1.
+        NonFiniteTrainingError: a loss or weight became NaN/Inf (nothing from that step was saved).
     """
     if transcoder:
         raise NotImplementedError("transcoder training is not supported yet")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _check_run_arguments(steps, norm_factor_batches, backup_steps)
     if save_dir is None and resume_from is not None:
         save_dir = resume_from
     group = distributed.setup(parallel, dist_timeout)
-    rank_tag = f"rank {group.rank}: " if group is not None else ""
+    folder = RunFolder(save_dir, group, safetensors)
+    with GracefulStop() as stop:
+        try:
+            if resume_from is not None:
+                folder.open(resuming=True, overwrite=False)
+                resume_states = load_backup(resume_from)
+            else:
+                resume_states = None
+            trainers, indices = _build_trainers(trainer_configs, resume_states, steps, device, parallel, group, data)
+            if resume_from is None:
+                folder.open(resuming=False, overwrite=overwrite)
+            writes = group is None or group.mode == "trainers" or group.is_main
+            folder.attach(indices, writes)
+            run = _Run(trainers, indices, folder, group, stop, e2e)
+            return run.train(
+                data,
+                steps,
+                resume_states,
+                dict(
+                    use_wandb=use_wandb,
+                    wandb_entity=wandb_entity,
+                    wandb_project=wandb_project,
+                    save_steps=save_steps,
+                    log_steps=log_steps,
+                    split_by_head=activations_split_by_head,
+                    run_cfg=run_cfg,
+                    normalize=normalize_activations,
+                    verbose=verbose,
+                    autocast_dtype=autocast_dtype,
+                    backup_steps=backup_steps,
+                    norm_factor_batches=norm_factor_batches,
+                    progress=progress,
+                ),
+            )
+        finally:
+            folder.close()
 
-    resume_states = _load_resume_states(resume_from) if resume_from is not None else None
+
+def _check_run_arguments(steps: Any, norm_factor_batches: Any, backup_steps: Any) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not isinstance(norm_factor_batches, int) or norm_factor_batches < 1:
+        raise ValueError(f"norm_factor_batches must be a positive int, got {norm_factor_batches!r}")
+    if backup_steps is not None and (not isinstance(backup_steps, int) or backup_steps < 1):
+        raise ValueError(f"backup_steps must be a positive int or None, got {backup_steps!r}")
+
+
+def _build_trainers(trainer_configs, resume_states, steps, device, parallel, group, data):
+    """The trainers of this process (all, or its share under trainer-parallel torchrun) and their
+    indices in the run, restored from `resume_states` when given."""
     if trainer_configs is None:
         if resume_states is None:
             raise ValueError("trainer_configs is required unless resume_from is given")
         trainer_configs = [s["config"] for s in resume_states]
     if not trainer_configs:
         raise ValueError("trainer_configs is empty: pass at least one trainer config")
+    if resume_states is not None:
+        _check_resume_steps(resume_states, steps)
     indices = list(range(len(trainer_configs)))
     if group is not None:
         distributed.check_agreement(group, "trainer configs", [_jsonable(c) for c in trainer_configs])
@@ -340,24 +313,71 @@ def trainSAE(
             dict(trainer_configs[i], device=distributed.local_device(trainer_configs[i].get("device") or device, group))
             for i in indices
         ]
-        if resume_states is not None:
-            resume_states = [resume_states[i] for i in indices]
     trainers = [build_trainer(cfg, steps, device) for cfg in trainer_configs]
     for trainer in trainers:
         distributed.broadcast_module(trainer.ae, group)  # data parallel: every replica starts from rank 0's
+    if resume_states is not None:
+        _restore(trainers, [resume_states[i] for i in indices])
+    return trainers, indices
 
-    with distributed.active(group):
+
+def _check_resume_steps(states: list[dict], steps: int) -> None:
+    saved = {s["config"].get("steps") for s in states}
+    if saved != {steps}:
+        (old,) = saved if len(saved) == 1 else (sorted(saved, key=str)[-1],)
+        raise ValueError(
+            f"cannot resume with steps={steps}: the run was started with steps={old}, and its learning-rate and "
+            f"sparsity schedules (warm-up, decay_start, sparsity warm-up) were laid out for that many steps; past "
+            f"their end the learning rate would turn negative. Pass steps={old} to finish the run; to train longer, "
+            f"start a new run with the larger steps"
+        )
+
+
+class _Run:
+    """One trainSAE call from its first batch to its files: the loop, backups, logging, checks."""
+
+    def __init__(self, trainers, indices, folder: RunFolder, group, stop: GracefulStop, e2e):
+        self.trainers, self.indices, self.folder, self.group = trainers, indices, folder, group
+        self.stop, self.e2e = stop, e2e
+        self.guard = NumericGuard(trainers, indices)
+        self.rank_tag = f"rank {group.rank}: " if group is not None else ""
+
+    def activations_of(self, item):
+        return item.x if self.e2e is not None else item
+
+    def train(self, data, steps: int, resume_states, opts: dict) -> list[Dictionary]:
+        group, trainers = self.group, self.trainers
+        with distributed.active(group):
+            step, consumed, norm_factor = 0, 0, None
+            if resume_states is not None:
+                step, consumed, norm_factor = _resume_position(resume_states)
+            batches, keys, norm_factor = self._stream(data, resume_states, consumed, norm_factor, opts)
+            records = {"buffer": data.config} if getattr(data, "config", None) is not None else {}
+            records |= {"run": opts["run_cfg"]} if opts["run_cfg"] else {}
+            records |= {"e2e": self.e2e.config} if self.e2e is not None else {}
+            records["library"] = {"name": "dictionary_learning", "version": __version__}
+            self.folder.write_configs(trainers, records, norm_factor)
+            self.norm_factor = norm_factor
+            step, consumed, skipped = self._loop(batches, keys, step, consumed, steps, opts)
+            self.guard.check(self.folder.describe_last_backup())
+            self._backup(step, consumed)
+            distributed.barrier(group)  # every rank's files are complete when trainSAE returns
+            if skipped:
+                logger.warning("%d batches with NaN/Inf activations were skipped", skipped)
+            for trainer in trainers:
+                if norm_factor is not None:
+                    trainer.ae.scale_biases(norm_factor)
+            return [trainer.ae for trainer in trainers]
+
+    def _stream(self, data, resume_states, consumed, norm_factor, opts):
+        """The batches from where the run stands, the site key of each trainer, and the norm factor."""
+        group, e2e = self.group, self.e2e
         data_parallel = group is not None and group.mode == "data"
-        writes = group is None or group.mode == "trainers" or group.is_main
-        start_step, consumed, norm_factor = 0, 0, None
-        if resume_states is not None:
-            start_step, consumed, norm_factor = _restore(trainers, resume_states)
         if data_parallel and hasattr(data, "shard"):
             data.shard(group.rank, group.world_size)  # each replica reads its own disjoint share
         seekable = resume_states is not None and hasattr(data, "skip_batches")
         if seekable:
             data.skip_batches(consumed)  # an ActivationCache jumps straight to where the run stopped
-
         batches: Iterator = iter(data) if group is None or group.mode == "data" or group.is_main else iter(())
         if resume_states is not None and not seekable:
             for _ in range(consumed):  # replay the stream up to where the interrupted run stopped
@@ -371,81 +391,107 @@ def trainSAE(
                 raise ValueError(f"the run was saved with e2e={resume_states[0].get('e2e')}, not {e2e.config}")
             batches = map(e2e.prepare, batches)  # token batch -> clean run, once for all trainers
 
-        def activations_of(item):
-            return item.x if e2e is not None else item
-
         first = next(batches, None)
         if _any_rank(group, first is None):
             raise ValueError(
-                f"{rank_tag}data yielded no batches: check the data source (empty file, exhausted iterator)"
+                f"{self.rank_tag}data yielded no batches: check the data source (empty file, exhausted iterator)"
             )
-        keys = _site_keys(activations_of(first), trainers, activations_split_by_head)
-        _check_batch(activations_of(first), trainers, keys)
+        keys = _site_keys(self.activations_of(first), self.trainers, opts["split_by_head"])
+        _check_batch(self.activations_of(first), self.trainers, keys)
         batches = itertools.chain([first], batches)
-        if resume_states is None and normalize_activations:
-            peeked = list(itertools.islice(batches, norm_factor_batches))
-            norm_factor = get_norm_factor([activations_of(item) for item in peeked])
-            if data_parallel:  # the replicas' shards: the root of the mean of their mean squares
-                norm_factor = float(distributed.sum_(torch.tensor(norm_factor**2)) / group.world_size) ** 0.5
+        if resume_states is None and opts["normalize"]:
+            peeked = list(itertools.islice(batches, opts["norm_factor_batches"]))
+            norm_factor = norm_factor_of([self.activations_of(item) for item in peeked], group)
             logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
             batches = itertools.chain(peeked, batches)
+        return batches, keys, norm_factor
 
-        files = _RunFiles(save_dir if writes else None, indices, safetensors, e2e.config if e2e is not None else None)
-        files.write_configs(trainers, data, run_cfg, norm_factor)
-        log_every = log_steps or max(1, steps // 100)
-        show = writes and (group is None or group.is_main)  # one progress bar and one log
-        wandb_logger = _WandbLogger(trainers, wandb_entity, wandb_project, run_cfg) if use_wandb and writes else None
-        skipped = 0
-        bar = tqdm(total=steps, initial=start_step, disable=not (progress and show), desc="trainSAE")
-        step = start_step
+    def _loop(self, batches, keys, step: int, consumed: int, steps: int, opts: dict) -> tuple[int, int, int]:
+        group, trainers, e2e, folder = self.group, self.trainers, self.e2e, self.folder
+        log_every = opts["log_steps"] or max(1, steps // 100)
+        check_every = 1 if all(t.device.type == "cpu" for t in trainers) else min(log_every, 100)
+        writes_logs = folder.dirs or group is None or group.is_main
+        show = writes_logs and (group is None or group.is_main)  # one progress bar and one log
+        logs = opts["progress"] or opts["verbose"] or opts["use_wandb"]
+        wandb_logger = None
+        if opts["use_wandb"] and writes_logs:
+            wandb_logger = _WandbLogger(trainers, opts["wandb_entity"], opts["wandb_project"], opts["run_cfg"])
+        skipped, bad_in_a_row = 0, 0
+        bar = tqdm(total=steps, initial=step, disable=not (opts["progress"] and show), desc="trainSAE")
         frozen = e2e.frozen_model() if e2e is not None else contextlib.nullcontext()
-        with _GracefulInterrupt() as interrupt, frozen:
+        with frozen:
             while step < steps:
                 item = next(batches, None)
-                act = activations_of(item) if item is not None else None
-                exhausted, bad, stop = _flags(group, item is None, act is not None and not _all_finite(act), interrupt)
+                act = self.activations_of(item) if item is not None else None
+                exhausted, bad, stop = _flags(group, item is None, act is not None and not _all_finite(act), self.stop)
                 if exhausted:
                     logger.warning("data ran out after %d of %d steps; stopping early", step, steps)
                     break
                 consumed += 1
                 if bad:
-                    skipped += 1
+                    skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                    _check_bad_streak(bad_in_a_row, consumed)
                     logger.warning("skipping a batch with NaN/Inf activations (%d skipped so far)", skipped)
                     continue
-                inputs = _DeviceCache(act, norm_factor)
-
-                if step % log_every == 0 and (progress or verbose or use_wandb):  # the same on every rank
+                bad_in_a_row = 0
+                _check_rows(act, consumed)
+                inputs = _DeviceCache(act, self.norm_factor)
+                if step % log_every == 0 and logs:  # the same on every rank
                     records = log_stats(trainers, step, [inputs.on(t.device, k) for t, k in zip(trainers, keys)])
                     if show or wandb_logger is not None:
-                        _report(records, step, bar, verbose and show, wandb_logger, skipped)
-                if save_steps is not None and step in save_steps:
-                    files.save_weights(trainers, norm_factor, step=step)
-                for trainer, key in zip(trainers, keys):
-                    extra = e2e.loss_fn(item, trainer, norm_factor) if e2e is not None else None
-                    with _autocast(trainer.device, autocast_dtype):
-                        trainer.update(step, inputs.on(trainer.device, key), extra)
+                        _report(records, step, bar, opts["verbose"] and show, wandb_logger, skipped)
+                if opts["save_steps"] is not None and step in opts["save_steps"]:
+                    self.guard.check(folder.describe_last_backup())
+                    folder.save_weights(trainers, self.norm_factor, step=step)
+                for position, (trainer, key) in enumerate(zip(trainers, keys)):
+                    extra = e2e.loss_fn(item, trainer, self.norm_factor) if e2e is not None else None
+                    with _autocast(trainer.device, opts["autocast_dtype"]):
+                        loss = trainer.update(step, inputs.on(trainer.device, key), extra)
+                    self.guard.record(position, step, loss)
                 step += 1
                 bar.update(1)
-                if (backup_steps and step % backup_steps == 0) or stop:
-                    files.save_resume(trainers, step, consumed, norm_factor)
-                    files.save_weights(trainers, norm_factor)  # ae.pt: the latest weights, loadable anywhere
+                if step % check_every == 0:
+                    self.guard.check(folder.describe_last_backup())
+                if (opts["backup_steps"] and step % opts["backup_steps"] == 0) or stop:
+                    self.guard.check(folder.describe_last_backup())
+                    self._backup(step, consumed)
                 if stop:
                     bar.close()
                     distributed.barrier(group)
-                    raise KeyboardInterrupt(f"training interrupted after step {step}; resume with resume_from")
+                    where = f"resume with resume_from={str(folder.root)!r}" if folder.root else "nothing was saved"
+                    raise TrainingInterrupted(
+                        f"training stopped by {self.stop.requested or 'a signal'} after step {step}; {where}"
+                    )
         bar.close()
-
-        files.save_resume(trainers, step, consumed, norm_factor)
-        files.save_weights(trainers, norm_factor)
-        distributed.barrier(group)  # every rank's files are complete when trainSAE returns
         if wandb_logger is not None:
             wandb_logger.finish()
-        if skipped:
-            logger.warning("%d batches with NaN/Inf activations were skipped", skipped)
-        for trainer in trainers:
-            if norm_factor is not None:
-                trainer.ae.scale_biases(norm_factor)
-        return [trainer.ae for trainer in trainers]
+        return step, consumed, skipped
+
+    def _backup(self, step: int, consumed: int) -> None:
+        run_state = {"norm_factor": self.norm_factor, "e2e": self.e2e.config if self.e2e is not None else None}
+        self.folder.save_backup(self.trainers, step, consumed, run_state)
+        self.folder.save_weights(self.trainers, self.norm_factor)  # ae.pt: the latest weights, loadable anywhere
+
+
+def _check_bad_streak(bad_in_a_row: int, consumed: int) -> None:
+    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_BATCHES:
+        raise ValueError(
+            f"the last {bad_in_a_row} batches (up to batch {consumed} of the stream) all held NaN/Inf activations: "
+            f"the data source is broken (a bad shard, a model producing NaNs); nothing of them was trained on"
+        )
+
+
+def _check_rows(act: Any, consumed: int) -> None:
+    tensors = act.values() if isinstance(act, dict) else [act]
+    if any(t.shape[0] == 0 for t in tensors):
+        raise ValueError(f"batch {consumed} of the data has 0 rows: every batch needs at least one activation")
+
+
+def _resume_position(states: list[dict]) -> tuple[int, int, float | None]:
+    torch.set_rng_state(states[0]["rng"])
+    if torch.cuda.is_available() and states[0]["cuda_rng"]:
+        torch.cuda.set_rng_state_all(states[0]["cuda_rng"])
+    return states[0]["next_step"], states[0]["batches_consumed"], states[0]["norm_factor"]
 
 
 def _any_rank(group, *flags: bool) -> tuple[bool, ...] | bool:
@@ -456,12 +502,12 @@ def _any_rank(group, *flags: bool) -> tuple[bool, ...] | bool:
     return flags if len(flags) > 1 else flags[0]
 
 
-def _flags(group, exhausted: bool, bad: bool, interrupt: _GracefulInterrupt) -> tuple[bool, bool, bool]:
+def _flags(group, exhausted: bool, bad: bool, interrupt: GracefulStop) -> tuple[bool, bool, bool]:
     """(data ran out, batch not finite, stop requested), agreed by every rank so that all take the same
     branch (one rank skipping or stopping alone would leave the others waiting in a collective)."""
-    exhausted, bad, stop = _any_rank(group, exhausted, bad, interrupt.requested)
-    if stop:
-        interrupt.requested = True
+    exhausted, bad, stop = _any_rank(group, exhausted, bad, interrupt.requested is not None)
+    if stop and interrupt.requested is None:
+        interrupt.requested = "a signal on another rank"
     return exhausted, bad, stop
 
 
@@ -484,7 +530,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=resolve_device(device).type, dtype=dtype)
 
 
-def _restore(trainers: list[SAETrainer], states: list[dict]) -> tuple[int, int, float | None]:
+def _restore(trainers: list[SAETrainer], states: list[dict]) -> None:
     if len(states) != len(trainers):
         raise ValueError(f"resume folder has {len(states)} trainers but {len(trainers)} configs were given")
     for i, (trainer, state) in enumerate(zip(trainers, states)):
@@ -496,10 +542,6 @@ def _restore(trainers: list[SAETrainer], states: list[dict]) -> tuple[int, int, 
                 f"pass trainer_configs=None to resume with the saved configs"
             )
         trainer.load_state_dict(state["trainer"])
-    torch.set_rng_state(states[0]["rng"])
-    if torch.cuda.is_available() and states[0]["cuda_rng"]:
-        torch.cuda.set_rng_state_all(states[0]["cuda_rng"])
-    return states[0]["next_step"], states[0]["batches_consumed"], states[0]["norm_factor"]
 
 
 def _report(records, step, bar, verbose, wandb_logger, skipped) -> None:

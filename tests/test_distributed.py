@@ -52,7 +52,7 @@ def test_data_parallel_equals_one_process_on_the_combined_batch(tmp_path):
         ae, config = load_dictionary(tmp_path / "run" / f"trainer_{i}")
         assert_close(ae.state_dict(), want)
         assert config["trainer"]["device"] == "cpu"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["trainer_0", "trainer_1", "trainer_2"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["resume.json", "trainer_0", "trainer_1", "trainer_2"]
 
 
 def test_data_parallel_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):

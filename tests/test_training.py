@@ -38,6 +38,12 @@ class CountingData:
             yield x
 
 
+def resume_state(run, i=0):
+    """Trainer i's state in the run's last complete backup (what resume_from loads)."""
+    index = json.loads((run / "resume.json").read_text())
+    return torch.load(run / index["trainers"][i]["file"], weights_only=True)
+
+
 def weights(dictionaries):
     return [{k: v.clone() for k, v in d.state_dict().items()} for d in dictionaries]
 
@@ -66,7 +72,8 @@ def test_layout_configs_and_returned_dictionaries(tmp_path):
         for step in (0, 30):
             ckpt, _ = load_dictionary(folder / "checkpoints" / f"ae_{step}.pt")
             assert type(ckpt) is type(ae)
-        assert (folder / "resume.pt").is_file()
+        assert (folder / f"resume_{STEPS}.pt").is_file()
+    assert json.loads((tmp_path / "resume.json").read_text())["next_step"] == STEPS
 
 
 def test_normalisation_is_folded_into_saved_and_returned_weights(tmp_path):
@@ -98,7 +105,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
         trainSAE(
             crashing(), CONFIGS, STEPS, save_dir=tmp_path, backup_steps=20, normalize_activations=True, progress=False
         )
-    assert torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)["next_step"] == 40
+    assert resume_state(tmp_path)["next_step"] == 40
     load_dictionary(tmp_path / "trainer_0")  # the crashed run's latest weights are a normal checkpoint
     resumed = weights(trainSAE(batches(), None, STEPS, resume_from=tmp_path, progress=False))
     assert_same_weights(full, resumed)
@@ -116,7 +123,7 @@ def test_ctrl_c_saves_a_resumable_state(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         trainSAE(interrupted(), CONFIGS, STEPS, save_dir=tmp_path, progress=False)
-    assert torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)["next_step"] == 26
+    assert resume_state(tmp_path)["next_step"] == 26
     resumed = weights(trainSAE(batches(), CONFIGS, STEPS, resume_from=tmp_path, progress=False))
     assert_same_weights(full, resumed)
 
@@ -174,7 +181,7 @@ def test_verbose_without_log_steps_and_backups_without_normalisation(tmp_path, c
     trainSAE(batches(), CONFIGS[:2], STEPS, verbose=True, backup_steps=10, save_dir=tmp_path, progress=False)
     out = capsys.readouterr().out
     assert "step 0 trainer 1: L0 = " in out and "frac_variance_explained" in out
-    state = torch.load(tmp_path / "trainer_0" / "resume.pt", weights_only=True)
+    state = resume_state(tmp_path)
     assert state["next_step"] == STEPS and state["norm_factor"] is None
     assert load_dictionary(tmp_path / "trainer_0")[1]["trainer"]["trainer_class"] == "TopKTrainer"
 

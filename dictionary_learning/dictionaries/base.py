@@ -216,12 +216,12 @@ class Dictionary(nn.Module):
 
         Loading never executes code from the file. `dtype`/`device` cast the result when given.
         """
-        from ..checkpoint import load_state_dict_file
+        from ..checkpoint import read_checkpoint
         from ..hub import download, is_hub_address
 
         if is_hub_address(path):
             path = download(path)
-        weights = load_state_dict_file(path)
+        weights, _ = read_checkpoint(path)
         ae = cls.from_state_dict(weights.state_dict, source=weights.source, **kwargs)
         if weights.bias_scale != 1.0:
             ae.scale_biases(weights.bias_scale)

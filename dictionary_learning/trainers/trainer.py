@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -57,15 +58,22 @@ def get_lr_schedule(
     if resample_steps is not None and not 0 < resample_steps < total_steps:
         raise ValueError(f"resample_steps={resample_steps} must be > 0 and < steps={total_steps}")
 
-    if resample_steps is not None:
-        return lambda s: min((s % resample_steps) / warmup_steps, 1.0) if warmup_steps else 1.0
-
     def schedule(s: int) -> float:
-        if s < warmup_steps:
-            return s / warmup_steps
-        if decay_start is not None and s >= decay_start:
-            return (total_steps - s) / (total_steps - decay_start)
-        return 1.0
+        if s > total_steps:  # LambdaLR asks for step `steps` after the last update, never beyond
+            raise ValueError(
+                f"learning-rate schedule asked for step {s}, past the {total_steps} steps it was laid out for: "
+                f"a run cannot continue past its steps (start a new run with more steps)"
+            )
+        if resample_steps is not None:
+            factor = min((s % resample_steps) / warmup_steps, 1.0) if warmup_steps else 1.0
+        elif s < warmup_steps:
+            factor = s / warmup_steps
+        elif decay_start is not None and s >= decay_start:
+            factor = (total_steps - s) / (total_steps - decay_start)
+        else:
+            factor = 1.0
+        assert 0.0 <= factor <= 1.0, f"learning-rate factor {factor} at step {s} is outside [0, 1]"
+        return factor
 
     return schedule
 
@@ -167,6 +175,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _takes_number(param: inspect.Parameter) -> bool:
+    """Whether a constructor parameter takes a plain number (its default, or an annotation made only
+    of int, float and None)."""
+    default = param.default
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return True
+    annotation = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
+    words = set(re.findall(r"[A-Za-z_]+", annotation or ""))
+    return bool(words) and words <= {"int", "float", "None", "Optional"} and bool(words & {"int", "float"})
+
+
 def resolve_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -248,6 +267,23 @@ class SAETrainer:
             raise TypeError(
                 f"{cls.__name__} got unknown config keys {', '.join(hints)}; valid keys: {', '.join(valid)}"
             )
+
+    @classmethod
+    def check_config_values(cls, config: dict[str, Any]) -> None:
+        """Raise a clear error for a value that cannot be right whatever the recipe: text or a list
+        where the constructor takes a number, or a number that is NaN/Inf."""
+        params = inspect.signature(cls.__init__).parameters
+        for key, value in config.items():
+            param = params.get(key)
+            if param is None or value is None or isinstance(value, bool):
+                continue
+            if _takes_number(param) and not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"{cls.__name__}: {key} must be a number, got {value!r} ({type(value).__name__}); "
+                    f"e.g. {key}={param.default if param.default not in (None, inspect.Parameter.empty) else 1e-3}"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{cls.__name__}: {key}={value} is not a finite number")
 
     @property
     def config(self) -> dict[str, Any]:
