@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +17,17 @@ DEFAULT_MODEL = "SmolLM2-135M (offline)"
 
 
 # ------------------------------------------------------------------------------------- shared bits
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser, site_required: bool = True) -> None:
     group = parser.add_argument_group("model and site")
     group.add_argument("--model", help=f"Hugging Face id or local folder (default: {DEFAULT_MODEL})")
@@ -36,7 +47,7 @@ def _add_text_args(parser: argparse.ArgumentParser) -> None:
         "--texts", help="a .txt file or folder, or a .jsonl / .jsonl.zst file (default: the bundled BBC News articles)"
     )
     group.add_argument("--dataset", help="a Hugging Face dataset with a 'text' column, streamed")
-    group.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default: 128)")
+    group.add_argument("--ctx-len", type=positive_int, default=128, help="tokens per context (default: 128)")
 
 
 def _load_model(args):
@@ -53,7 +64,14 @@ def _texts(args):
         return hf_dataset_to_generator(args.dataset)
     if args.texts:
         path = Path(args.texts)
-        return jsonl_to_generator(path) if ".jsonl" in path.name else text_files_to_generator(path)
+        if not path.exists():
+            raise SystemExit(f"error: --texts {path} does not exist")
+        documents = jsonl_to_generator(path) if ".jsonl" in path.name else text_files_to_generator(path)
+        texts = (text for text in documents if text.strip())
+        first = next(texts, None)
+        if first is None:
+            raise SystemExit(f"error: --texts {path} holds no text: give a file or folder with at least one document")
+        return itertools.chain([first], texts)
     return default_texts()
 
 
@@ -82,6 +100,11 @@ def _trainer_configs(args) -> list[dict]:
         else:
             loaded = json.loads(text)
         configs = loaded.get("trainers", [loaded]) if isinstance(loaded, dict) else loaded
+        if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
+            raise SystemExit(
+                f"error: --config {args.config} must hold a trainer config (an object with a 'trainer' key), a list "
+                f"of them, or {{'trainers': [...]}}; got {json.dumps(loaded)[:80]}"
+            )
     else:
         if not args.trainer:
             raise SystemExit("error: give --trainer NAME (with --set key=value options) or --config FILE")
@@ -96,26 +119,31 @@ def _trainer_configs(args) -> list[dict]:
         name = config.get("trainer")
         if name not in TRAINER_REGISTRY:
             raise SystemExit(f"error: unknown trainer {name!r}; choose from {', '.join(TRAINER_REGISTRY)}")
+        options = {k: v for k, v in config.items() if k != "trainer"}
+        TRAINER_REGISTRY[name].check_config_keys(options)  # before the model is loaded
+        TRAINER_REGISTRY[name].check_config_values(options)
     return configs
 
 
-def _prepare_out(path: Path, overwrite: bool) -> None:
-    if (path / "trainer_0").exists():
-        if not overwrite:
-            raise SystemExit(f"error: {path} already holds results; pass --overwrite to replace them")
-        shutil.rmtree(path)
+def _check_out(path: Path, overwrite: bool) -> None:
+    """Fail before loading anything if --out holds another run (trainSAE removes it with --overwrite)."""
+    from .run import previous_run_files
+
+    if previous_run_files(path) and not overwrite:
+        raise SystemExit(f"error: {path} already holds results; pass --overwrite to replace them, or --resume")
 
 
 # ----------------------------------------------------------------------------------- subcommands
 def cmd_cache(args) -> None:
     from .cache import ActivationCache
 
+    texts = _texts(args)  # before the model: a bad --texts fails at once
     model = _load_model(args)
     cache = ActivationCache.build(
         args.out,
         model,
         _site(model, args.layer, args.site),
-        _texts(args),
+        texts,
         args.tokens,
         ctx_len=args.ctx_len,
         refresh_batch_size=args.lm_batch_size,
@@ -131,7 +159,7 @@ def cmd_train(args) -> None:
     configs = _trainer_configs(args)
     out = Path(args.out)
     if not args.resume:
-        _prepare_out(out, args.overwrite)
+        _check_out(out, args.overwrite)
     e2e = None
     if args.e2e:
         from .e2e import E2EObjective, TokenBatches
@@ -155,9 +183,10 @@ def cmd_train(args) -> None:
         data = ActivationCache(args.cache, batch_size=args.batch_size, loop=True)
         d_submodule, lm_name = data.config["d_submodule"], data.config["model"]
     else:
+        texts = _texts(args)
         model = _load_model(args)
         data = ActivationBuffer(
-            _texts(args),
+            texts,
             model,
             _site(model, args.layer, args.site),
             ctx_len=args.ctx_len,
@@ -185,6 +214,7 @@ def cmd_train(args) -> None:
         resume_from=out if args.resume else None,
         e2e=e2e,
         parallel=args.parallel,
+        overwrite=args.overwrite and not args.resume,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"saved {len(configs)} dictionaries under {out}/trainer_*")
@@ -198,6 +228,9 @@ def cmd_eval(args) -> None:
     from .checkpoint import load_dictionary
     from .evaluation import evaluate
 
+    missing = [folder for folder in args.dictionaries if not Path(folder).exists() and "://" not in folder]
+    if missing:
+        raise SystemExit(f"error: {missing[0]} does not exist: give a checkpoint folder (with ae.pt and config.json)")
     model = _load_model(args)
     rows = []
     for folder in args.dictionaries:
@@ -241,7 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dictionary_learning",
         description="Train, cache, evaluate and download sparse dictionaries (SAEs).",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def with_debug(*args, **kwargs) -> argparse.ArgumentParser:
+        p = add_parser(*args, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    sub.add_parser = with_debug  # --debug works before or after the subcommand
 
     p = sub.add_parser(
         "cache",
@@ -250,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     _add_text_args(p)
-    p.add_argument("--tokens", type=int, required=True, help="how many token activations to cache")
-    p.add_argument("--lm-batch-size", type=int, default=32, help="texts per model forward pass (default: 32)")
+    p.add_argument("--tokens", type=positive_int, required=True, help="how many token activations to cache")
+    p.add_argument("--lm-batch-size", type=positive_int, default=32, help="texts per model forward pass (default: 32)")
     p.add_argument("--out", required=True, help="cache folder (an interrupted build resumes there)")
     p.set_defaults(func=cmd_cache)
 
@@ -278,14 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="JSON or YAML file: a trainer config, a list of them, or {'trainers': [...]}")
     p.add_argument("--cache", help="train from this activation cache instead of running the model")
-    p.add_argument("--steps", type=int, required=True, help="optimisation steps")
-    p.add_argument("--batch-size", type=int, default=4096, help="activations per step (default: 4096)")
-    p.add_argument("--n-ctxs", type=int, default=3000, help="contexts held by the activation buffer (default: 3000)")
-    p.add_argument("--lm-batch-size", type=int, default=32, help="texts per model forward pass (default: 32)")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimisation steps")
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="activations per step (default: 4096)")
+    p.add_argument(
+        "--n-ctxs", type=positive_int, default=3000, help="contexts held by the activation buffer (default: 3000)"
+    )
+    p.add_argument("--lm-batch-size", type=positive_int, default=32, help="texts per model forward pass (default: 32)")
     p.add_argument("--normalize", action="store_true", help="normalise activations (folded into saved weights)")
     p.add_argument("--save-steps", type=int, nargs="*", help="steps at which to save checkpoints/ae_{step}.pt")
-    p.add_argument("--backup-steps", type=int, help="write a resumable state every this many steps")
-    p.add_argument("--log-steps", type=int, help="progress statistics every this many steps")
+    p.add_argument("--backup-steps", type=positive_int, help="write a resumable state every this many steps")
+    p.add_argument("--log-steps", type=positive_int, help="progress statistics every this many steps")
     p.add_argument("--out", required=True, help="output folder (trainer_0, trainer_1, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -323,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dictionaries", nargs="+", help="checkpoint folders")
     _add_model_args(p, site_required=False)
     _add_text_args(p)
-    p.add_argument("--batch-texts", type=int, default=32, help="texts per evaluation batch (default: 32)")
-    p.add_argument("--n-batches", type=int, default=2, help="evaluation batches (default: 2)")
+    p.add_argument("--batch-texts", type=positive_int, default=32, help="texts per evaluation batch (default: 32)")
+    p.add_argument("--n-batches", type=positive_int, default=2, help="evaluation batches (default: 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object per dictionary")
     p.set_defaults(func=cmd_eval)
 
@@ -340,8 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand. The library's errors print as one line (`--debug` shows the traceback)."""
+    from .run import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except TrainingInterrupted as e:
+        if args.debug:
+            raise
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(143 if "SIGTERM" in str(e) else 130) from None
+    except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError) as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {e} (run with --debug for the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -351,6 +351,9 @@ class _Run:
             step, consumed, norm_factor = 0, 0, None
             if resume_states is not None:
                 step, consumed, norm_factor = _resume_position(resume_states)
+            if step >= steps:  # a finished run: nothing to train, no data to read
+                logger.info("the run in %s already finished its %d steps", self.folder.root, steps)
+                return self._finish(norm_factor)
             batches, keys, norm_factor = self._stream(data, resume_states, consumed, norm_factor, opts)
             records = {"buffer": data.config} if getattr(data, "config", None) is not None else {}
             records |= {"run": opts["run_cfg"]} if opts["run_cfg"] else {}
@@ -364,10 +367,14 @@ class _Run:
             distributed.barrier(group)  # every rank's files are complete when trainSAE returns
             if skipped:
                 logger.warning("%d batches with NaN/Inf activations were skipped", skipped)
-            for trainer in trainers:
-                if norm_factor is not None:
-                    trainer.ae.scale_biases(norm_factor)
-            return [trainer.ae for trainer in trainers]
+            return self._finish(norm_factor)
+
+    def _finish(self, norm_factor: float | None) -> list[Dictionary]:
+        """The dictionaries, normalisation folded in."""
+        for trainer in self.trainers:
+            if norm_factor is not None:
+                trainer.ae.scale_biases(norm_factor)
+        return [trainer.ae for trainer in self.trainers]
 
     def _stream(self, data, resume_states, consumed, norm_factor, opts):
         """The batches from where the run stands, the site key of each trainer, and the norm factor."""

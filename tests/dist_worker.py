@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 from pathlib import Path
 
 import torch
 
-from dictionary_learning import trainSAE
+from dictionary_learning import TrainingInterrupted, trainSAE
 from dictionary_learning.synthetic import PlantedFeatures
 from dictionary_learning.trainers import JumpReluTrainer, StandardTrainer, TopKTrainer
 
@@ -44,6 +45,19 @@ def scenario(name: str, rank: int, out: Path):
             trainSAE(crashing(), CONFIGS, STEPS, save_dir=out / "run", backup_steps=5, progress=False, dist_timeout=60)
         except RuntimeError as e:
             assert "simulated crash" in str(e)
+        return trainSAE(batches(), None, STEPS, resume_from=out / "run", progress=False, dist_timeout=60)
+    if name == "sigterm":  # SIGTERM reaches one rank: both stop after the same step and save
+
+        def signalled():
+            for i, x in enumerate(batches()):
+                if rank == 1 and i == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield x
+
+        try:
+            trainSAE(signalled(), CONFIGS, STEPS, save_dir=out / "run", progress=False, dist_timeout=60)
+        except TrainingInterrupted as e:
+            (out / f"stopped{rank}.txt").write_text(str(e))
         return trainSAE(batches(), None, STEPS, resume_from=out / "run", progress=False, dist_timeout=60)
     if name == "mismatch":
         configs = [dict(CONFIGS[0], k=4 + rank)]

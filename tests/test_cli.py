@@ -184,8 +184,10 @@ def test_bad_arguments_are_named(tmp_path, tiny):
                 str(tmp_path / "x"),
             ]
         )
-    with pytest.raises(ValueError, match="layer 9 is out of range"):
+    with pytest.raises(SystemExit, match="error: .*layer 9 is out of range.*run with --debug"):
         main(["cache", *tiny, "--layer", "9", "--tokens", "10", "--out", str(tmp_path / "c")])
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        main(["--debug", "cache", *tiny, "--layer", "9", "--tokens", "10", "--out", str(tmp_path / "c")])
     help_text = build_parser().format_help()
     assert all(command in help_text for command in ("train", "cache", "eval", "download"))
 
@@ -208,3 +210,30 @@ def test_eval_reads_the_site_from_a_published_folder_name(tmp_path, tiny, capsys
     embed = tmp_path / "dictionaries" / "tiny" / "embed" / "10_32768"
     AutoEncoder(32, 64).save_pretrained(embed)
     main(["eval", str(embed), *tiny, "--batch-texts", "4", "--n-batches", "1", "--json"])
+
+
+@pytest.mark.parametrize("size", ["0", "-3", "many"])
+def test_a_batch_size_that_is_not_a_positive_int_is_refused(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--trainer", "TopKTrainer", "--steps", "2", "--batch-size", size, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "argument --batch-size: expected a positive integer" in capsys.readouterr().err
+
+
+def test_bad_configs_and_texts_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
+    from dictionary_learning import cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_model)
+    train = ["train", "--layer", "0", "--steps", "2", "--out", str(tmp_path / "run")]
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="must hold a trainer config"):
+        main([*train, "--config", str(tmp_path / "list.json")])
+    with pytest.raises(SystemExit, match=r"TopKTrainer: lr must be a number, got 'fast'"):
+        main([*train, "--trainer", "TopKTrainer", "--set", "lr=fast"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(SystemExit, match="empty.txt holds no text"):
+        main([*train, "--trainer", "TopKTrainer", "--texts", str(tmp_path / "empty.txt")])
+    with pytest.raises(SystemExit, match="missing does not exist: give a checkpoint folder"):
+        main(["eval", str(tmp_path / "missing"), "--layer", "0"])

@@ -52,12 +52,29 @@ def test_data_parallel_equals_one_process_on_the_combined_batch(tmp_path):
         ae, config = load_dictionary(tmp_path / "run" / f"trainer_{i}")
         assert_close(ae.state_dict(), want)
         assert config["trainer"]["device"] == "cpu"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["resume.json", "trainer_0", "trainer_1", "trainer_2"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "resume.json",
+        "trainer_0",
+        "trainer_1",
+        "trainer_2",
+    ]
 
 
 def test_data_parallel_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     results, errors = spawn("resume", tmp_path)
     assert errors == ["", ""], errors
+    expected = single_process()
+    for rank_result in results:
+        for got, want in zip(rank_result, expected):
+            assert_close(got, want)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path):
+    results, errors = spawn("sigterm", tmp_path)
+    assert errors == ["", ""], errors
+    for rank in range(2):  # both stopped, after the same step, and saved one backup
+        assert "training stopped by" in (tmp_path / f"stopped{rank}.txt").read_text()
+        assert "after step 6" in (tmp_path / f"stopped{rank}.txt").read_text()
     expected = single_process()
     for rank_result in results:
         for got, want in zip(rank_result, expected):
