@@ -111,6 +111,7 @@ def main() -> None:
             log_steps=max(1, args.steps // 10),
             progress=False,
             verbose=True,
+            overwrite=True,
         )[0]
         train_s = time.perf_counter() - start
         reader = ActivationReader(iter(held_out), model, site, ctx_len=args.ctx_len)

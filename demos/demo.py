@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     configs = trainer_configs(d, args.dict_size or 4 * d, steps, args.layer, lm_name, site_name, args.device)
     start = time.perf_counter()
     trainSAE(
-        cache, configs, steps, save_dir=out / "dictionaries", normalize_activations=True, log_steps=max(1, steps // 20)
+        cache,
+        configs,
+        steps,
+        save_dir=out / "dictionaries",
+        normalize_activations=True,
+        log_steps=max(1, steps // 20),
+        overwrite=True,  # dictionaries of an interrupted demo (results.json, checked above, marks a finished one)
     )
     train_seconds = time.perf_counter() - start
 

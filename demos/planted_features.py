@@ -67,6 +67,7 @@ def main() -> None:
         normalize_activations=True,
         device=args.device,
         log_steps=max(1, args.steps // 20),
+        overwrite=True,  # the demo's own scratch folder: a rerun replaces it
     )
     seconds = time.perf_counter() - start
 

@@ -51,6 +51,7 @@ def main() -> None:
         normalize_activations=True,
         parallel=args.parallel,
         progress=False,
+        overwrite=True,  # the demo's own scratch folder: a rerun replaces it
     )
     seconds = time.perf_counter() - start
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -13,18 +13,18 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .buffer import ActivationReader
 from .distributed import check_shard
 from .nnsight_io import torch_model
-from .safe_io import FolderLock, atomic_write, atomic_write_json, remove_dead_temporaries
+from .safe_io import FolderLock, atomic_write, atomic_write_json, remove_dead_temporaries, sha256_file
 
 FORMAT = "dictionary_learning.activation_cache"
 MANIFEST = "manifest.json"
@@ -115,6 +115,8 @@ class ActivationCache:
         self._start_batch = 0
         self._rank, self._world_size = 0, 1
         self._loaded: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+        self._checks: dict[int, Future] = {}  # shard index -> its sha256, computed ahead of its use
 
     # ------------------------------------------------------------------------------------- reading
     def __len__(self) -> int:
@@ -166,13 +168,29 @@ class ActivationCache:
 
     def _shard(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         if self._loaded is None or self._loaded[0] != (epoch, index):
-            tensors = read_shard(self.path, self.manifest["shards"][index])
+            tensors = read_shard(self.path, self.manifest["shards"][index], self._checks.pop(index, None))
+            self._check_next(epoch, index)
             if self.shuffle:
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + index)
                 perm = torch.randperm(tensors["tokens"].shape[0], generator=gen)
                 tensors = {name: tensors[name][perm] for name in [*self.sites, "tokens"]}
             self._loaded = ((epoch, index), tensors)
         return self._loaded[1]
+
+    def _check_next(self, epoch: int, index: int) -> None:
+        """Start hashing the shard that comes after `index` in a background thread (hashlib releases
+        the GIL), so its check is done, and its bytes are in the page cache, by the time it is read."""
+        order = self._shard_order(epoch)
+        position = order.index(index)
+        if position + 1 == len(order) and not self.loop:
+            return
+        following = order[position + 1] if position + 1 < len(order) else self._shard_order(epoch + 1)[0]
+        entry = self.manifest["shards"][following]
+        if following == index or following in self._checks or entry.get("sha256") is None:
+            return
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-check")
+        self._checks[following] = self._hasher.submit(sha256_file, self.path / entry["file"])
 
     @property
     def config(self) -> dict[str, Any]:
@@ -381,18 +399,18 @@ def check_shards(path: Path, manifest: dict) -> None:
                 )
 
 
-def read_shard(path: Path, shard: dict) -> dict[str, torch.Tensor]:
-    """A shard's tensors, read once and checked against the sha256 the manifest records for it."""
+def read_shard(path: Path, shard: dict, digest: Future | None = None) -> dict[str, torch.Tensor]:
+    """A shard's tensors, checked against the sha256 the manifest records for it (`digest`: that
+    file's sha256 being computed ahead, if it is)."""
     file = path / shard["file"]
-    data = file.read_bytes()
     expected = shard.get("sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+    if expected is not None and (digest.result() if digest is not None else sha256_file(file)) != expected:
         raise CacheError(
             f"{file} is corrupted: its sha256 differs from the one recorded in {MANIFEST} when it was written "
             f"(a flipped bit or a partial copy). Copy the cache again or rebuild it"
         )
     try:
-        return load_safetensors_bytes(data)
+        return load_file(str(file))
     except Exception as e:  # safetensors raises its own error type, without the file name
         raise CacheError(f"{file} cannot be read as safetensors: {e}") from e
 

@@ -94,6 +94,27 @@ def test_kill_9_in_the_middle_of_a_backup_resumes_every_trainer_from_the_last_co
     assert not list(run.rglob(".*.tmp-*"))
 
 
+def test_a_full_disk_during_a_backup_leaves_the_previous_backup_whole(tmp_path, monkeypatch, uninterrupted):
+    import errno
+
+    save = torch.save
+
+    def disk_full_at_trainer_2(obj, path, *args, **kwargs):
+        if "resume_40.pt" in str(path) and "trainer_2" in str(path):
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_trainer_2)
+    with pytest.raises(OSError, match="No space left on device"):
+        trainSAE(batches(), CONFIGS, STEPS, save_dir=tmp_path, backup_steps=20, progress=False)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "resume.json").read_text())["next_step"] == 20
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # the partial write was removed
+    resumed = weights(trainSAE(batches(), None, STEPS, resume_from=tmp_path, progress=False))
+    assert_same_weights(uninterrupted, resumed)
+
+
 def test_a_legacy_backup_whose_trainers_disagree_on_the_step_is_refused(tmp_path):
     trainSAE(batches(), CONFIGS[:2], STEPS, save_dir=tmp_path, progress=False)
     index = json.loads((tmp_path / "resume.json").read_text())
