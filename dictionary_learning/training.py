@@ -239,15 +239,14 @@ def trainSAE(
         save_dir = resume_from
     group = distributed.setup(parallel, dist_timeout)
     folder = RunFolder(save_dir, group, safetensors)
+    in_place = resume_from is not None and Path(save_dir).resolve() == Path(resume_from).resolve()
     with GracefulStop() as stop:
         try:
-            if resume_from is not None:
-                folder.open(resuming=True, overwrite=False)
-                resume_states = load_backup(resume_from)
-            else:
-                resume_states = None
+            if in_place:
+                folder.open(resuming=True, overwrite=False)  # locked before its backup is read
+            resume_states = load_backup(resume_from) if resume_from is not None else None
             trainers, indices = _build_trainers(trainer_configs, resume_states, steps, device, parallel, group, data)
-            if resume_from is None:
+            if not in_place:  # a new folder (or a run continued into another one): never mixed with a run
                 folder.open(resuming=False, overwrite=overwrite)
             writes = group is None or group.mode == "trainers" or group.is_main
             folder.attach(indices, writes)

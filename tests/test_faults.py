@@ -51,6 +51,23 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
+def lock_holder(tmp_path: Path, folder: Path) -> subprocess.Popen:
+    """A process that holds `folder`'s lock (as a cache build would) until it is killed."""
+    proc = child(
+        tmp_path,
+        """
+        import time
+        from dictionary_learning.safe_io import FolderLock
+        FolderLock(sys.argv[1], "cache build").acquire()
+        print("locked", flush=True)
+        time.sleep(600)
+        """,
+        str(folder),
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
 @pytest.fixture(scope="module")
 def uninterrupted():
     return weights(trainSAE(batches(), CONFIGS, STEPS, progress=False))
@@ -275,18 +292,7 @@ def test_a_second_run_on_a_folder_in_use_fails_at_once_naming_the_owner(tmp_path
 
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
-    proc = child(
-        tmp_path,
-        """
-        import time
-        from dictionary_learning.safe_io import FolderLock
-        FolderLock(sys.argv[1], "cache build").acquire()
-        print("locked", flush=True)
-        time.sleep(600)
-        """,
-        str(tmp_path / "folder"),
-    )
-    assert proc.stdout.readline().strip() == "locked"
+    proc = lock_holder(tmp_path, tmp_path / "folder")
     with pytest.raises(FolderLockedError, match=f"pid {proc.pid} on this host"):
         FolderLock(tmp_path / "folder").acquire()
     proc.kill()
@@ -509,18 +515,7 @@ def test_a_cache_build_that_yields_no_tokens_is_not_marked_complete(tmp_path):
 def test_a_second_cache_build_on_a_folder_in_use_fails_at_once(tmp_path):
     from test_cache import build
 
-    proc = child(
-        tmp_path,
-        """
-        import time
-        from dictionary_learning.safe_io import FolderLock
-        FolderLock(sys.argv[1], "cache build").acquire()
-        print("locked", flush=True)
-        time.sleep(600)
-        """,
-        str(tmp_path / "c"),
-    )
-    assert proc.stdout.readline().strip() == "locked"
+    proc = lock_holder(tmp_path, tmp_path / "c")
     try:
         with pytest.raises(FolderLockedError, match=rf"c is being written by another cache build \(pid {proc.pid}"):
             build(tmp_path / "c", n_tokens=300)
