@@ -12,7 +12,10 @@ import torch.multiprocessing as mp
 
 from dictionary_learning import load_dictionary, trainSAE
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.slow,  # spawns processes
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+]
 
 
 def free_port() -> int:
