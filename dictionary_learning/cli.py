@@ -231,8 +231,7 @@ def cmd_eval(args) -> None:
     missing = [folder for folder in args.dictionaries if not Path(folder).exists() and "://" not in folder]
     if missing:
         raise SystemExit(f"error: {missing[0]} does not exist: give a checkpoint folder (with ae.pt and config.json)")
-    model = _load_model(args)
-    rows = []
+    dictionaries = []  # every dictionary is loaded (and checked) before the model
     for folder in args.dictionaries:
         layer, site = args.layer, args.site
         match = _PUBLISHED_SITE.search(str(folder))
@@ -240,7 +239,10 @@ def cmd_eval(args) -> None:
             layer, site = (0, "embed") if match["embed"] else (int(match["layer"]), match["kind"])
         if layer is None:
             raise SystemExit(f"error: give --layer (and --site) for {folder}")
-        ae, _ = load_dictionary(folder, device=args.device)
+        dictionaries.append((folder, layer, site, load_dictionary(folder, device=args.device)[0]))
+    model = _load_model(args)
+    rows = []
+    for folder, layer, site, ae in dictionaries:
         reader = ActivationReader(
             _texts(args), model, _site(model, layer, site), ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts
         )
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingInterrupted as e:
         if args.debug:
             raise
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"stopped: {e} (on the command line: the same command with --resume)", file=sys.stderr)
         raise SystemExit(143 if "SIGTERM" in str(e) else 130) from None
     except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError) as e:
         if args.debug:
