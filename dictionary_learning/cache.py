@@ -49,9 +49,10 @@ def model_fingerprint(model) -> str:
     digest = hashlib.sha256()
     params = list(torch_model(model).named_parameters())
     for name, param in [params[0], params[len(params) // 2], params[-1]] if params else []:
-        values = param.detach().flatten()[: 1 << 20].to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(values.numpy().tobytes())
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        if param.device.type != "meta":  # a model whose weights are not loaded yet has only shapes
+            values = param.detach().flatten()[: 1 << 20].to("cpu", torch.float32).contiguous()
+            digest.update(values.numpy().tobytes())
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
