@@ -9,8 +9,7 @@ Dimension key used in tensor names throughout the package (e.g. `x_BD`, `W_dec_F
 Importing the package touches neither the network nor nnsight.
 """
 
-__version__ = "0.2.0"
-
+from ._version import __version__ as __version__
 from .checkpoint import CheckpointError, get_nested_folders, load_dictionary, save_dictionary
 from .dictionaries import (
     DICTIONARY_REGISTRY,

@@ -101,7 +101,7 @@ class ActivationReader:
         """Right-padded `input_ids` and `attention_mask` `[B, L <= ctx_len]` for strings or token ids."""
         return tokenize_batch(self.tokenizer, items, self.ctx_len, self.add_special_tokens)
 
-    def _next_activations(self, return_ids: bool = False) -> list[torch.Tensor] | None:
+    def next_activations(self, return_ids: bool = False) -> list[torch.Tensor] | None:
         """Activations `[N, ...]` per site of the next LM batch (kept positions only), or None at the end."""
         while True:
             items = self._next_items()
@@ -245,7 +245,7 @@ class ActivationBuffer(ActivationReader):
         kept = self._order[self._ptr :]
         n_new = 0
         while n_new < free.numel():
-            acts = self._pending if self._pending is not None else self._next_activations()
+            acts = self._pending if self._pending is not None else self.next_activations()
             if acts is None:
                 break
             take = min(acts[0].shape[0], free.numel() - n_new)

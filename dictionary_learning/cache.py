@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .buffer import ActivationReader
 from .distributed import check_shard
 from .nnsight_io import torch_model
@@ -276,7 +276,7 @@ def _fill(
         total=n_tokens, initial=manifest["n_tokens"], disable=not progress, desc="caching activations", unit="tok"
     )
     while manifest["n_tokens"] < n_tokens:
-        acts = reader._next_activations(return_ids=True)
+        acts = reader.next_activations(return_ids=True)
         if acts is None:
             break
         pending.append(acts)

@@ -14,10 +14,11 @@ def hf_dataset_to_generator(
     """Documents of a Hugging Face dataset (streamed by default), from its `text_key` column."""
     import datasets
 
-    from .models import _offline_error, hub_reachable
+    from .hub import hub_reachable
+    from .models import offline_error
 
     if not Path(dataset_name).exists() and not hub_reachable():
-        raise _offline_error(f"dataset {dataset_name!r}")
+        raise offline_error(f"dataset {dataset_name!r}")
     try:
         dataset = datasets.load_dataset(dataset_name, split=split, streaming=streaming, **kwargs)
     except (ConnectionError, OSError, FileNotFoundError) as e:

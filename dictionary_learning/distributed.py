@@ -122,6 +122,14 @@ def sum_(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce(t)
 
 
+def any_over(group: Group | None, flags: list[bool]) -> list[bool]:
+    """Each flag OR-ed over the ranks of `group` (as given for one process), in any parallel mode."""
+    if group is None:
+        return list(flags)
+    t = _all_reduce(torch.tensor([int(f) for f in flags]), dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def min_(t: torch.Tensor) -> torch.Tensor:
     """Minimum of a tensor over the replicas."""
     if _ACTIVE is None:

@@ -24,7 +24,7 @@ import torch
 from .buffer import check_positive_ints, ensure_pad_token, tokenize_batch
 from .dictionaries.base import device_of
 from .distributed import strided
-from .splice import _last_executed, module_name, root_module, run_model
+from .splice import last_executed, module_name, root_module, run_model
 
 
 class TokenBatches:
@@ -120,7 +120,7 @@ class E2EObjective:
             raise ValueError("every e2e weight is 0: give kl_weight, local_weight or a downstream weight > 0")
         root = root_module(model)
         for name in self.downstream:
-            if _last_executed(root, [(self.site, io), (name, "out")]) != (name, "out") or name == self.site:
+            if last_executed(root, [(self.site, io), (name, "out")]) != (name, "out") or name == self.site:
                 raise ValueError(f"downstream site {name!r} does not come after the spliced site {self.site!r}")
         self._reads = [(self.site, io)] + [(name, "out") for name in self.downstream]
         probe = torch.zeros(1, 1, dtype=torch.long, device=device_of(root_module(model)))

@@ -8,14 +8,17 @@ SAELens's or sparsify's.
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, snapshot_download
 
-from .checkpoint import save_dictionary
+from .files import save_dictionary
 
 HUB_PREFIX = "hf://"
 
@@ -46,13 +49,27 @@ def parse_hub_address(address: str) -> HubAddress:
     return HubAddress(f"{parts[0]}/{repo}", "/".join(parts[2:]), revision or None)
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub opens within `timeout` seconds. True when a
+    proxy is configured (we cannot tell) and False in HF_HUB_OFFLINE mode. Without this check an
+    offline machine spends most of a minute in the Hub client's retries before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def download(address: str | HubAddress, cache_dir: str | Path | None = None) -> Path:
     """The local copy of a Hub folder (downloaded once, then read from the Hugging Face cache).
 
     Offline, a copy already in the cache is used; without one the error names the repository.
     """
-    from .models import hub_reachable
-
     addr = parse_hub_address(address) if isinstance(address, str) else address
     patterns = [f"{addr.folder}/*"] if addr.folder else None
     kwargs = dict(repo_id=addr.repo_id, revision=addr.revision, allow_patterns=patterns, cache_dir=cache_dir)
@@ -85,8 +102,6 @@ def push_to_hub(
 ) -> str:
     """Upload `ae` (weights + `config.json`, as a local save writes them) to `repo_id`/`folder`,
     creating the repository if needed; returns the `hf://` address that `load_dictionary` reads."""
-    from .models import hub_reachable
-
     if not hub_reachable():
         raise OSError(f"cannot push to {repo_id!r}: the Hugging Face Hub is unreachable (offline?)")
     api = HfApi(token=token)

@@ -7,13 +7,12 @@ import importlib.util
 import logging
 import os
 import shutil
-import socket
 import tempfile
-import urllib.parse
 from pathlib import Path
 
 import torch
 
+from .hub import hub_reachable
 from .nnsight_io import torch_model, wrap_model
 
 logger = logging.getLogger(__name__)
@@ -22,23 +21,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to the Hugging Face Hub opens within `timeout` seconds. True when a
-    proxy is configured (we cannot tell) and False in HF_HUB_OFFLINE mode. Without this check an
-    offline machine spends most of a minute in the Hub client's retries before failing."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _offline_error(what: str) -> OSError:
+def offline_error(what: str) -> OSError:
     return OSError(
         f"could not load {what}: it is not a local folder and the Hugging Face Hub is unreachable (offline?). "
         f"Pass a local path, or use load_default_model() / default_texts() for the bundled {DEFAULT_MODEL_NAME} "
@@ -51,7 +34,7 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: tor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(name_or_path).exists() and not _in_hf_cache(name_or_path) and not hub_reachable():
-        raise _offline_error(repr(name_or_path))
+        raise offline_error(repr(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)

@@ -136,7 +136,7 @@ def norm_factor_of(batches: list[torch.Tensor], group: Group | None = None) -> f
         total, rows = total + sq.sum(), rows + sq.numel()
     sums = torch.stack([total, torch.tensor(float(rows), dtype=torch.float64)])
     if group is not None and group.mode == "data":
-        sums = distributed._all_reduce(sums)
+        sums = distributed.sum_(sums)  # trainSAE runs this inside distributed.active(group)
     factor = float((sums[0] / sums[1]).sqrt()) if sums[1] > 0 else float("nan")
     if not factor > 0 or factor == float("inf"):
         raise ValueError(

@@ -131,7 +131,7 @@ def run_model(
     if not logits:
         if not specs:
             raise ValueError("nothing to compute: ask for logits or name a site to read")
-        specs[_last_executed(root, list(specs))].stop = True
+        specs[last_executed(root, list(specs))].stop = True
     saved: dict[tuple[str, str], torch.Tensor] = {}
     handles = [_install(root, name, mode, spec, saved) for (name, mode), spec in specs.items()]
     out = None
@@ -165,7 +165,7 @@ def module_timing(root: nn.Module) -> dict[str, tuple[float, float]]:
     return timing
 
 
-def _last_executed(root: nn.Module, keys: list[tuple[str, str]]) -> tuple[str, str]:
+def last_executed(root: nn.Module, keys: list[tuple[str, str]]) -> tuple[str, str]:
     """The (site, io) whose value becomes available last."""
     timing = module_timing(root)
     return max(keys, key=lambda key: timing[key[0]][0 if key[1] == "in" else 1])

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import distributed
+from ._version import __version__
 from .dictionaries import Dictionary
 from .evaluation import frac_variance_explained
 from .run import (
@@ -28,7 +29,7 @@ from .run import (
     load_backup,
     norm_factor_of,
 )
-from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, _jsonable, resolve_device
+from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, jsonable, resolve_device
 
 if TYPE_CHECKING:
     from .e2e import E2EObjective
@@ -297,7 +298,7 @@ def _build_trainers(trainer_configs, resume_states, steps, device, parallel, gro
         _check_resume_steps(resume_states, steps)
     indices = list(range(len(trainer_configs)))
     if group is not None:
-        distributed.check_agreement(group, "trainer configs", [_jsonable(c) for c in trainer_configs])
+        distributed.check_agreement(group, "trainer configs", [jsonable(c) for c in trainer_configs])
         distributed.check_agreement(group, "number of steps and the parallel mode", (steps, parallel))
         if parallel == "data":
             distributed.check_agreement(group, "data source", distributed.describe_data(data))
@@ -502,10 +503,8 @@ def _resume_position(states: list[dict]) -> tuple[int, int, float | None]:
 
 def _any_rank(group, *flags: bool) -> tuple[bool, ...] | bool:
     """Each flag OR-ed over the ranks (a no-op for one process)."""
-    if group is not None:
-        t = distributed._all_reduce(torch.tensor([int(f) for f in flags]), torch.distributed.ReduceOp.MAX)
-        flags = tuple(bool(v) for v in t.tolist())
-    return flags if len(flags) > 1 else flags[0]
+    agreed = tuple(distributed.any_over(group, list(flags)))
+    return agreed if len(agreed) > 1 else agreed[0]
 
 
 def _flags(group, exhausted: bool, bad: bool, interrupt: GracefulStop) -> tuple[bool, bool, bool]:

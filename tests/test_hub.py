@@ -56,7 +56,7 @@ def local_hub(tmp_path, monkeypatch):
     fake = LocalHub(tmp_path / "hub")
     monkeypatch.setattr(hub, "HfApi", fake.api)
     monkeypatch.setattr(hub, "snapshot_download", fake.snapshot_download)
-    monkeypatch.setattr("dictionary_learning.models.hub_reachable", lambda timeout=5.0: fake.online)
+    monkeypatch.setattr("dictionary_learning.hub.hub_reachable", lambda timeout=5.0: fake.online)
     return fake
 
 

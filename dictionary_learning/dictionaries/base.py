@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..files import CheckpointError, read_checkpoint, save_dictionary, write_saelens_folder
+
 logger = logging.getLogger(__name__)
 
 DICTIONARY_REGISTRY: dict[str, type[Dictionary]] = {}
@@ -65,6 +67,34 @@ def device_of(module: nn.Module, default: torch.device | str = "cpu") -> torch.d
 def feature_first(t: torch.Tensor, feature_dim: int) -> torch.Tensor:
     """A view of `t` with its feature dimension first (`[F, ...]`); writes go through to `t`."""
     return t if feature_dim == 0 else t.transpose(0, feature_dim)
+
+
+@dataclass
+class SaelensWeights:
+    """A SAELens SAE's config and weights, checked against each other by
+    `dictionaries.saelens.parse_saelens` (fp32, SAELens's layouts: `W_enc [D, F]`, `W_dec [F, D]`)."""
+
+    arch: str
+    cfg: dict
+    source: str
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    subtracts_b_dec: bool  # SAELens's apply_b_dec_to_input
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def shift_F(self) -> torch.Tensor:
+        """What a class that always subtracts b_dec must add to its encoder bias when SAELens did not."""
+        return torch.zeros(self.d_sae) if self.subtracts_b_dec else self.b_dec @ self.W_enc
 
 
 class Dictionary(nn.Module):
@@ -187,8 +217,6 @@ class Dictionary(nn.Module):
         **kwargs: Any,
     ) -> Dictionary:
         """Build an instance from a state dict (strict key and shape check; errors name `source`)."""
-        from ..checkpoint import CheckpointError
-
         missing = set(cls._expected_keys()) - set(state_dict)
         unexpected = set(state_dict) - set(cls._expected_keys())
         if missing or unexpected:
@@ -216,8 +244,7 @@ class Dictionary(nn.Module):
 
         Loading never executes code from the file. `dtype`/`device` cast the result when given.
         """
-        from ..checkpoint import read_checkpoint
-        from ..hub import download, is_hub_address
+        from ..hub import download, is_hub_address  # below this module; imported here to keep import light
 
         if is_hub_address(path):
             path = download(path)
@@ -229,8 +256,6 @@ class Dictionary(nn.Module):
 
     def save_pretrained(self, folder: str | Path, config: dict | None = None, safetensors: bool = False) -> Path:
         """Write `ae.pt` (or `ae.safetensors`) and `config.json` into `folder`; returns the weights path."""
-        from ..checkpoint import save_dictionary
-
         return save_dictionary(self, folder, config=config, safetensors=safetensors)
 
     def push_to_hub(self, repo_id: str, folder: str = "", **kwargs: Any) -> str:
@@ -239,11 +264,36 @@ class Dictionary(nn.Module):
 
         return push_to_hub(self, repo_id, folder, **kwargs)
 
-    def save_saelens(self, folder: str | Path, metadata: dict | None = None) -> Path:
-        """Write a SAELens folder (`cfg.json` + `sae_weights.safetensors`) with the same outputs."""
-        from ..interop import save_saelens
+    # ---------------------------------------------------------------------------------------- SAELens
+    # SAELens's architecture name that this class reads (set by the class itself, not inherited).
+    saelens_architecture: ClassVar[str | None] = None
 
-        return save_saelens(self, folder, metadata)
+    @classmethod
+    def claims_saelens(cls, weights: SaelensWeights) -> bool:
+        """Whether `from_saelens` converts these SAELens weights (see `dictionaries.saelens`)."""
+        return weights.arch == cls.__dict__.get("saelens_architecture")
+
+    @classmethod
+    def from_saelens(cls, weights: SaelensWeights) -> Dictionary:
+        """An instance equal to the parsed SAELens SAE `weights` (which `claims_saelens` accepted)."""
+        raise NotImplementedError(f"{cls.__name__} does not read SAELens weights")
+
+    def to_saelens(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """SAELens config fields beyond d_in/d_sae/apply_b_dec_to_input, and its state dict, exactly."""
+        raise ValueError(f"{type(self).__name__} has no SAELens equivalent")
+
+    def saelens_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(SAELens config fields, SAELens state dict) describing this dictionary exactly."""
+        fields, state = self.to_saelens()
+        base = {"d_in": self.activation_dim, "d_sae": self.dict_size, "apply_b_dec_to_input": True}
+        return base | fields, {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+    def save_saelens(self, folder: str | Path, metadata: dict | None = None) -> Path:
+        """Write a SAELens folder (`cfg.json` + `sae_weights.safetensors`) that
+        `sae_lens.SAE.load_from_disk(folder)` loads with the same outputs; `metadata` (e.g.
+        `model_name`, `hook_name`) goes into the config's `metadata` field."""
+        fields, state = self.saelens_state()
+        return write_saelens_folder(fields, state, folder, metadata)
 
     def extra_repr(self) -> str:
         return f"activation_dim={self.activation_dim}, dict_size={self.dict_size}"

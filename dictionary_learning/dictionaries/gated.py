@@ -93,3 +93,24 @@ class GatedAutoEncoder(Dictionary):
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         dict_size, activation_dim = state_dict["encoder.weight"].shape
         return cls(activation_dim, dict_size)
+
+    saelens_architecture = "gated"
+
+    @classmethod
+    def from_saelens(cls, weights) -> GatedAutoEncoder:
+        ae, extra, shift_F = cls(weights.d_in, weights.d_sae), weights.extra, weights.shift_F
+        ae.encoder.weight.copy_(weights.W_enc.T)
+        ae.decoder.weight.copy_(weights.W_dec.T)
+        ae.decoder_bias.copy_(weights.b_dec)
+        ae.r_mag.copy_(extra["r_mag"])
+        ae.gate_bias.copy_(extra["b_gate"] + shift_F)
+        ae.mag_bias.copy_(extra["b_mag"] + extra["r_mag"].exp() * shift_F)
+        return ae
+
+    def to_saelens(self):
+        state = {"W_enc": self.encoder.weight.T, "W_dec": self.decoder.weight.T, "b_dec": self.decoder_bias}
+        return {"architecture": "gated"}, state | {
+            "b_gate": self.gate_bias,
+            "b_mag": self.mag_bias,
+            "r_mag": self.r_mag,
+        }

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
+from .saelens import dictionary_from_saelens
 
 
 @register_dictionary
@@ -84,8 +85,6 @@ class JumpReluAutoEncoder(Dictionary):
             from sae_lens import SAE
         except ImportError as e:
             raise ImportError("load_from_sae_lens=True needs the optional sae-lens: pip install sae-lens") from e
-        from ..interop import dictionary_from_saelens
-
         loaded = SAE.from_pretrained(release, sae_id, device="cpu", **kwargs)
         sae = loaded[0] if isinstance(loaded, tuple) else loaded  # older sae_lens returned (sae, cfg, sparsity)
         cfg = sae.cfg if isinstance(sae.cfg, dict) else sae.cfg.to_dict()
@@ -94,3 +93,25 @@ class JumpReluAutoEncoder(Dictionary):
             arch = cfg.get("architecture")
             raise ValueError(f"{release}/{sae_id} is a {arch!r} SAE, not JumpReLU; use load_dictionary")
         return ae.to(device=device, dtype=dtype)
+
+    saelens_architecture = "jumprelu"
+
+    @classmethod
+    def from_saelens(cls, weights) -> JumpReluAutoEncoder:
+        ae = cls(weights.d_in, weights.d_sae)
+        ae.W_enc.copy_(weights.W_enc)
+        ae.W_dec.copy_(weights.W_dec)
+        ae.b_dec.copy_(weights.b_dec)
+        ae.threshold.copy_(weights.extra["threshold"])
+        ae.b_enc.copy_(weights.extra["b_enc"] - (weights.b_dec @ weights.W_enc if weights.subtracts_b_dec else 0))
+        return ae
+
+    def to_saelens(self):
+        fields = {"architecture": "jumprelu", "apply_b_dec_to_input": bool(self.apply_b_dec_to_input)}
+        return fields, {
+            "W_enc": self.W_enc,
+            "b_enc": self.b_enc,
+            "W_dec": self.W_dec,
+            "b_dec": self.b_dec,
+            "threshold": self.threshold,
+        }

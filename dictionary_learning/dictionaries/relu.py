@@ -113,6 +113,25 @@ class AutoEncoder(Dictionary):
         """Load `ae.pt`/`ae.safetensors`; by default fold decoder norms into the encoder, as the reference."""
         return super().from_pretrained(path, dtype=dtype, device=device, normalize_decoder=normalize_decoder)
 
+    saelens_architecture = "standard"
+
+    @classmethod
+    def claims_saelens(cls, weights) -> bool:
+        return super().claims_saelens(weights) and weights.subtracts_b_dec
+
+    @classmethod
+    def from_saelens(cls, weights) -> AutoEncoder:
+        ae = cls(weights.d_in, weights.d_sae)
+        ae.encoder.weight.copy_(weights.W_enc.T)
+        ae.encoder.bias.copy_(weights.extra["b_enc"])
+        ae.decoder.weight.copy_(weights.W_dec.T)
+        ae.bias.copy_(weights.b_dec)
+        return ae
+
+    def to_saelens(self):
+        state = {"W_enc": self.encoder.weight.T, "b_enc": self.encoder.bias, "b_dec": self.bias}
+        return {"architecture": "standard"}, state | {"W_dec": self.decoder.weight.T}
+
 
 @register_dictionary
 class AutoEncoderNew(Dictionary):
@@ -168,3 +187,22 @@ class AutoEncoderNew(Dictionary):
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         dict_size, activation_dim = state_dict["encoder.weight"].shape
         return cls(activation_dim, dict_size)
+
+    saelens_architecture = "standard"
+
+    @classmethod
+    def claims_saelens(cls, weights) -> bool:  # exactly SAELens's standard SAE without b_dec subtraction
+        return super().claims_saelens(weights) and not weights.subtracts_b_dec
+
+    @classmethod
+    def from_saelens(cls, weights) -> AutoEncoderNew:
+        ae = cls(weights.d_in, weights.d_sae)
+        ae.encoder.weight.copy_(weights.W_enc.T)
+        ae.encoder.bias.copy_(weights.extra["b_enc"])
+        ae.decoder.weight.copy_(weights.W_dec.T)
+        ae.decoder.bias.copy_(weights.b_dec)
+        return ae
+
+    def to_saelens(self):
+        state = {"W_enc": self.encoder.weight.T, "b_enc": self.encoder.bias, "b_dec": self.decoder.bias}
+        return {"architecture": "standard", "apply_b_dec_to_input": False}, state | {"W_dec": self.decoder.weight.T}

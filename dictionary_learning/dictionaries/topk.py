@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import CheckpointError
 from ..ops import (
     SparseCode,
     batch_topk_entries,
@@ -21,6 +22,7 @@ from ..ops import (
     sparse_decode,
 )
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
+from .saelens import require_field
 
 
 def row_topk(a_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,6 +114,18 @@ class _TopKBase(Dictionary):
             raise ValueError(f"k={k} was requested but the file {path} was saved with k={ae._k}")
         return ae
 
+    def _thresholded_saelens(self, weights: dict[str, torch.Tensor]):
+        """BatchTopK-style inference (a global threshold on ReLU(pre)) is SAELens's JumpReLU with that
+        threshold everywhere."""
+        threshold = float(self.threshold)
+        if threshold < 0:
+            raise ValueError(
+                f"{type(self).__name__} has no inference threshold yet (threshold={threshold}); "
+                "train past threshold_start_step before exporting"
+            )
+        state = weights | {"b_dec": self.b_dec, "threshold": torch.full((self.dict_size,), threshold)}
+        return {"architecture": "jumprelu"}, state
+
 
 class _LinearTopK(_TopKBase):
     """nn.Linear layout shared by AutoEncoderTopK and BatchTopKSAE (keys b_dec, k, threshold, decoder, encoder)."""
@@ -154,6 +168,30 @@ class _LinearTopK(_TopKBase):
         dict_size, activation_dim = state_dict["encoder.weight"].shape
         return cls(activation_dim, dict_size, int(state_dict["k"]))
 
+    @classmethod
+    def from_saelens(cls, weights) -> _LinearTopK:
+        """SAELens's topk (AutoEncoderTopK) or batchtopk (BatchTopKSAE) SAE; its b_dec-free input and
+        `rescale_acts_by_decoder_norm` are folded into the encoder (outputs equal to float rounding)."""
+        cfg, F = weights.cfg, weights.d_sae
+        k = int(require_field(cfg, "k", weights.source))
+        if k != cfg["k"] or not 0 < k <= F:
+            raise CheckpointError(f"{weights.source}: k={cfg['k']!r} must be an integer in [1, d_sae={F}]")
+        W_enc, b_enc, W_dec = weights.W_enc, weights.extra["b_enc"] + weights.shift_F, weights.W_dec
+        if cfg.get("rescale_acts_by_decoder_norm", False):  # fold ||W_dec row|| into the encoder
+            norms_F = W_dec.norm(dim=-1).clamp_min(1e-8)
+            W_enc, b_enc, W_dec = W_enc * norms_F, b_enc * norms_F, W_dec / norms_F[:, None]
+        ae = cls(weights.d_in, F, k)
+        ae.encoder.weight.copy_(W_enc.T)
+        ae.encoder.bias.copy_(b_enc)
+        ae.decoder.weight.copy_(W_dec.T)
+        ae.b_dec.copy_(weights.b_dec)
+        if "topk_threshold" in weights.extra:
+            ae.threshold.copy_(weights.extra["topk_threshold"])
+        return ae
+
+    def _linear_saelens_weights(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.encoder.weight.T, "b_enc": self.encoder.bias, "W_dec": self.decoder.weight.T}
+
 
 @register_dictionary
 class AutoEncoderTopK(_LinearTopK):
@@ -173,6 +211,12 @@ class AutoEncoderTopK(_LinearTopK):
                 return f_BF
         return f_BF, values_BK, indices_BK, a_BF
 
+    saelens_architecture = "topk"
+
+    def to_saelens(self):
+        fields = {"architecture": "topk", "k": self._k, "rescale_acts_by_decoder_norm": False}
+        return fields, self._linear_saelens_weights() | {"b_dec": self.b_dec}
+
 
 @register_dictionary
 class BatchTopKSAE(_LinearTopK):
@@ -187,6 +231,11 @@ class BatchTopKSAE(_LinearTopK):
         if return_active:
             return f_BF, f_BF.reshape(-1, self.dict_size).sum(0) > 0, a_BF
         return f_BF
+
+    saelens_architecture = "batchtopk"
+
+    def to_saelens(self):
+        return self._thresholded_saelens(self._linear_saelens_weights())
 
 
 @register_dictionary
@@ -259,3 +308,6 @@ class MatryoshkaBatchTopKSAE(_TopKBase):
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         activation_dim, dict_size = state_dict["W_enc"].shape
         return cls(activation_dim, dict_size, int(state_dict["k"]), state_dict["group_sizes"].tolist())
+
+    def to_saelens(self):
+        return self._thresholded_saelens({"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec})

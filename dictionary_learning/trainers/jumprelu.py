@@ -33,8 +33,6 @@ class JumpReluTrainer(SAETrainer):
     `sparsity_loss="l0"`). Adam(beta1=0), unit-norm decoder rows with projected gradients, clip 1.
     """
 
-    project_decoder_grad = True
-    grad_clip_norm = 1.0
     state_attrs = ("num_tokens_since_fired",)
     logging_parameters = ["dead_features"]
 
@@ -72,7 +70,9 @@ class JumpReluTrainer(SAETrainer):
         self.sparsity_coefficient = sparsity_penalty
         self.target_l0 = target_l0
         self.sparsity_loss = sparsity_loss
-        self.optimizer = adam(self.ae.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+        self.optimizer = adam(
+            self.ae.parameters(), self._decoder_constraint(), 1.0, lr=lr, betas=(0.0, 0.999), eps=1e-8
+        )
         self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start, None, sparsity_warmup_steps))
         self.sparsity_warmup_fn = get_sparsity_warmup_fn(steps, sparsity_warmup_steps)
         self.num_tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)

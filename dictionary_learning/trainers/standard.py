@@ -59,8 +59,6 @@ class StandardTrainerAprilUpdate(PenalisedTrainer):
     with `AutoEncoderNew`, whose `forward` already rescales (the reference's issue #39).
     """
 
-    grad_clip_norm = 1.0
-
     def __init__(
         self,
         steps: int,
@@ -83,7 +81,9 @@ class StandardTrainerAprilUpdate(PenalisedTrainer):
         self.sparse = sparse
         self._setup(seed, device, dict_class, activation_dim, dict_size)
         self.l1_penalty = l1_penalty
-        self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, None, constrained=False)
+        self._init_penalised(
+            steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, None, constrained=False, max_grad_norm=1.0
+        )
 
     def _compute(self, x, step):
         f, x_hat = self.ae.encode_decode(x, self.max_density)

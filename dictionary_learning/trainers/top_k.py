@@ -42,8 +42,6 @@ class TopKTrainer(SAETrainer):
     per step instead of three.
     """
 
-    project_decoder_grad = True
-    grad_clip_norm = 1.0
     state_attrs = ("num_tokens_since_fired", "tokens_seen")
     logging_parameters = ["effective_l0", "dead_features"]
 
@@ -93,7 +91,7 @@ class TopKTrainer(SAETrainer):
         self.k_anneal_steps = k_anneal_steps
         self.k_anneal_start = max(self.ae.activation_dim, k) if k_anneal_steps else k
         self.k_anneal_start = min(self.k_anneal_start, self.ae.dict_size)
-        self.optimizer = adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        self.optimizer = adam(self.ae.parameters(), self._decoder_constraint(), 1.0, lr=self.lr, betas=(0.9, 0.999))
         self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start))
         self.num_tokens_since_fired = torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device)
         self.tokens_seen = 0

@@ -108,32 +108,47 @@ def remove_gradient_parallel_to_decoder_directions(
     return remove_parallel_grad_(W_dec_DF.data.T, W_dec_DF_grad.T).T
 
 
-def adam(params: Iterable, constrained: Iterable | None = None, **kwargs: Any) -> torch.optim.Adam:
-    """Adam (ConstrainedAdam when `constrained` is given) using the fused kernel: one pass over all
-    parameters instead of a Python loop of small ops, which dominates small dictionaries' steps."""
+def adam(
+    params: Iterable, constrained: Iterable = (), max_grad_norm: float | None = None, **kwargs: Any
+) -> ConstrainedAdam:
+    """The optimizer of every recipe: `ConstrainedAdam` on the fused kernel (one pass over all
+    parameters instead of a Python loop of small ops, which dominates small dictionaries' steps)."""
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    if constrained is not None:
-        return ConstrainedAdam(params, constrained, fused=fused, **kwargs)
-    return torch.optim.Adam(params, fused=fused, **kwargs)
+    return ConstrainedAdam(params, constrained, fused=fused, max_grad_norm=max_grad_norm, **kwargs)
 
 
 class ConstrainedAdam(torch.optim.Adam):
-    """Adam that keeps each feature direction of `constrained_params` at unit norm.
+    """Adam that keeps each feature direction of `constrained_params` at unit norm: the one
+    implementation of the decoder-norm constraint.
 
     Entries are parameters (Linear-style `[D, F]` decoders, a feature is a column, as in the
-    reference) or `(parameter, feature_dim)` pairs. Before each step the gradient component
-    parallel to each feature direction is removed; after it the directions are renormalised.
+    reference) or `(parameter, feature_dim)` pairs. Each step removes the gradient component
+    parallel to each feature direction, clips the gradient norm of all parameters to
+    `max_grad_norm` when given (after the projection, as the reference's TopK and JumpReLU trainers
+    do), takes the Adam step, and renormalises the directions.
     """
 
-    def __init__(self, params: Iterable, constrained_params: Iterable, lr: float, betas=(0.9, 0.999), **kwargs):
+    def __init__(
+        self,
+        params: Iterable,
+        constrained_params: Iterable,
+        lr: float,
+        betas=(0.9, 0.999),
+        max_grad_norm: float | None = None,
+        **kwargs,
+    ):
         super().__init__(params, lr=lr, betas=betas, **kwargs)
         self.constrained_params = [p if isinstance(p, tuple) else (p, 1) for p in constrained_params]
+        self.max_grad_norm = max_grad_norm
 
     def step(self, closure=None):
         for p, dim in self.constrained_params:
             if p.grad is not None:
                 remove_parallel_grad_(feature_first(p.data, dim), feature_first(p.grad, dim))
+        if self.max_grad_norm is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         loss = super().step(closure)
         for p, dim in self.constrained_params:
             unit_norm_rows_(feature_first(p.data, dim))
@@ -161,7 +176,7 @@ class StepOutput:
     commit: dict[str, Any] = field(default_factory=dict)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, type):
         return value.__name__
     if isinstance(value, (torch.device, torch.dtype)):
@@ -169,9 +184,9 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -193,9 +208,6 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 class SAETrainer:
     """Base of every training recipe. Subclasses implement `_compute` and set the class flags."""
 
-    # Flags of the shared step.
-    project_decoder_grad: ClassVar[bool] = False  # remove parallel decoder grads, renormalise after the step
-    grad_clip_norm: ClassVar[float | None] = None
     # Attributes saved for resume besides ae/optimizer/scheduler.
     state_attrs: ClassVar[tuple[str, ...]] = ()
     logging_parameters: ClassVar[list[str]] = []
@@ -245,6 +257,11 @@ class SAETrainer:
             dict_class = DICTIONARY_REGISTRY[dict_class]
         self.ae = dict_class(*dict_args, **dict_kwargs).to(self.device)
 
+    def _decoder_constraint(self) -> list[tuple[torch.nn.Parameter, int]]:
+        """What ConstrainedAdam keeps at unit norm: the decoder, with its feature dimension."""
+        name, dim = self.ae.layout.decoder
+        return [(self.ae.get_parameter(name), dim)]
+
     def _set_schedule(self, lr_lambda: Callable[[int], float]) -> None:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=lr_lambda)
 
@@ -289,8 +306,8 @@ class SAETrainer:
     def config(self) -> dict[str, Any]:
         """JSON-serialisable record of every constructor argument, plus resolved values."""
         cfg: dict[str, Any] = {"trainer_class": type(self).__name__}
-        cfg |= {k: _jsonable(v) for k, v in self._init_args.items()}
-        cfg |= _jsonable(self._resolved_config())
+        cfg |= {k: jsonable(v) for k, v in self._init_args.items()}
+        cfg |= jsonable(self._resolved_config())
         cfg["dict_class"] = type(self.ae).__name__
         cfg["device"] = str(self.device)
         return cfg
@@ -349,24 +366,12 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(self.ae.parameters(), x.numel() // x.shape[-1])
-        if self.project_decoder_grad:
-            self._project_decoder_grad()
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.grad_clip_norm)
-        self.optimizer.step()
+        self.optimizer.step()  # ConstrainedAdam: the decoder-norm constraint and clipping are its job
         self.scheduler.step()
-        if self.project_decoder_grad:
-            unit_norm_rows_(self.ae.decoder_FD().data)
         self._commit(out, step)
         self._after_step(step, x)
         self.steps_done = step + 1
         return loss.detach()
-
-    def _project_decoder_grad(self) -> None:
-        name, dim = self.ae.layout.decoder
-        param = self.ae.get_parameter(name)
-        if param.grad is not None:
-            remove_parallel_grad_(feature_first(param.data, dim), feature_first(param.grad, dim))
 
     # ------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -476,18 +481,15 @@ class PenalisedTrainer(SAETrainer):
         resample_steps: int | None,
         betas: tuple[float, float] = (0.9, 0.999),
         constrained: bool = True,
+        max_grad_norm: float | None = None,
     ) -> None:
         self.steps = steps
         self.lr = lr
         self.resample_steps = resample_steps
         self.sparsity_warmup_fn = get_sparsity_warmup_fn(steps, sparsity_warmup_steps)
         lr_fn = get_lr_schedule(steps, warmup_steps, decay_start, resample_steps, sparsity_warmup_steps)
-        if constrained:
-            decoder_name, feature_dim = self.ae.layout.decoder
-            constrained = [(self.ae.get_parameter(decoder_name), feature_dim)]
-            self.optimizer = adam(self.ae.parameters(), constrained, lr=lr, betas=betas)
-        else:
-            self.optimizer = adam(self.ae.parameters(), lr=lr, betas=betas)
+        constraint = self._decoder_constraint() if constrained else ()
+        self.optimizer = adam(self.ae.parameters(), constraint, max_grad_norm, lr=lr, betas=betas)
         self._set_schedule(lr_fn)
         self.steps_since_active = (
             torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device) if resample_steps else None
