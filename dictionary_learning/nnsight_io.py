@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .splice import module_timing
+from .splice import hidden_of, module_timing
 
 IO_MODES = ("out", "in", "in_to_out")
 
@@ -75,11 +75,6 @@ def resolve_site(model, submodule, io: str) -> Site:
     return Site(names[id(module)], envoy, io)
 
 
-def _first(value):
-    """Residual blocks and attention modules return tuples in some versions: take the hidden states."""
-    return value[0] if isinstance(value, (tuple, list)) else value
-
-
 def plan_requests(model, sites: Sequence[Site]) -> list[tuple[int, str]]:
     """The (site index, "in"/"out") values to request, in the order the model computes them."""
     requests = [(i, kind) for i, site in enumerate(sites) for kind in _kinds(site.io)]
@@ -107,9 +102,9 @@ def read_activations(
     result = []
     for i, site in enumerate(sites):
         if site.io == "in_to_out":
-            result.append((_first(saved[(i, "in")]), _first(saved[(i, "out")])))
+            result.append((hidden_of(saved[(i, "in")]), hidden_of(saved[(i, "out")])))
         else:
-            result.append(_first(saved[(i, site.io)]))
+            result.append(hidden_of(saved[(i, site.io)]))
     return result
 
 

@@ -224,28 +224,32 @@ def feature_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N, features
     return F.embedding_bag(rows_N, src_BD.contiguous(), bounds[:-1], mode="sum", per_sample_weights=weights_N)
 
 
-# Tests switch this off to check the portable branch of `sampled_products` on CPU too.
-USE_CPU_SDDMM = True
-
-
 def sampled_products(a_BD: torch.Tensor, W_FD: torch.Tensor, rows_N, features_N, offsets_B) -> torch.Tensor:
-    """`(a @ W.T)[rows, features]` for the listed entries only (a sampled dense-dense matmul).
-
-    On CPU `torch.sparse.sampled_addmm` computes them from a CSR pattern; elsewhere the backward
-    of `embedding_bag` does (it forms the same per-entry dot products).
-    """
+    """`(a @ W.T)[rows, features]` for the listed entries only (a sampled dense-dense matmul):
+    `torch.sparse.sampled_addmm` on CPU, the Triton kernel when it is switched on, else the
+    backward of `embedding_bag` (which forms the same per-entry dot products)."""
     kernels = _triton_kernels(a_BD)
     if kernels is not None:
         return kernels.sampled_products(a_BD, W_FD, rows_N, features_N)
+    if a_BD.device.type == "cpu":
+        return sampled_products_csr(a_BD, W_FD, features_N, offsets_B)
+    return sampled_products_portable(a_BD, W_FD, features_N, offsets_B)
+
+
+def sampled_products_csr(a_BD: torch.Tensor, W_FD: torch.Tensor, features_N, offsets_B) -> torch.Tensor:
+    """`sampled_products` through a CSR pattern and `torch.sparse.sampled_addmm` (CPU)."""
     n = features_N.shape[0]
-    if a_BD.device.type == "cpu" and USE_CPU_SDDMM:
-        crow = torch.cat([offsets_B, offsets_B.new_tensor([n])])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, features_N, a_BD.new_zeros(n), (a_BD.shape[0], W_FD.shape[0]))
-            return torch.sparse.sampled_addmm(pattern, a_BD, W_FD.T, beta=0.0).values()
+    crow = torch.cat([offsets_B, offsets_B.new_tensor([n])])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, features_N, a_BD.new_zeros(n), (a_BD.shape[0], W_FD.shape[0]))
+        return torch.sparse.sampled_addmm(pattern, a_BD, W_FD.T, beta=0.0).values()
+
+
+def sampled_products_portable(a_BD: torch.Tensor, W_FD: torch.Tensor, features_N, offsets_B) -> torch.Tensor:
+    """`sampled_products` as the gradient of `embedding_bag`'s per-sample weights (any device)."""
     with torch.enable_grad():
-        weights = a_BD.new_zeros(n, requires_grad=True)
+        weights = a_BD.new_zeros(features_N.shape[0], requires_grad=True)
         out = F.embedding_bag(features_N, W_FD.contiguous(), offsets_B, mode="sum", per_sample_weights=weights)
         return torch.autograd.grad(out, weights, a_BD)[0]
 
@@ -273,7 +277,8 @@ class _SparseDecode(torch.autograd.Function):
 
 def sparse_decode(code: SparseCode, W_FD: torch.Tensor, feature_mask_F: torch.Tensor | None = None) -> torch.Tensor:
     """`code @ W_FD` touching only the kept rows of `W_FD` (no bias). Gradients reach `code.values`
-    and only the used rows of `W_FD`. With `feature_mask_F`, features outside the mask count as 0."""
+    and only the used rows of `W_FD`. With `feature_mask_F` (a Matryoshka group), features outside
+    the mask count as 0."""
     values = code.values.to(W_FD.dtype)
     if feature_mask_F is not None:
         values = values * feature_mask_F[code.features]
@@ -466,7 +471,7 @@ def relu_dictionary(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D=None, b_out_D=None
     return code, x_hat + b_out_D if b_out_D is not None else x_hat
 
 
-class _JumpReLUWithL0(torch.autograd.Function):
+class JumpReLUWithL0(torch.autograd.Function):
     """`(x * 1[x > theta], mean_b sum_F 1[x > theta])`: JumpReLUFunction and the row-mean of
     StepFunction in one pass, with one shared rectangle-kernel pass in backward (same gradients)."""
 
@@ -492,14 +497,9 @@ class _JumpReLUWithL0(torch.autograd.Function):
         return grad_x, grad_theta, None
 
 
-def jumprelu_with_l0(pre_BF: torch.Tensor, threshold_F: torch.Tensor, bandwidth: float):
-    """(JumpReLU features, mean L0 with the straight-through threshold gradient) of `[B, F]` pre-activations."""
-    return _JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
-
-
 def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D, bandwidth, max_density=0.0):
     """(f, mean L0, x_hat) of a JumpReLU dictionary in training (2-D `x`): `f = jumprelu(x W_enc.T + b_enc)`,
-    `x_hat = f W_dec + b_dec`, with the straight-through threshold gradients of `jumprelu_with_l0`.
+    `x_hat = f W_dec + b_dec`, with the straight-through threshold gradients of `JumpReLUWithL0`.
 
     With `max_density > 0`, on CPU, when the entries that are active or within a bandwidth of their
     threshold (a superset of those with a value or a threshold gradient) are at most that fraction,
@@ -521,7 +521,7 @@ def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D,
         l0 = StepFunction.apply(pre_N, threshold_N, bandwidth).sum() / x_BD.shape[0]
         code = SparseCode(values_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
         return code, l0, sparse_decode(code, W_dec_FD) + b_dec_D
-    f_BF, l0 = _JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
+    f_BF, l0 = JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
     return f_BF, l0, f_BF @ W_dec_FD + b_dec_D
 
 

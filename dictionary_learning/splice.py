@@ -49,7 +49,7 @@ def module_name(model, site) -> str:
     raise ValueError(f"{site!r} is not a submodule of this model")
 
 
-def _hidden(value):
+def hidden_of(value):
     """Decoder layers and attention blocks return tuples in some versions: the hidden states come first."""
     return value[0] if isinstance(value, (tuple, list)) else value
 
@@ -96,7 +96,7 @@ def _install(root: nn.Module, name: str, io: str, spec: _Hooked, saved: dict):
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(mod, args, output):
-        hidden = apply(_hidden(output))
+        hidden = apply(hidden_of(output))
         if spec.stop:
             raise _Stop
         return _with_hidden(output, hidden)

@@ -246,10 +246,14 @@ def test_topk_threshold_ignores_rows_without_positive_activations():
 
 
 def test_topk_without_auxk_and_loss_without_step():
-    trainer = TopKTrainer(steps=100, auxk_alpha=0, **dict(TOPK, warmup_steps=5))
-    log = trainer.loss(torch.randn(16, D), step=None, logging=True)
-    assert log.losses["auxk_loss"] == 0.0
-    trainer.update(0, torch.randn(16, D))
+    x = torch.randn(16, D)
+    trainers = [TopKTrainer(steps=100, auxk_alpha=alpha, **dict(TOPK, warmup_steps=5)) for alpha in (1 / 32, 0)]
+    for trainer in trainers:  # every latent dead for longer than AuxK's horizon: AuxK applies if enabled
+        trainer.tokens_seen = 10**9
+        trainer.num_tokens_since_fired.fill_(10**9)
+    with_auxk, without = (t.loss(x, step=None, logging=True).losses["auxk_loss"] for t in trainers)
+    assert with_auxk > 0 and without == 0.0
+    trainers[1].update(0, x)
 
 
 @pytest.mark.parametrize("cls", [TopKTrainer, BatchTopKTrainer, JumpReluTrainer, StandardTrainer])
@@ -257,10 +261,11 @@ def test_counters_live_on_the_dictionary_device(cls):
     kwargs = dict(TOPK) if cls in (TopKTrainer, BatchTopKTrainer) else dict(PENALISED, resample_steps=10)
     if cls is JumpReluTrainer:
         kwargs.pop("resample_steps")
-    trainer = cls(steps=100, **dict(kwargs, warmup_steps=5))
+    # On the meta device, so that a counter created on the default device (CPU) would fail here too.
+    trainer = cls(steps=100, **dict(kwargs, warmup_steps=5, device="meta"))
     counter = getattr(trainer, "num_tokens_since_fired", None)
     counter = counter if counter is not None else trainer.steps_since_active
-    assert counter.device == next(trainer.ae.parameters()).device
+    assert counter.device == next(trainer.ae.parameters()).device == torch.device("meta")
 
 
 def test_k_annealing_starts_at_activation_dim_and_reaches_k():

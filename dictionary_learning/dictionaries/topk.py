@@ -82,7 +82,7 @@ class _TopKBase(Dictionary):
         dictionaries), and the `[B, F]` pre-activations (before ReLU, without autograd).
 
         Equal to `encode(x, use_threshold=False)` in value and gradient, but its backward touches
-        only the selected encoder rows: one dense matmul per step instead of two.
+        only the selected encoder rows: the encoder costs one dense matmul (its forward) instead of two.
         """
         self._check_width(x_BD)
         W_FD, b_F = self.encoder_weight_bias()
@@ -102,9 +102,9 @@ class _TopKBase(Dictionary):
         values_N = torch.relu(pre_N) * valid_BK.flatten()
         return sparse_decode(SparseCode(values_N, features_N, rows_N, offsets_B, self.dict_size), self.decoder_FD())
 
-    def decode_sparse(self, code: SparseCode, feature_mask_F: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_sparse(self, code: SparseCode) -> torch.Tensor:
         """`decode(code.to_dense())` reading only the decoder rows the code uses."""
-        return sparse_decode(code, self.decoder_FD(), feature_mask_F) + self.b_dec
+        return sparse_decode(code, self.decoder_FD()) + self.b_dec
 
     @classmethod
     def from_pretrained(cls, path, k: int | None = None, device=None, dtype=None, **kwargs: Any):

@@ -213,7 +213,8 @@ class SAETrainer:
     logging_parameters: ClassVar[list[str]] = []
     # The logged loss term that is the reconstruction error at the site (reweighted by e2e training).
     reconstruction_term: ClassVar[str] = "l2_loss"
-    # Train on the non-zero features only when there are few (`ops.SPARSE_MAX_DENSITY`; CPU only).
+    # Train on the non-zero features only: the TopK family always, the L1/JumpReLU/Gated recipes on
+    # CPU when few fire (`ops.SPARSE_MAX_DENSITY`).
     sparse: bool = False
 
     ae: Dictionary
@@ -240,14 +241,14 @@ class SAETrainer:
         cls.__init__ = recording_init
 
     def __init__(self, seed: int | None = None):
+        """The reference's base constructor, for trainers written against it; ours call `_setup`."""
         self.seed = seed
         self.steps_done = 0
 
     # ------------------------------------------------------------------------------------ setup
     def _setup(self, seed, device, dict_class, *dict_args, **dict_kwargs) -> None:
         """Seed, choose the device and build the dictionary (seeded before construction)."""
-        self.seed = seed
-        self.steps_done = 0
+        SAETrainer.__init__(self, seed)
         if seed is not None:
             torch.manual_seed(seed)
             if torch.cuda.is_available():
