@@ -5,41 +5,12 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
+from helpers import canonical, drain, hook_rows
 from tiny_models import SENTENCES
 
 from dictionary_learning import trainSAE
 from dictionary_learning.buffer import ActivationBuffer
 from dictionary_learning.trainers import StandardTrainer
-
-
-def hook_rows(model, module, texts, io="out", drop_first=False):
-    """Reference values: each text run alone (no padding) with a plain forward hook."""
-    rows = []
-    hf = model._module
-    for text in texts:
-        ids = model.tokenizer(text, return_tensors="pt")["input_ids"].to(next(hf.parameters()).device)
-        captured = {}
-
-        def hook(mod, args, output, captured=captured):
-            value = args[0] if io == "in" else output
-            captured["x"] = value[0] if isinstance(value, tuple) else value
-
-        handle = module.register_forward_hook(hook)
-        with torch.no_grad():
-            hf(ids)
-        handle.remove()
-        rows.append(captured["x"][0, 1:] if drop_first else captured["x"][0])
-    return torch.cat(rows).cpu()
-
-
-def drain(buffer):
-    return torch.cat(list(buffer))
-
-
-def canonical(rows):
-    """Rows in a fixed order, to compare two sets of activations regardless of shuffling."""
-    key = rows.flatten(1).double() @ torch.linspace(1, 2, rows[0].numel(), dtype=torch.double)
-    return rows[key.argsort()]
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])

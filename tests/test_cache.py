@@ -7,22 +7,12 @@ import json
 import pytest
 import tiny_models
 import torch
-from test_buffer import canonical, hook_rows
-from tiny_models import SENTENCES
+from helpers import TEXTS, canonical, hook_rows
+from helpers import build_cache as build
 
 from dictionary_learning import trainSAE
 from dictionary_learning.cache import ActivationCache, CacheError
 from dictionary_learning.trainers import TopKTrainer
-
-TEXTS = SENTENCES * 3
-
-
-def build(path, model=None, n_tokens=10_000, data=None, **kwargs):
-    model = model or tiny_models.gpt_neox()
-    site = kwargs.pop("submodule", None)
-    site = model.gpt_neox.layers[1] if site is None else site
-    kwargs = dict(dict(ctx_len=32, refresh_batch_size=8, shard_tokens=100, progress=False), **kwargs)
-    return ActivationCache.build(path, model, site, iter(data or TEXTS), n_tokens, **kwargs)
 
 
 def all_rows(cache):

@@ -6,8 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from test_trainers import LEARNING_CONFIGS
-from test_training import CONFIGS, STEPS, batches
+from helpers import CONFIGS, LEARNING_CONFIGS, STEPS, batches
 
 from dictionary_learning import TRAINER_REGISTRY, load_dictionary, trainSAE
 from dictionary_learning.synthetic import PlantedFeatures
@@ -73,7 +72,7 @@ def test_resume_on_cuda(tmp_path):
 
 def test_buffer_cache_and_evaluate_with_the_model_on_cuda(tmp_path):
     import tiny_models
-    from test_buffer import canonical, hook_rows
+    from helpers import canonical, hook_rows
     from tiny_models import SENTENCES
 
     from dictionary_learning import AutoEncoder, IdentityDict
@@ -136,7 +135,9 @@ def test_training_step_never_waits_for_the_gpu(monkeypatch, name, triton):
 
 @pytest.mark.parametrize("triton", [False, TRITON], ids=["pytorch", "triton"])
 def test_sparse_topk_path_matches_dense_on_cuda(monkeypatch, triton):
-    from test_fast_paths import TRAINERS, _grads, _pair
+    from helpers import SPARSE_TRAINERS as TRAINERS
+    from helpers import grads as _grads
+    from helpers import sparse_dense_pair as _pair
 
     from dictionary_learning import ops
 

@@ -9,34 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SPARSE_D as D
+from helpers import SPARSE_F as F
+from helpers import SPARSE_K as K
+from helpers import SPARSE_TRAINERS as TRAINERS
+from helpers import grads as _grads
+from helpers import sparse_dense_pair as _pair
 
 from dictionary_learning.dictionaries import AutoEncoder, AutoEncoderNew
 from dictionary_learning.ops import batch_topk_entries, row_topk_entries
-from dictionary_learning.trainers import BatchTopKTrainer, MatryoshkaBatchTopKTrainer, TopKTrainer
 from dictionary_learning.trainers.top_k import DEAD_FEATURE_TOKENS
 
-D, F, K = 24, 96, 6
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _pair(cls, **kwargs):
-    """Two identical trainers, one sparse and one dense."""
-    common = dict(steps=100, activation_dim=D, dict_size=F, k=K, seed=3, device="cpu", warmup_steps=0) | kwargs
-    return cls(**common, sparse=True), cls(**common, sparse=False)
-
-
-def _grads(trainer, x, step=1):
-    trainer.ae.zero_grad(set_to_none=True)
-    out = trainer._compute(x, step)
-    out.loss.backward()
-    return out, {name: p.grad.clone() for name, p in trainer.ae.named_parameters()}
-
-
-TRAINERS = [
-    (TopKTrainer, {}),
-    (BatchTopKTrainer, {}),
-    (MatryoshkaBatchTopKTrainer, {"group_fractions": [0.25, 0.25, 0.5]}),
-]
 
 
 @pytest.mark.parametrize("cls,kwargs", TRAINERS, ids=lambda v: getattr(v, "__name__", ""))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import CONFIGS, STEPS, assert_same_weights, batches, weights
+from helpers import CONFIGS, STEPS, assert_same_weights, batches, build_cache, weights
 
 from dictionary_learning import (
     CheckpointError,
@@ -85,7 +85,7 @@ def test_kill_9_in_the_middle_of_a_backup_resumes_every_trainer_from_the_last_co
         import time
         import dictionary_learning.run as run
         from dictionary_learning import trainSAE
-        from test_training import CONFIGS, STEPS, batches
+        from helpers import CONFIGS, STEPS, batches
 
         write = run.atomic_torch_save
         def slow(obj, path):
@@ -154,7 +154,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_with_a_message(tmp_path, unin
         import time
         from pathlib import Path
         from dictionary_learning import trainSAE
-        from test_training import CONFIGS, STEPS, batches
+        from helpers import CONFIGS, STEPS, batches
 
         def slow():
             for i, x in enumerate(batches()):
@@ -269,7 +269,7 @@ def test_a_second_run_on_a_folder_in_use_fails_at_once_naming_the_owner(tmp_path
         """
         import time
         from dictionary_learning import trainSAE
-        from test_training import CONFIGS, STEPS, batches
+        from helpers import CONFIGS, STEPS, batches
 
         def slow():
             for x in batches():
@@ -424,9 +424,7 @@ def test_bad_arguments_and_batches_are_named(tmp_path):
 # ------------------------------------------------------------------------------------------ caches
 @pytest.fixture
 def cache_folder(tmp_path):
-    from test_cache import build
-
-    build(tmp_path / "c", n_tokens=600)
+    build_cache(tmp_path / "c", n_tokens=600)
     return tmp_path / "c"
 
 
@@ -484,42 +482,37 @@ def test_shard_row_counts_are_checked_against_the_shards_themselves(cache_folder
 
 def test_a_cache_of_another_model_with_the_same_architecture_is_refused(tmp_path):
     import tiny_models
-    from test_cache import build
 
     from dictionary_learning.cache import ActivationCache, CacheError, model_id
 
     a, b = tiny_models.gpt_neox(seed=0), tiny_models.gpt_neox(seed=1)
     assert model_id(a) == model_id(b)  # the name alone cannot tell them apart
-    build(tmp_path / "c", a, n_tokens=300)
+    build_cache(tmp_path / "c", a, n_tokens=300)
     ActivationCache(tmp_path / "c", expected_model=a)
     with pytest.raises(CacheError, match="other weights or tokenizer"):
         ActivationCache(tmp_path / "c", expected_model=b)
-    build(tmp_path / "p", a, n_tokens=150)
+    build_cache(tmp_path / "p", a, n_tokens=150)
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     (tmp_path / "p" / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
     with pytest.raises(CacheError, match="already holds a cache with model_fingerprint="):
-        build(tmp_path / "p", b, n_tokens=300)  # resuming a partial build with another model
+        build_cache(tmp_path / "p", b, n_tokens=300)  # resuming a partial build with another model
 
 
 def test_a_cache_build_that_yields_no_tokens_is_not_marked_complete(tmp_path):
-    from test_cache import build
-
     from dictionary_learning.cache import CacheError
 
     with pytest.raises(CacheError, match="the data yielded no tokens"):
-        build(tmp_path / "c", data=iter(()), n_tokens=100)
+        build_cache(tmp_path / "c", data=iter(()), n_tokens=100)
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
 @pytest.mark.slow
 def test_a_second_cache_build_on_a_folder_in_use_fails_at_once(tmp_path):
-    from test_cache import build
-
     proc = lock_holder(tmp_path, tmp_path / "c")
     try:
         with pytest.raises(FolderLockedError, match=rf"c is being written by another cache build \(pid {proc.pid}"):
-            build(tmp_path / "c", n_tokens=300)
+            build_cache(tmp_path / "c", n_tokens=300)
     finally:
         proc.kill()
         proc.wait()
-    assert build(tmp_path / "c", n_tokens=300).n_tokens == 300  # the dead owner's lock is taken over
+    assert build_cache(tmp_path / "c", n_tokens=300).n_tokens == 300  # the dead owner's lock is taken over

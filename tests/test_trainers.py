@@ -7,6 +7,12 @@ import json
 
 import pytest
 import torch
+from helpers import LEARN_COMMON as COMMON
+from helpers import LEARN_D as D
+from helpers import LEARN_F as F
+from helpers import LEARN_PENALISED as PENALISED
+from helpers import LEARN_TOPK as TOPK
+from helpers import LEARNING_CONFIGS
 
 from dictionary_learning import TRAINER_REGISTRY, trainSAE
 from dictionary_learning.synthetic import PlantedFeatures
@@ -27,26 +33,6 @@ from dictionary_learning.trainers.trainer import (
     get_sparsity_warmup_fn,
     resample_dead_features,
 )
-
-D, F = 32, 64
-COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=20, seed=0, device="cpu")  # CUDA: test_cuda.py
-PENALISED = dict(COMMON, sparsity_warmup_steps=50)
-TOPK = dict(COMMON, k=4, threshold_start_step=50)
-
-# Per trainer: config and steps with which it recovers nearly all 48 planted features (batch 256).
-# The same configs recover the same counts with the reference package (benchmarks/recovery_vs_reference.py).
-LEARNING_CONFIGS = {
-    "StandardTrainer": (dict(PENALISED, lr=3e-3, l1_penalty=0.3), 1000),
-    "StandardTrainerAprilUpdate": (dict(PENALISED, lr=3e-3, l1_penalty=0.3), 1000),
-    "GatedSAETrainer": (dict(PENALISED, lr=3e-3, l1_penalty=1.0), 3000),
-    "PAnnealTrainer": (dict(PENALISED, lr=3e-3, initial_sparsity_penalty=0.3, anneal_start=500, p_end=0.5), 1000),
-    "GatedAnnealTrainer": (dict(PENALISED, lr=1e-3, initial_sparsity_penalty=1.0, anneal_start=1500, p_end=0.5), 3000),
-    "TopKTrainer": (TOPK, 1000),
-    "BatchTopKTrainer": (TOPK, 1000),
-    # The first group must reconstruct alone, so it needs room for the 48 planted features.
-    "MatryoshkaBatchTopKTrainer": (dict(TOPK, group_fractions=[0.75, 0.25]), 1000),
-    "JumpReluTrainer": (dict(PENALISED, lr=3e-3, target_l0=4), 1000),
-}
 
 
 def test_every_registered_trainer_has_a_learning_test():

@@ -8,50 +8,10 @@ import signal
 
 import pytest
 import torch
+from helpers import CONFIGS, STEPS, CountingData, assert_same_weights, batches, resume_state, weights
 
 from dictionary_learning import load_dictionary, trainSAE
-from dictionary_learning.synthetic import PlantedFeatures
-from dictionary_learning.trainers import JumpReluTrainer, PAnnealTrainer, StandardTrainer, TopKTrainer
 from dictionary_learning.training import get_norm_factor
-
-D, F, STEPS = 32, 64, 60
-COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=5, seed=0, layer=2, lm_name="synthetic", device="cpu")
-CONFIGS = [
-    dict(trainer=TopKTrainer, k=4, threshold_start_step=5, **COMMON),
-    dict(trainer=StandardTrainer, sparsity_warmup_steps=10, resample_steps=20, l1_penalty=1.0, **COMMON),
-    dict(trainer=PAnnealTrainer, sparsity_warmup_steps=10, anneal_start=10, **COMMON),
-    dict(trainer=JumpReluTrainer, sparsity_warmup_steps=10, lr=1e-3, target_l0=4, **COMMON),
-]
-
-
-def batches(n=STEPS, scale=5.0):
-    return (x * scale + 1.0 for x in PlantedFeatures(d=D).batches(n, batch_size=128))
-
-
-class CountingData:
-    def __init__(self, n, **kw):
-        self.n, self.kw, self.drawn = n, kw, 0
-
-    def __iter__(self):
-        for x in batches(self.n, **self.kw):
-            self.drawn += 1
-            yield x
-
-
-def resume_state(run, i=0):
-    """Trainer i's state in the run's last complete backup (what resume_from loads)."""
-    index = json.loads((run / "resume.json").read_text())
-    return torch.load(run / index["trainers"][i]["file"], weights_only=True)
-
-
-def weights(dictionaries):
-    return [{k: v.clone() for k, v in d.state_dict().items()} for d in dictionaries]
-
-
-def assert_same_weights(a, b, atol=0.0):
-    for sd_a, sd_b in zip(a, b):
-        for key in sd_a:
-            torch.testing.assert_close(sd_a[key], sd_b[key], rtol=0 if atol == 0 else 1e-5, atol=atol, msg=key)
 
 
 def test_layout_configs_and_returned_dictionaries(tmp_path):
