@@ -359,12 +359,12 @@ class HeadActivationBuffer(ActivationBuffer):
         remote: bool = False,
         **kwargs: Any,
     ):
-        from .models import _FAMILIES, get_submodule
+        from .models import MODEL_FAMILIES, get_submodule
 
         if remote:
             raise NotImplementedError("remote (NDIF) execution is not supported; run the model locally")
         config = torch_model(model).config
-        if _FAMILIES.get(config.model_type) not in (_FAMILIES["llama"], _FAMILIES["gpt_neox"]):
+        if MODEL_FAMILIES.get(config.model_type) not in (MODEL_FAMILIES["llama"], MODEL_FAMILIES["gpt_neox"]):
             raise ValueError(f"HeadActivationBuffer supports Llama-like and GPT-NeoX models, not {config.model_type!r}")
         projection = self._OUTPUT_PROJECTIONS.get(config.model_type, "o_proj")
         o_proj = getattr(get_submodule(model, layer, "attn"), projection)

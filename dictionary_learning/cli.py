@@ -271,22 +271,7 @@ def cmd_download(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dictionary_learning",
-        description="Train, cache, evaluate and download sparse dictionaries (SAEs).",
-    )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser = sub.add_parser
-
-    def with_debug(*args, **kwargs) -> argparse.ArgumentParser:
-        p = add_parser(*args, **kwargs)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        return p
-
-    sub.add_parser = with_debug  # --debug works before or after the subcommand
-
+def _add_cache_command(sub) -> None:
     p = sub.add_parser(
         "cache",
         help="run the model once and write its activations to a cache folder",
@@ -299,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder (an interrupted build resumes there)")
     p.set_defaults(func=cmd_cache)
 
+
+def _add_train_command(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train one or many dictionaries on one activation stream",
@@ -359,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate dictionaries: variance explained, L0, loss recovered",
@@ -374,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per dictionary")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_download_command(sub) -> None:
     p = sub.add_parser(
         "download",
         help="download the published Pythia-70m-deduped dictionaries (~2.5 GB)",
@@ -382,6 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dest", nargs="?", default=".", help="destination folder (default: .)")
     p.set_defaults(func=cmd_download)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dictionary_learning",
+        description="Train, cache, evaluate and download sparse dictionaries (SAEs).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def with_debug(*args, **kwargs) -> argparse.ArgumentParser:
+        p = add_parser(*args, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    sub.add_parser = with_debug  # --debug works before or after the subcommand
+    _add_cache_command(sub)
+    _add_train_command(sub)
+    _add_eval_command(sub)
+    _add_download_command(sub)
     return parser
 
 

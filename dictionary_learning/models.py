@@ -136,13 +136,13 @@ def default_texts(unique: bool = True):
 
 # --------------------------------------------------------------------------------- submodule paths
 # Per family: (embedding, list of blocks, attention attribute, MLP attribute), as attribute paths.
-_FAMILIES = {
+MODEL_FAMILIES = {
     "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.layers", "attention", "mlp"),
     "gpt2": ("transformer.wte", "transformer.h", "attn", "mlp"),
     "llama": ("model.embed_tokens", "model.layers", "self_attn", "mlp"),
 }
 for _name in ("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mistral", "olmo2", "phi3", "smollm3"):
-    _FAMILIES[_name] = _FAMILIES["llama"]
+    MODEL_FAMILIES[_name] = MODEL_FAMILIES["llama"]
 SUBMODULE_KINDS = ("resid", "attn", "mlp", "embed")
 
 
@@ -160,12 +160,12 @@ def get_submodule(model, layer: int, kind: str = "resid"):
         raise ValueError(f"kind must be one of {SUBMODULE_KINDS}, got {kind!r}")
     hf = torch_model(model) if hasattr(model, "trace") else model
     model_type = getattr(hf.config, "model_type", None)
-    if model_type not in _FAMILIES:
+    if model_type not in MODEL_FAMILIES:
         raise ValueError(
             f"get_submodule does not know the {model_type!r} family; pass the submodule itself "
-            f"(known: {', '.join(sorted(_FAMILIES))})"
+            f"(known: {', '.join(sorted(MODEL_FAMILIES))})"
         )
-    embed, blocks, attn, mlp = _FAMILIES[model_type]
+    embed, blocks, attn, mlp = MODEL_FAMILIES[model_type]
     if kind == "embed":
         return _walk(model, embed)
     n_layers = len(_walk(hf, blocks))

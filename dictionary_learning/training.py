@@ -233,6 +233,7 @@ def trainSAE(
         TrainingInterrupted: after saving, on Ctrl-C, SIGTERM or SIGUSR1.
         NonFiniteTrainingError: a loss or weight became NaN/Inf (nothing from that step was saved).
     """
+    options = dict(locals())  # every argument by name, read by _Run
     if transcoder:
         raise NotImplementedError("transcoder training is not supported yet")
     _check_run_arguments(steps, norm_factor_batches, backup_steps)
@@ -240,40 +241,29 @@ def trainSAE(
         save_dir = resume_from
     group = distributed.setup(parallel, dist_timeout)
     folder = RunFolder(save_dir, group, safetensors)
-    in_place = resume_from is not None and Path(save_dir).resolve() == Path(resume_from).resolve()
     with GracefulStop() as stop:
         try:
-            if in_place:
-                folder.open(resuming=True, overwrite=False)  # locked before its backup is read
-            resume_states = load_backup(resume_from) if resume_from is not None else None
+            resume_states = _open_folder(folder, save_dir, resume_from, overwrite, before_trainers=True)
             trainers, indices = _build_trainers(trainer_configs, resume_states, steps, device, parallel, group, data)
-            if not in_place:  # a new folder (or a run continued into another one): never mixed with a run
-                folder.open(resuming=False, overwrite=overwrite)
-            writes = group is None or group.mode == "trainers" or group.is_main
-            folder.attach(indices, writes)
-            run = _Run(trainers, indices, folder, group, stop, e2e)
-            return run.train(
-                data,
-                steps,
-                resume_states,
-                dict(
-                    use_wandb=use_wandb,
-                    wandb_entity=wandb_entity,
-                    wandb_project=wandb_project,
-                    save_steps=save_steps,
-                    log_steps=log_steps,
-                    split_by_head=activations_split_by_head,
-                    run_cfg=run_cfg,
-                    normalize=normalize_activations,
-                    verbose=verbose,
-                    autocast_dtype=autocast_dtype,
-                    backup_steps=backup_steps,
-                    norm_factor_batches=norm_factor_batches,
-                    progress=progress,
-                ),
-            )
+            _open_folder(folder, save_dir, resume_from, overwrite, before_trainers=False)
+            folder.attach(indices, writes=group is None or group.mode == "trainers" or group.is_main)
+            return _Run(trainers, indices, folder, group, stop, e2e).train(data, steps, resume_states, options)
         finally:
             folder.close()
+
+
+def _open_folder(folder: RunFolder, save_dir, resume_from, overwrite: bool, before_trainers: bool):
+    """Take the run's folder: before the trainers are built when resuming in place (so that the
+    backup is read under the lock; returns it), after them for a new run or a run continued into
+    another folder (so that bad configs fail before anything is touched)."""
+    in_place = resume_from is not None and Path(save_dir).resolve() == Path(resume_from).resolve()
+    if before_trainers:
+        if in_place:
+            folder.open(resuming=True, overwrite=False)
+        return load_backup(resume_from) if resume_from is not None else None
+    if not in_place:
+        folder.open(resuming=False, overwrite=overwrite)
+    return None
 
 
 def _check_run_arguments(steps: Any, norm_factor_batches: Any, backup_steps: Any) -> None:
@@ -403,10 +393,10 @@ class _Run:
             raise ValueError(
                 f"{self.rank_tag}data yielded no batches: check the data source (empty file, exhausted iterator)"
             )
-        keys = _site_keys(self.activations_of(first), self.trainers, opts["split_by_head"])
+        keys = _site_keys(self.activations_of(first), self.trainers, opts["activations_split_by_head"])
         _check_batch(self.activations_of(first), self.trainers, keys)
         batches = itertools.chain([first], batches)
-        if resume_states is None and opts["normalize"]:
+        if resume_states is None and opts["normalize_activations"]:
             peeked = list(itertools.islice(batches, opts["norm_factor_batches"]))
             norm_factor = norm_factor_of([self.activations_of(item) for item in peeked], group)
             logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
