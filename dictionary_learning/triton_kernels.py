@@ -1,5 +1,5 @@
-"""Triton kernels for the two backward primitives of the sparse path (see `ops.sampled_products` and
-`ops.feature_sums`). Optional: imported only when `ops.USE_TRITON` is on, and `triton` is not a
+"""Triton kernels for the two backward primitives of the sparse path (see `sparse.sampled_products` and
+`sparse.feature_sums`). Optional: imported only when `sparse.USE_TRITON` is on, and `triton` is not a
 dependency of the package (CUDA builds of torch ship it).
 
 Both read each source row once per entry and accumulate in float32:
@@ -7,7 +7,7 @@ Both read each source row once per entry and accumulate in float32:
 - `sampled_products`: `out[n] = a[rows[n]] . W[features[n]]`, the gradient of the kept code values.
   One program per block of entries, looping over the width `D`.
 - `group_sums`: `out[f] = sum over entries n of feature f of w[n] * src[rows[n]]`, the gradient of
-  the decoder rows (and of the encoder rows), from the entries `ops.feature_sums` has grouped by
+  the decoder rows (and of the encoder rows), from the entries `sparse.feature_sums` has grouped by
   feature; one program per (feature, block of `D`) sums its group.
 
 Under `TRITON_INTERPRET=1` they run on CPU tensors (numpy), which is how CI checks them against the
@@ -77,7 +77,7 @@ def sampled_products(a_BD: torch.Tensor, W_FD: torch.Tensor, rows_N: torch.Tenso
 
 def group_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N: torch.Tensor, bounds_G: torch.Tensor):
     """`[G - 1, D]`: `out[g] = sum of weights[n] * src[rows[n]]` over entries `bounds[g] <= n < bounds[g + 1]`,
-    in `src`'s dtype (the entries already grouped, as `ops.feature_sums` does)."""
+    in `src`'s dtype (the entries already grouped, as `sparse.feature_sums` does)."""
     src_BD = src_BD.contiguous()
     n_groups, width = bounds_G.shape[0] - 1, src_BD.shape[1]
     out = torch.empty(n_groups, width, device=src_BD.device, dtype=torch.float32)

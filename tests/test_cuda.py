@@ -13,7 +13,7 @@ from dictionary_learning.synthetic import PlantedFeatures
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ON_GPU = [dict(c, device="cuda") for c in CONFIGS]
-# the Triton kernels of the sparse backward (ops.USE_TRITON), where triton is installed
+# the Triton kernels of the sparse backward (sparse.USE_TRITON), where triton is installed
 TRITON = pytest.param(True, marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton"))
 
 
@@ -117,9 +117,9 @@ def test_buffer_cache_and_evaluate_with_the_model_on_cuda(tmp_path):
 def test_training_step_never_waits_for_the_gpu(monkeypatch, name, triton):
     """No host synchronisation in `update` after the first step (no .item(), no data-dependent shapes),
     with the PyTorch and with the Triton kernels of the sparse backward."""
-    from dictionary_learning import ops
+    from dictionary_learning import sparse as engine
 
-    monkeypatch.setattr(ops, "USE_TRITON", triton)
+    monkeypatch.setattr(engine, "USE_TRITON", triton)
     config, steps = LEARNING_CONFIGS[name]
     trainer = TRAINER_REGISTRY[name](steps=steps, **dict(config, device="cuda"))
     batches_ = [x.cuda() for x in PlantedFeatures(d=32).batches(4)]
@@ -139,9 +139,9 @@ def test_sparse_topk_path_matches_dense_on_cuda(monkeypatch, triton):
     from helpers import grads as _grads
     from helpers import sparse_dense_pair as _pair
 
-    from dictionary_learning import ops
+    from dictionary_learning import sparse as engine
 
-    monkeypatch.setattr(ops, "USE_TRITON", triton)
+    monkeypatch.setattr(engine, "USE_TRITON", triton)
     for cls, kwargs in TRAINERS:
         sparse, dense = _pair(cls, **kwargs, device="cuda")
         x = torch.randn(64, 24, device="cuda")

@@ -17,7 +17,7 @@ from helpers import grads as _grads
 from helpers import sparse_dense_pair as _pair
 
 from dictionary_learning.dictionaries import AutoEncoder, AutoEncoderNew
-from dictionary_learning.ops import batch_topk_entries, row_topk_entries
+from dictionary_learning.sparse import batch_topk_entries, row_topk_entries
 from dictionary_learning.trainers.top_k import DEAD_FEATURE_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,8 @@ def test_fused_relu_backward_matches_autograd(cls):
 
 
 def test_fused_jumprelu_with_l0_matches_the_two_functions():
-    from dictionary_learning.ops import JumpReLUFunction, JumpReLUWithL0, StepFunction
+    from dictionary_learning.dictionaries.jumprelu import JumpReLUWithL0
+    from dictionary_learning.ops import JumpReLUFunction, StepFunction
 
     torch.manual_seed(0)
     pre = torch.randn(64, 20) * 0.1
@@ -127,7 +128,7 @@ def test_fused_jumprelu_with_l0_matches_the_two_functions():
 
 def test_fused_gated_backward_matches_autograd():
     from dictionary_learning.dictionaries import GatedAutoEncoder
-    from dictionary_learning.ops import gated_dictionary
+    from dictionary_learning.dictionaries.gated import gated_dictionary
 
     torch.manual_seed(0)
     ae = GatedAutoEncoder(12, 40)
@@ -158,26 +159,26 @@ def test_fused_gated_backward_matches_autograd():
 # ------------------------------------------------------------------ sparse activations (dense recipes)
 @pytest.mark.parametrize("branch", ["sampled_products", "sampled_products_csr", "sampled_products_portable"])
 def test_sampled_products_and_feature_sums_equal_dense(branch):
-    from dictionary_learning import ops
+    from dictionary_learning import sparse as engine
 
     torch.manual_seed(0)
     a, W = torch.randn(16, 8), torch.randn(30, 8)
     for rows, features, offsets in (
         row_topk_entries(torch.randn(16, 30), 5),  # unsorted features within a row
-        ops.active_entries(torch.rand(16, 30) < 0.3, 1.0),
+        engine.active_entries(torch.rand(16, 30) < 0.3, 1.0),
     ):
         if branch == "sampled_products":
-            got = ops.sampled_products(a, W, rows, features, offsets)
+            got = engine.sampled_products(a, W, rows, features, offsets)
         else:
-            got = getattr(ops, branch)(a, W, features, offsets)
+            got = getattr(engine, branch)(a, W, features, offsets)
         torch.testing.assert_close(got, (a @ W.T)[rows, features])
         w = torch.randn(rows.shape[0])
         dense = torch.zeros(16, 30).index_put((rows, features), w)
-        torch.testing.assert_close(ops.feature_sums(w, a, rows, features, 30), dense.T @ a)
+        torch.testing.assert_close(engine.feature_sums(w, a, rows, features, 30), dense.T @ a)
 
 
 def test_active_entries_declines_dense_masks_and_other_devices():
-    from dictionary_learning.ops import active_entries
+    from dictionary_learning.sparse import active_entries
 
     mask = torch.rand(20, 50) < 0.2
     assert active_entries(mask, 0.1) is None and active_entries(mask, 0.0) is None
@@ -188,7 +189,7 @@ def test_active_entries_declines_dense_masks_and_other_devices():
 
 
 def test_sparse_entries_checks_a_row_sample_before_building_the_whole_mask():
-    from dictionary_learning.ops import DENSITY_SAMPLE_ROWS, active_entries, sparse_entries
+    from dictionary_learning.sparse import DENSITY_SAMPLE_ROWS, active_entries, sparse_entries
 
     torch.manual_seed(0)
     B = 4 * DENSITY_SAMPLE_ROWS
@@ -231,7 +232,8 @@ def _both_paths(run, params):
 
 @pytest.mark.parametrize("cls", [AutoEncoder, AutoEncoderNew], ids=lambda c: c.__name__)
 def test_sparse_relu_path_matches_dense(cls):
-    from dictionary_learning.ops import SparseCode, lp_norm, row_sums
+    from dictionary_learning.ops import lp_norm, row_sums
+    from dictionary_learning.sparse import SparseCode
 
     torch.manual_seed(0)
     ae = _perturbed(cls(12, 40))
@@ -259,7 +261,7 @@ def test_sparse_relu_path_matches_dense(cls):
 
 def test_sparse_jumprelu_path_matches_dense():
     from dictionary_learning.dictionaries import JumpReluAutoEncoder
-    from dictionary_learning.ops import jumprelu_dictionary
+    from dictionary_learning.dictionaries.jumprelu import jumprelu_dictionary
 
     torch.manual_seed(0)
     ae = _perturbed(JumpReluAutoEncoder(12, 40))
@@ -285,7 +287,8 @@ def test_sparse_jumprelu_path_matches_dense():
 
 def test_sparse_gated_path_matches_dense():
     from dictionary_learning.dictionaries import GatedAutoEncoder
-    from dictionary_learning.ops import gated_dictionary, lp_norm, row_sums
+    from dictionary_learning.dictionaries.gated import gated_dictionary
+    from dictionary_learning.ops import lp_norm, row_sums
 
     torch.manual_seed(0)
     ae = _perturbed(GatedAutoEncoder(12, 40))
@@ -322,9 +325,10 @@ DENSE_RECIPES = [
 
 @pytest.mark.parametrize("name,kwargs", DENSE_RECIPES, ids=[n for n, _ in DENSE_RECIPES])
 def test_dense_recipes_train_the_same_on_the_sparse_path(monkeypatch, name, kwargs):
-    from dictionary_learning import TRAINER_REGISTRY, ops
+    from dictionary_learning import TRAINER_REGISTRY
+    from dictionary_learning import sparse as engine
 
-    monkeypatch.setattr(ops, "SPARSE_MAX_DENSITY", 1.0)  # always sparse when allowed
+    monkeypatch.setattr(engine, "SPARSE_MAX_DENSITY", 1.0)  # always sparse when allowed
     cls = TRAINER_REGISTRY[name]
     common = dict(steps=10, activation_dim=D, dict_size=F, seed=3, device="cpu", warmup_steps=0)
     common |= dict(sparsity_warmup_steps=None, lr=1e-3) | kwargs
@@ -357,12 +361,12 @@ def test_triton_kernels_equal_the_pytorch_path():
 
 
 def test_triton_switch_needs_triton_and_a_device_it_runs_on(monkeypatch):
-    from dictionary_learning import ops
+    from dictionary_learning import sparse as engine
 
-    monkeypatch.setattr(ops, "USE_TRITON", True)
+    monkeypatch.setattr(engine, "USE_TRITON", True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert ops._triton_kernels(torch.zeros(2)) is None  # CPU tensors stay on the PyTorch path
+    assert engine._triton_kernels(torch.zeros(2)) is None  # CPU tensors stay on the PyTorch path
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "dictionary_learning.triton_kernels", None)  # as if triton were missing
     with pytest.raises(ImportError, match="needs the triton package"):
-        ops._triton_kernels(torch.zeros(2))
+        engine._triton_kernels(torch.zeros(2))

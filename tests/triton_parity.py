@@ -5,10 +5,10 @@ import collections
 
 import torch
 
-from dictionary_learning import ops, triton_kernels
+from dictionary_learning import sparse, triton_kernels
 from dictionary_learning.trainers import BatchTopKTrainer, StandardTrainer, TopKTrainer
 
-assert ops.USE_TRITON, "run with DICTIONARY_LEARNING_TRITON=1"
+assert sparse.USE_TRITON, "run with DICTIONARY_LEARNING_TRITON=1"
 calls = collections.Counter()
 
 
@@ -31,9 +31,9 @@ def both(fn, *args):
     """fn(*args) with the Triton kernels, then with the PyTorch path."""
     out = []
     for use in (True, False):
-        ops.USE_TRITON = use
+        sparse.USE_TRITON = use
         out.append(fn(*args))
-    ops.USE_TRITON = True
+    sparse.USE_TRITON = True
     return out
 
 
@@ -43,14 +43,14 @@ for width, n_rows, n_features, density in ((24, 16, 40, 0.2), (128, 8, 30, 0.3),
     a, W = torch.randn(n_rows, width), torch.randn(n_features, width)
     mask = torch.rand(n_rows, n_features) < density
     for rows, features, offsets in (
-        ops.active_entries(mask, 1.0),
-        ops.row_topk_entries(torch.randn(n_rows, n_features), 3),  # unsorted features within a row
+        sparse.active_entries(mask, 1.0),
+        sparse.row_topk_entries(torch.randn(n_rows, n_features), 3),  # unsorted features within a row
     ):
-        tri, ref = both(ops.sampled_products, a, W, rows, features, offsets)
+        tri, ref = both(sparse.sampled_products, a, W, rows, features, offsets)
         torch.testing.assert_close(tri, ref)
         torch.testing.assert_close(tri, (a @ W.T)[rows, features])
         w = torch.randn(rows.shape[0])
-        tri, ref = both(ops.feature_sums, w, a, rows, features, n_features)
+        tri, ref = both(sparse.feature_sums, w, a, rows, features, n_features)
         torch.testing.assert_close(tri, ref)
         dense = torch.zeros(n_rows, n_features).index_put((rows, features), w)
         torch.testing.assert_close(tri, dense.T @ a, atol=1e-5, rtol=1e-5)
@@ -63,7 +63,7 @@ configs = (
     (BatchTopKTrainer, dict(k=4, warmup_steps=0)),
     (StandardTrainer, dict(warmup_steps=0, sparsity_warmup_steps=0, l1_penalty=0.1)),
 )
-ops.SPARSE_MAX_DENSITY = 1.0  # the sparse path at any density
+sparse.SPARSE_MAX_DENSITY = 1.0  # the sparse path at any density
 
 
 def train(cls, kwargs):

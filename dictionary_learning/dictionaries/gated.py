@@ -7,7 +7,78 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..sparse import SparseCode, selected_preactivations, sparse_decode, sparse_entries
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
+
+
+# ------------------------------------------------------------------- training forward (fused backward)
+class _GatedDictionary(torch.autograd.Function):
+    """Gated SAE forward for training (Rajamanoharan et al. 2024) with a hand-written backward.
+
+    `z = (x - b_dec) @ W_enc.T`, `pi_gate = z + b_gate`, `pi_mag = exp(r_mag) * z + b_mag`,
+    `f = 1[pi_gate > 0] * ReLU(pi_mag)`, `gate = ReLU(pi_gate)`, `x_hat = f @ W_dec.T + b_dec`,
+    `x_hat_gate = gate @ W_dec.T + b_dec` through a frozen decoder. Backward needs four `[B, F]`
+    matmuls where autograd runs five (the `b_dec` gradient through the encoder is a vector product).
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, z_BF):
+        x_centered = x_BD - b_dec_D
+        scale_F = r_mag_F.exp()
+        pi_gate = z_BF + b_gate_F
+        active = pi_gate > 0
+        f_BF = torch.where(active, torch.addcmul(b_mag_F, z_BF, scale_F).relu_(), 0.0)
+        gate_BF = pi_gate.relu_()
+        x_hat = torch.addmm(b_dec_D, f_BF, W_dec_DF.T)
+        x_hat_gate = torch.addmm(b_dec_D, gate_BF, W_dec_DF.T)
+        ctx.save_for_backward(x_centered, z_BF, f_BF, gate_BF, W_enc_FD, scale_F, W_dec_DF)
+        return f_BF, gate_BF, x_hat, x_hat_gate
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_gate, grad_x_hat, grad_x_hat_gate):
+        x_centered, z_BF, f_BF, gate_BF, W_enc_FD, scale_F, W_dec_DF = ctx.saved_tensors
+        zeros = torch.zeros_like(x_centered)
+        grad_x_hat = zeros if grad_x_hat is None else grad_x_hat
+        grad_x_hat_gate = zeros if grad_x_hat_gate is None else grad_x_hat_gate
+        grad_mag = grad_x_hat @ W_dec_DF  # d/d pi_mag, masked below where f = 0
+        if grad_f is not None:
+            grad_mag += grad_f
+        grad_mag.masked_fill_(f_BF <= 0, 0.0)
+        grad_pi_gate = grad_x_hat_gate @ W_dec_DF
+        if grad_gate is not None:
+            grad_pi_gate += grad_gate
+        grad_pi_gate.masked_fill_(gate_BF <= 0, 0.0)
+        grad_r_mag = (grad_mag * z_BF).sum(0) * scale_F
+        grad_b_mag = grad_mag.sum(0)
+        grad_b_gate = grad_pi_gate.sum(0)
+        grad_z = grad_pi_gate.add_(grad_mag.mul_(scale_F))
+        grad_W_enc = grad_z.T @ x_centered
+        grad_W_dec = grad_x_hat.T @ f_BF
+        grad_b_dec = grad_x_hat.sum(0) - grad_z.sum(0) @ W_enc_FD
+        grad_x = grad_z @ W_enc_FD if ctx.needs_input_grad[0] else None
+        return grad_x, grad_W_enc, grad_b_gate, grad_r_mag, grad_b_mag, grad_W_dec, grad_b_dec, None
+
+
+def gated_dictionary(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, max_density: float = 0.0):
+    """(f, ReLU(pi_gate), x_hat, x_hat through the frozen decoder) of a Gated SAE; see `_GatedDictionary`.
+
+    With `max_density > 0`, on CPU, when the gate is open on at most that fraction of entries, f and
+    ReLU(pi_gate) are `SparseCode`s over those entries and the step touches only them.
+    """
+    with torch.no_grad():
+        z_BF = (x_BD - b_dec_D) @ W_enc_FD.T
+    entries = sparse_entries(lambda rows: z_BF[rows] + b_gate_F.detach() > 0, x_BD, max_density)
+    if entries is None:
+        return _GatedDictionary.apply(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, z_BF)
+    rows_N, features_N, offsets_B = entries
+    z_N = selected_preactivations(x_BD, W_enc_FD, None, z_BF, rows_N, features_N, offsets_B, b_dec_D)
+    gate_N = torch.relu(z_N + b_gate_F[features_N])
+    f_N = torch.relu(r_mag_F.exp()[features_N] * z_N + b_mag_F[features_N])  # the gate is open on every entry
+    f = SparseCode(f_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
+    gate = f._replace(values=gate_N)
+    x_hat = sparse_decode(f, W_dec_DF.T) + b_dec_D
+    x_hat_gate = sparse_decode(gate, W_dec_DF.detach().T) + b_dec_D.detach()
+    return f, gate, x_hat, x_hat_gate
 
 
 @register_dictionary

@@ -7,8 +7,65 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops import JumpReLUFunction, StepFunction
+from ..sparse import SparseCode, selected_preactivations, sparse_decode, sparse_entries
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 from .saelens import dictionary_from_saelens
+
+
+# ------------------------------------------------------------------- training forward (fused backward)
+class JumpReLUWithL0(torch.autograd.Function):
+    """`(x * 1[x > theta], mean_b sum_F 1[x > theta])`: JumpReLUFunction and the row-mean of
+    StepFunction in one pass, with one shared rectangle-kernel pass in backward (same gradients)."""
+
+    @staticmethod
+    def forward(ctx, x_BF, threshold_F, bandwidth):
+        active = x_BF > threshold_F
+        ctx.save_for_backward(x_BF, threshold_F)
+        ctx.bandwidth = bandwidth
+        l0 = active.sum(-1, dtype=x_BF.dtype).mean()
+        return torch.where(active, x_BF, 0.0), l0
+
+    @staticmethod
+    def backward(ctx, grad_f_BF, grad_l0):
+        x_BF, threshold_F = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_x = torch.where(x_BF > threshold_F, grad_f_BF, 0.0) if grad_f_BF is not None else None
+        near_BF = (x_BF - threshold_F).abs_() < bw / 2  # rectangle kernel of (x - theta) / bw
+        grad_theta = torch.zeros_like(threshold_F)
+        if grad_f_BF is not None:
+            grad_theta -= (threshold_F / bw) * torch.where(near_BF, grad_f_BF, 0.0).sum(0)
+        if grad_l0 is not None:
+            grad_theta -= near_BF.sum(0, dtype=x_BF.dtype) * (grad_l0 / (bw * x_BF.shape[0]))
+        return grad_x, grad_theta, None
+
+
+def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D, bandwidth, max_density=0.0):
+    """(f, mean L0, x_hat) of a JumpReLU dictionary in training (2-D `x`): `f = jumprelu(x W_enc.T + b_enc)`,
+    `x_hat = f W_dec + b_dec`, with the straight-through threshold gradients of `JumpReLUWithL0`.
+
+    With `max_density > 0`, on CPU, when the entries that are active or within a bandwidth of their
+    threshold (a superset of those with a value or a threshold gradient) are at most that fraction,
+    f is a `SparseCode` over those entries and the step touches only them (same values and gradients).
+    """
+    pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
+
+    def near_or_above(rows: slice) -> torch.Tensor:
+        gap = pre_BF.detach()[rows] - threshold_F.detach()
+        # a full bandwidth (not half) so that rounding never drops an entry the rectangle kernel sees
+        return (gap > 0) | (gap.abs_() < bandwidth)
+
+    entries = sparse_entries(near_or_above, x_BD, max_density)
+    if entries is not None:
+        rows_N, features_N, offsets_B = entries
+        pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF.detach(), rows_N, features_N, offsets_B)
+        threshold_N = threshold_F[features_N]
+        values_N = JumpReLUFunction.apply(pre_N, threshold_N, bandwidth)
+        l0 = StepFunction.apply(pre_N, threshold_N, bandwidth).sum() / x_BD.shape[0]
+        code = SparseCode(values_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
+        return code, l0, sparse_decode(code, W_dec_FD) + b_dec_D
+    f_BF, l0 = JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
+    return f_BF, l0, f_BF @ W_dec_FD + b_dec_D
 
 
 @register_dictionary

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from ..ops import SparseCode, relu_dictionary
+from ..sparse import SparseCode, selected_preactivations, sparse_decode, sparse_entries
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,64 @@ def _encode_decode(ae, x_BD, b_in_D, b_out_D, max_density):
     x2 = x_BD.reshape(-1, ae.activation_dim)
     f, x_hat = relu_dictionary(x2, ae.encoder.weight, ae.encoder.bias, ae.decoder.weight, b_in_D, b_out_D, max_density)
     return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
+
+
+# ------------------------------------------------------------------- training forward (fused backward)
+class _ReluDictionary(torch.autograd.Function):
+    """`f = ReLU((x - b_in) @ W_enc.T + b_enc)`, `x_hat = f @ W_dec.T + b_out` with a hand-written backward.
+
+    Autograd's version runs six `[B, F]`-sized matmuls per step; the gradient of `b_in` needs only
+    `sum_b dpre[b] @ W_enc`, so this backward runs four, and masks the ReLU in place. `pre_BF`, the
+    pre-activations computed without autograd, is consumed (overwritten by f).
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D, pre_BF):
+        x_centered = x_BD - b_in_D if b_in_D is not None else x_BD
+        f_BF = pre_BF.relu_()
+        x_hat = f_BF @ W_dec_DF.T
+        if b_out_D is not None:
+            x_hat = x_hat + b_out_D
+        ctx.save_for_backward(x_centered, f_BF, W_enc_FD, W_dec_DF)
+        ctx.has_b_in, ctx.has_b_out = b_in_D is not None, b_out_D is not None
+        return f_BF, x_hat
+
+    @staticmethod
+    def backward(ctx, grad_f_BF, grad_x_hat_BD):
+        x_centered, f_BF, W_enc_FD, W_dec_DF = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_x_hat_BD is None:
+            grad_x_hat_BD = torch.zeros_like(x_centered)
+        grad_pre = grad_x_hat_BD @ W_dec_DF
+        if grad_f_BF is not None:
+            grad_pre += grad_f_BF
+        grad_pre.masked_fill_(f_BF <= 0, 0.0)
+        grad_b_enc = grad_pre.sum(0)
+        grad_W_enc = grad_pre.T @ x_centered if need[1] else None
+        grad_W_dec = grad_x_hat_BD.T @ f_BF if need[3] else None
+        grad_b_in = -(grad_b_enc @ W_enc_FD) if ctx.has_b_in and need[4] else None
+        grad_b_out = grad_x_hat_BD.sum(0) if ctx.has_b_out and need[5] else None
+        grad_x = grad_pre @ W_enc_FD if need[0] else None
+        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_W_dec, grad_b_in, grad_b_out, None
+
+
+def relu_dictionary(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D=None, b_out_D=None, max_density: float = 0.0):
+    """(f, x_hat) of a ReLU dictionary (2-D `x`) with the cheaper backward of `_ReluDictionary`.
+
+    With `max_density > 0`, on CPU, when at most that fraction of f is non-zero, f is a `SparseCode`
+    and the step runs on its entries only: one dense matmul (the encoder) instead of five, same
+    values and gradients.
+    """
+    with torch.no_grad():
+        pre_BF = torch.addmm(b_enc_F, x_BD - b_in_D if b_in_D is not None else x_BD, W_enc_FD.T)
+    entries = sparse_entries(lambda rows: pre_BF[rows] > 0, x_BD, max_density)
+    if entries is None:
+        return _ReluDictionary.apply(x_BD, W_enc_FD, b_enc_F, W_dec_DF, b_in_D, b_out_D, pre_BF)
+    rows_N, features_N, offsets_B = entries
+    pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF, rows_N, features_N, offsets_B, b_in_D)
+    code = SparseCode(pre_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])  # all entries > 0: ReLU = id
+    x_hat = sparse_decode(code, W_dec_DF.T)
+    return code, x_hat + b_out_D if b_out_D is not None else x_hat
 
 
 @register_dictionary
@@ -58,7 +116,7 @@ class AutoEncoder(Dictionary):
 
     def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
         """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
-        `max_density > 0` the features may come as a `SparseCode` (see `ops.relu_dictionary`)."""
+        `max_density > 0` the features may come as a `SparseCode` (see `relu_dictionary`)."""
         return _encode_decode(self, x_BD, self.bias, self.bias, max_density)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -166,7 +224,7 @@ class AutoEncoderNew(Dictionary):
 
     def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
         """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
-        `max_density > 0` the features may come as a `SparseCode` (see `ops.relu_dictionary`)."""
+        `max_density > 0` the features may come as a `SparseCode` (see `relu_dictionary`)."""
         return _encode_decode(self, x_BD, None, self.decoder.bias, max_density)
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..files import CheckpointError
-from ..ops import (
+from ..sparse import (
     SparseCode,
     batch_topk_entries,
     per_row_entries,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import GatedAutoEncoder
-from ..ops import SparseCode, gated_dictionary, row_sums
+from ..dictionaries.gated import gated_dictionary
+from ..ops import row_sums
+from ..sparse import SparseCode
 from .standard import reconstruction_terms
 from .trainer import PenalisedTrainer, StepOutput, register_trainer
 

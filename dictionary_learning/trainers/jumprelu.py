@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import JumpReluAutoEncoder
-from ..ops import JumpReLUFunction, StepFunction, fired_features, jumprelu_dictionary  # noqa: F401 (reference)
+from ..dictionaries.jumprelu import jumprelu_dictionary
+from ..ops import JumpReLUFunction, StepFunction, fired_features  # noqa: F401 (reference)
 from .top_k import DEAD_FEATURE_TOKENS
 from .trainer import (
     SAETrainer,

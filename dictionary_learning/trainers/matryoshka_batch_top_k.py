@@ -9,7 +9,7 @@ import math
 import torch
 
 from ..dictionaries import MatryoshkaBatchTopKSAE
-from ..ops import SparseCode, sparse_decode
+from ..sparse import SparseCode, sparse_decode
 from .batch_top_k import BatchTopKTrainer
 from .trainer import register_trainer
 

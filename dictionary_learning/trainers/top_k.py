@@ -12,7 +12,8 @@ import torch
 from .. import distributed
 from ..dictionaries import AutoEncoderTopK
 from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
-from ..ops import SparseCode, auxk_loss, geometric_median
+from ..ops import auxk_loss, geometric_median
+from ..sparse import SparseCode
 from .trainer import (
     SAETrainer,
     StepOutput,

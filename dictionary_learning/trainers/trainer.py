@@ -19,9 +19,10 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from .. import distributed, ops
+from .. import distributed, ops, sparse
 from ..dictionaries.base import DICTIONARY_REGISTRY, Dictionary, feature_first
-from ..ops import SparseCode, remove_parallel_grad_, unit_norm_rows_
+from ..ops import remove_parallel_grad_, unit_norm_rows_
+from ..sparse import SparseCode
 
 TRAINER_REGISTRY: dict[str, type[SAETrainer]] = {}
 
@@ -214,7 +215,7 @@ class SAETrainer:
     # The logged loss term that is the reconstruction error at the site (reweighted by e2e training).
     reconstruction_term: ClassVar[str] = "l2_loss"
     # Train on the non-zero features only: the TopK family always, the L1/JumpReLU/Gated recipes on
-    # CPU when few fire (`ops.SPARSE_MAX_DENSITY`).
+    # CPU when few fire (`sparse.SPARSE_MAX_DENSITY`).
     sparse: bool = False
 
     ae: Dictionary
@@ -320,7 +321,7 @@ class SAETrainer:
     @property
     def max_density(self) -> float:
         """Feature density below which a step takes the sparse path (0: never)."""
-        return ops.SPARSE_MAX_DENSITY if self.sparse else 0.0
+        return sparse.SPARSE_MAX_DENSITY if self.sparse else 0.0
 
     def get_logging_parameters(self) -> dict[str, Any]:
         """Current values of the trainer's `logging_parameters` (the reference's API)."""
