@@ -27,6 +27,19 @@ def _encode_decode(ae, x_BD, b_in_D, b_out_D, max_density):
     return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
 
 
+def _copy_saelens_weights(ae, weights, b_dec_D: torch.Tensor):
+    """SAELens's standard SAE into either ReLU layout (`b_dec_D`: where that layout keeps b_dec)."""
+    ae.encoder.weight.copy_(weights.W_enc.T)
+    ae.encoder.bias.copy_(weights.extra["b_enc"])
+    ae.decoder.weight.copy_(weights.W_dec.T)
+    b_dec_D.copy_(weights.b_dec)
+    return ae
+
+
+def _saelens_weights(ae, b_dec_D: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"W_enc": ae.encoder.weight.T, "b_enc": ae.encoder.bias, "W_dec": ae.decoder.weight.T, "b_dec": b_dec_D}
+
+
 # ------------------------------------------------------------------- training forward (fused backward)
 class _ReluDictionary(torch.autograd.Function):
     """`f = ReLU((x - b_in) @ W_enc.T + b_enc)`, `x_hat = f @ W_dec.T + b_out` with a hand-written backward.
@@ -180,15 +193,10 @@ class AutoEncoder(Dictionary):
     @classmethod
     def from_saelens(cls, weights) -> AutoEncoder:
         ae = cls(weights.d_in, weights.d_sae)
-        ae.encoder.weight.copy_(weights.W_enc.T)
-        ae.encoder.bias.copy_(weights.extra["b_enc"])
-        ae.decoder.weight.copy_(weights.W_dec.T)
-        ae.bias.copy_(weights.b_dec)
-        return ae
+        return _copy_saelens_weights(ae, weights, ae.bias)
 
     def to_saelens(self):
-        state = {"W_enc": self.encoder.weight.T, "b_enc": self.encoder.bias, "b_dec": self.bias}
-        return {"architecture": "standard"}, state | {"W_dec": self.decoder.weight.T}
+        return {"architecture": "standard"}, _saelens_weights(self, self.bias)
 
 
 @register_dictionary
@@ -255,12 +263,7 @@ class AutoEncoderNew(Dictionary):
     @classmethod
     def from_saelens(cls, weights) -> AutoEncoderNew:
         ae = cls(weights.d_in, weights.d_sae)
-        ae.encoder.weight.copy_(weights.W_enc.T)
-        ae.encoder.bias.copy_(weights.extra["b_enc"])
-        ae.decoder.weight.copy_(weights.W_dec.T)
-        ae.decoder.bias.copy_(weights.b_dec)
-        return ae
+        return _copy_saelens_weights(ae, weights, ae.decoder.bias)
 
     def to_saelens(self):
-        state = {"W_enc": self.encoder.weight.T, "b_enc": self.encoder.bias, "b_dec": self.decoder.bias}
-        return {"architecture": "standard", "apply_b_dec_to_input": False}, state | {"W_dec": self.decoder.weight.T}
+        return {"architecture": "standard", "apply_b_dec_to_input": False}, _saelens_weights(self, self.decoder.bias)
