@@ -185,3 +185,23 @@ class GatedAutoEncoder(Dictionary):
             "b_mag": self.mag_bias,
             "r_mag": self.r_mag,
         }
+
+    def training_forward(self, x_BD: torch.Tensor, max_density: float = 0.0):
+        """`(f, gate, x_hat, x_hat_gate)` for training, with a fused backward (`gated_dictionary`);
+        `x_hat_gate` reconstructs from the gate through a frozen copy of the decoder (eq. 8 of
+        Rajamanoharan et al. 2024). With `max_density > 0` the codes may come as `SparseCode`s."""
+        self._check_width(x_BD)
+        x2 = x_BD.reshape(-1, x_BD.shape[-1])
+        f, gate, x_hat, x_hat_gate = gated_dictionary(
+            x2,
+            self.encoder.weight,
+            self.gate_bias,
+            self.r_mag,
+            self.mag_bias,
+            self.decoder.weight,
+            self.decoder_bias,
+            max_density,
+        )
+        if not isinstance(f, SparseCode):
+            f, gate = f.view(*x_BD.shape[:-1], -1), gate.view(*x_BD.shape[:-1], -1)
+        return f, gate, x_hat.view_as(x_BD), x_hat_gate.view_as(x_BD)

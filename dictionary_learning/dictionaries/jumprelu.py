@@ -172,3 +172,15 @@ class JumpReluAutoEncoder(Dictionary):
             "b_dec": self.b_dec,
             "threshold": self.threshold,
         }
+
+    def training_forward(self, x_BD: torch.Tensor, bandwidth: float, max_density: float = 0.0):
+        """`(x, f, mean L0, x_hat)` for training on rows `x` (`x_BD` flattened to 2-D, in the weights'
+        dtype), with the straight-through threshold gradients of Rajamanoharan et al. 2024 (rectangle
+        kernel of width `bandwidth`) and a fused backward (`jumprelu_dictionary`)."""
+        x = x_BD.reshape(-1, x_BD.shape[-1]).to(self.W_enc.dtype)
+        self._check_width(x)
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        f, l0, x_hat = jumprelu_dictionary(
+            x_in, self.W_enc.T, self.b_enc, self.threshold, self.W_dec, self.b_dec, bandwidth, max_density
+        )
+        return x, f, l0, x_hat

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import GatedAutoEncoder
-from ..dictionaries.gated import gated_dictionary
 from ..ops import row_sums
-from ..sparse import SparseCode
 from .standard import reconstruction_terms
 from .trainer import PenalisedTrainer, StepOutput, register_trainer
 
@@ -18,22 +16,7 @@ class GatedLossMixin:
     def _gated_forward(self, x_BD: torch.Tensor):
         """Returns (f, gate, x_hat, mse, l2, aux) with aux = ||x - x_hat_gate||^2 (eq. 8 of the paper):
         the gate path reconstructs through a frozen copy of the decoder so it learns to be useful."""
-        ae = self.ae
-        ae._check_width(x_BD)
-        x2 = x_BD.reshape(-1, x_BD.shape[-1])
-        f_BF, gate_BF, x_hat_BD, x_hat_gate_BD = gated_dictionary(
-            x2,
-            ae.encoder.weight,
-            ae.gate_bias,
-            ae.r_mag,
-            ae.mag_bias,
-            ae.decoder.weight,
-            ae.decoder_bias,
-            self.max_density,
-        )
-        if not isinstance(f_BF, SparseCode):
-            f_BF, gate_BF = f_BF.view(*x_BD.shape[:-1], -1), gate_BF.view(*x_BD.shape[:-1], -1)
-        x_hat_BD, x_hat_gate_BD = x_hat_BD.view_as(x_BD), x_hat_gate_BD.view_as(x_BD)
+        f_BF, gate_BF, x_hat_BD, x_hat_gate_BD = self.ae.training_forward(x_BD, self.max_density)
         mse, l2 = reconstruction_terms(x_BD, x_hat_BD)
         aux = (x_BD - x_hat_gate_BD).pow(2).sum(-1).mean()
         return f_BF, gate_BF, x_hat_BD, mse, l2, aux

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..dictionaries import JumpReluAutoEncoder
-from ..dictionaries.jumprelu import jumprelu_dictionary
 from ..ops import JumpReLUFunction, StepFunction, fired_features  # noqa: F401 (reference)
 from .top_k import DEAD_FEATURE_TOKENS
 from .trainer import (
@@ -84,13 +83,7 @@ class JumpReluTrainer(SAETrainer):
         return int((self.num_tokens_since_fired > DEAD_FEATURE_TOKENS).sum())
 
     def _compute(self, x, step):
-        ae = self.ae
-        x = x.reshape(-1, x.shape[-1]).to(ae.W_enc.dtype)
-        ae._check_width(x)
-        x_in = x - ae.b_dec if ae.apply_b_dec_to_input else x
-        f, l0, x_hat = jumprelu_dictionary(
-            x_in, ae.W_enc.T, ae.b_enc, ae.threshold, ae.W_dec, ae.b_dec, self.bandwidth, self.max_density
-        )
+        x, f, l0, x_hat = self.ae.training_forward(x, self.bandwidth, self.max_density)
         recon = (x - x_hat).pow(2).sum(-1).mean()
         if self.sparsity_loss == "target_l0":
             penalty = self.sparsity_coefficient * (l0 / self.target_l0 - 1).pow(2)
