@@ -141,7 +141,8 @@ def verify_file(path: Path, accepted: Collection[str] = ()) -> None:
             raise CheckpointError(
                 f"{path} is corrupted or truncated: its sha256 is {actual[:16]}..., not the "
                 f"{next(iter(accepted))[:16]}... recorded when it was written (a flipped bit, a partial copy or a "
-                f"file from elsewhere). Copy or download it again, or resume the run that wrote it"
+                f"file from elsewhere). Copy or download it again, or resume the run that wrote it; if you replaced "
+                f"it on purpose, delete its entry under 'sha256' in the config.json beside it"
             )
         return
     if zipfile.is_zipfile(path):
