@@ -10,6 +10,7 @@ Importing the package touches neither the network nor nnsight.
 """
 
 from ._version import __version__ as __version__
+from .buffer import ActivationBuffer
 from .checkpoint import CheckpointError, get_nested_folders, load_dictionary, save_dictionary
 from .dictionaries import (
     DICTIONARY_REGISTRY,
@@ -30,6 +31,7 @@ from .trainers import TRAINER_REGISTRY
 from .training import trainSAE
 
 __all__ = [
+    "ActivationBuffer",
     "DICTIONARY_REGISTRY",
     "AutoEncoder",
     "AutoEncoderNew",

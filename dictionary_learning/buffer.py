@@ -15,8 +15,12 @@ from typing import Any
 
 import torch
 
+from .config import DEBUG
 from .distributed import strided
 from .nnsight_io import IO_MODES, Site, model_device, plan_requests, read_activations, resolve_site, torch_model
+
+# The reference's nnsight trace options: scanning and validation only when debugging.
+tracer_kwargs = {"scan": DEBUG, "validate": DEBUG}
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +100,10 @@ class ActivationReader:
 
     def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         return self.tokenize(self.text_batch(batch_size))
+
+    def token_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """`tokenized_batch` (the name the reference's NNsightActivationBuffer uses)."""
+        return self.tokenized_batch(batch_size)
 
     def tokenize(self, items: list) -> dict[str, torch.Tensor]:
         """Right-padded `input_ids` and `attention_mask` `[B, L <= ctx_len]` for strings or token ids."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .buffer import ActivationBuffer, NNsightActivationBuffer  # noqa: F401 (the reference re-exports these names here)
+from .config import DEBUG  # noqa: F401
 from .dictionaries.base import device_of
 
 

@@ -33,11 +33,12 @@ def remove_parallel_grad_(W_FD: torch.Tensor, grad_FD: torch.Tensor) -> torch.Te
 
 # -------------------------------------------------------------------------------- initialisation
 @torch.no_grad()
-def geometric_median(points_ND: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
     """The point minimising the sum of Euclidean distances to the rows (Weiszfeld's iteration).
 
     Used to initialise `b_dec` of TopK-family SAEs (Gao et al. 2024, section 2.1 / appendix A).
     """
+    points_ND = points
     points_ND = points_ND.float()
     guess_D = points_ND.mean(dim=0)
     for _ in range(max_iter):
@@ -112,6 +113,21 @@ def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+class RectangleFunction(torch.autograd.Function):
+    """The rectangle kernel `1[-1/2 < u < 1/2]` with the gradient passed through inside it and 0
+    outside (the reference's helper of the JumpReLU estimators; ours use `_rectangle` directly)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return torch.where((x <= -0.5) | (x >= 0.5), 0.0, grad_output)
+
+
 class JumpReLUFunction(torch.autograd.Function):
     """`x * 1[x > theta]`; straight-through gradient for theta (Rajamanoharan et al. 2024, eq. 11)."""
 
@@ -122,11 +138,11 @@ class JumpReLUFunction(torch.autograd.Function):
         return x * (x > threshold)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_output):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
-        grad_x = (x > threshold) * grad_out
-        grad_theta = -(threshold / bw) * _rectangle((x - threshold) / bw) * grad_out
+        grad_x = (x > threshold) * grad_output
+        grad_theta = -(threshold / bw) * _rectangle((x - threshold) / bw) * grad_output
         return grad_x, _sum_to(grad_theta, threshold), None
 
 
@@ -140,10 +156,10 @@ class StepFunction(torch.autograd.Function):
         return (x > threshold).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_output):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
-        grad_theta = -(1.0 / bw) * _rectangle((x - threshold) / bw) * grad_out
+        grad_theta = -(1.0 / bw) * _rectangle((x - threshold) / bw) * grad_output
         return torch.zeros_like(x), _sum_to(grad_theta, threshold), None
 
 

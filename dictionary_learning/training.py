@@ -18,8 +18,14 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ._version import __version__
-from .dictionaries import Dictionary
-from .evaluation import frac_variance_explained
+from .dictionaries import (
+    AutoEncoder,  # noqa: F401 (the reference re-exports these names here)
+    Dictionary,
+)
+from .evaluation import (
+    evaluate,  # noqa: F401
+    frac_variance_explained,
+)
 from .run import (
     MAX_CONSECUTIVE_BAD_BATCHES,
     GracefulStop,
@@ -29,6 +35,7 @@ from .run import (
     load_backup,
     norm_factor_of,
 )
+from .trainers.standard import StandardTrainer  # noqa: F401
 from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, jsonable, resolve_device
 
 if TYPE_CHECKING:
@@ -68,8 +75,10 @@ def build_trainer(config: dict, steps: int, device: str | None = None) -> SAETra
 _RECORDED_ONLY = {"trainer_class", "top_k_aux", "group_sizes", "norm_factor"}
 
 
-def get_norm_factor(batches: list[torch.Tensor]) -> float:
-    """Scale s such that x / s has unit mean squared norm (see `run.norm_factor_of`)."""
+def get_norm_factor(data: Iterable[torch.Tensor], steps: int | None = None) -> float:
+    """Scale s such that x / s has unit mean squared norm (see `run.norm_factor_of`), measured on
+    the first `steps` batches of `data` (the reference's call), or on all of `data` (a list)."""
+    batches = list(itertools.islice(iter(data), steps) if steps is not None else data)
     return norm_factor_of(batches)
 
 
@@ -128,12 +137,28 @@ def _describe(obj: Any) -> str:
 
 # ---------------------------------------------------------------------------------------- logging
 @torch.no_grad()
-def log_stats(trainers: list[SAETrainer], step: int, act: torch.Tensor | list[torch.Tensor]) -> list[dict[str, float]]:
+def log_stats(
+    trainers: list[SAETrainer],
+    step: int,
+    act: torch.Tensor | list[torch.Tensor],
+    activations_split_by_head: bool = False,
+    transcoder: bool = False,
+    log_queues: list | None = None,
+    verbose: bool = False,
+) -> list[dict[str, float]]:
     """Per trainer: its loss terms, L0 and fraction of variance explained on `act` (one batch for
-    all, or one per trainer). Computing them changes no trainer state, so logging cadence does not
-    affect training.
-    """
-    acts = act if isinstance(act, list) else [act] * len(trainers)
+    all, or one per trainer; with `activations_split_by_head`, `[B, heads, d]` and head i for
+    trainer i). Computing them changes no trainer state, so logging cadence does not affect
+    training. The reference's `log_queues` (one per trainer, e.g. for `new_wandb_process`) receive
+    each record; `verbose` prints them."""
+    if transcoder:
+        raise NotImplementedError("transcoder training is not supported yet")
+    if isinstance(act, list):
+        acts = act
+    elif activations_split_by_head:
+        acts = [act[:, i] for i in range(len(trainers))]
+    else:
+        acts = [act] * len(trainers)
     records = []
     for trainer, x in zip(trainers, acts):
         log = trainer.loss(x, step=step, logging=True)
@@ -142,7 +167,25 @@ def log_stats(trainers: list[SAETrainer], step: int, act: torch.Tensor | list[to
         record["l0"] = float((log.f != 0).float().sum(-1).mean())
         record["frac_variance_explained"] = float(frac_variance_explained(log.x, log.x_hat))
         records.append(record)
+    for i, record in enumerate(records):
+        if verbose:
+            tqdm.write(f"step {step} trainer {i}: {record}")
+        if log_queues:
+            log_queues[i].put(record | {"step": step})
     return records
+
+
+def new_wandb_process(config: dict, log_queue, entity: str, project: str) -> None:
+    """The reference's wandb logger process: one wandb run, fed records through `log_queue` until
+    it receives "DONE" (trainSAE itself logs in-process, see `use_wandb`)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("new_wandb_process needs the optional wandb package: pip install wandb") from e
+    run = wandb.init(entity=entity, project=project, config=config, name=config.get("wandb_name"))
+    while (record := log_queue.get()) != "DONE":
+        run.log(record, step=record.get("step"))
+    run.finish()
 
 
 class _WandbLogger:

@@ -2,6 +2,15 @@
 
 from .checkpoint import get_nested_folders, load_dictionary
 from .data import hf_dataset_to_generator, jsonl_to_generator, text_files_to_generator, zst_to_generator
+from .dictionaries import (  # noqa: F401 (the reference re-exports these names here)
+    AutoEncoder,
+    AutoEncoderNew,
+    AutoEncoderTopK,
+    BatchTopKSAE,
+    GatedAutoEncoder,
+    JumpReluAutoEncoder,
+    MatryoshkaBatchTopKSAE,
+)
 from .models import default_texts, get_submodule, load_default_model, load_model
 
 __all__ = [

@@ -236,8 +236,8 @@ class Dictionary(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> Dictionary:
         """Load weights from `ae.pt` / `ae.safetensors`, or from a folder holding one of them.

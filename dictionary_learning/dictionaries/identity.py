@@ -34,7 +34,9 @@ class IdentityDict(Dictionary):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return self._cast(f)
 
-    def forward(self, x: torch.Tensor, output_features: bool = False):
+    def forward(self, x: torch.Tensor, output_features: bool = False, ghost_mask: torch.Tensor | None = None):
+        if ghost_mask is not None:
+            raise ValueError("IdentityDict has no features to ghost: ghost_mask must be None")
         x = self._cast(x)
         return (x, x) if output_features else x
 
@@ -50,8 +52,9 @@ class IdentityDict(Dictionary):
         return cls(activation_dim)
 
     @classmethod
-    def from_pretrained(cls, path=None, dtype=None, device=None, activation_dim: int | None = None):
-        """No weights to read. Also accepts the reference's HEAD order `(activation_dim, path, ...)`."""
-        if isinstance(path, int) and not isinstance(path, bool):
-            path, activation_dim = None, path
+    def from_pretrained(cls, activation_dim=None, path=None, dtype=None, device=None):
+        """No weights to read: the reference's order `(activation_dim, path, dtype, device)`; a path
+        given first (`from_pretrained(path, activation_dim)`, the older order) is accepted too."""
+        if isinstance(activation_dim, (str, bytes)) or hasattr(activation_dim, "__fspath__"):
+            activation_dim, path = path, activation_dim
         return cls(activation_dim, dtype=dtype, device=device)

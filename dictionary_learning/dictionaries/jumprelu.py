@@ -106,8 +106,8 @@ class JumpReluAutoEncoder(Dictionary):
         f_BF = torch.relu(pre_BF * (pre_BF > self.threshold))
         return (f_BF, pre_BF) if output_pre_jump else f_BF
 
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return f_BF @ self.W_dec + self.b_dec
+    def decode(self, f: torch.Tensor) -> torch.Tensor:  # f: [..., F]
+        return f @ self.W_dec + self.b_dec
 
     @classmethod
     def _expected_keys(cls):

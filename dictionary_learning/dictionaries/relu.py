@@ -132,11 +132,11 @@ class AutoEncoder(Dictionary):
         `max_density > 0` the features may come as a `SparseCode` (see `relu_dictionary`)."""
         return _encode_decode(self, x_BD, self.bias, self.bias, max_density)
 
-    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.pre_activations(x_BD))
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., D] -> [..., F]
+        return torch.relu(self.pre_activations(x))
 
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return self.decoder(f_BF) + self.bias
+    def decode(self, f: torch.Tensor) -> torch.Tensor:  # f: [..., F] -> [..., D]
+        return self.decoder(f) + self.bias
 
     def forward(self, x: torch.Tensor, output_features: bool = False, ghost_mask: torch.Tensor | None = None):
         """With `ghost_mask` (legacy ghost grads): also returns `x_ghost = W_dec (exp(f_pre) * mask)`."""
@@ -226,17 +226,17 @@ class AutoEncoderNew(Dictionary):
         nn.init.zeros_(self.encoder.bias)
         nn.init.zeros_(self.decoder.bias)
 
-    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        self._check_width(x_BD)
-        return torch.relu(self.encoder(x_BD))
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., D] -> [..., F]
+        self._check_width(x)
+        return torch.relu(self.encoder(x))
 
     def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
         """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
         `max_density > 0` the features may come as a `SparseCode` (see `relu_dictionary`)."""
         return _encode_decode(self, x_BD, None, self.decoder.bias, max_density)
 
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return self.decoder(f_BF)
+    def decode(self, f: torch.Tensor) -> torch.Tensor:  # f: [..., F] -> [..., D]
+        return self.decoder(f)
 
     def forward(self, x: torch.Tensor, output_features: bool = False):
         f = self.encode(x)

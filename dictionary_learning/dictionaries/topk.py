@@ -156,8 +156,8 @@ class _LinearTopK(_TopKBase):
     def encoder_weight_bias(self):
         return self.encoder.weight, self.encoder.bias
 
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return self.decoder(f_BF) + self.b_dec
+    def decode(self, x: torch.Tensor) -> torch.Tensor:  # the reference names the code x here: [..., F]
+        return self.decoder(x) + self.b_dec
 
     @classmethod
     def _expected_keys(cls):
@@ -292,8 +292,8 @@ class MatryoshkaBatchTopKSAE(_TopKBase):
             return f_BF, f_BF.reshape(-1, self.dict_size).sum(0) > 0, a_BF
         return f_BF
 
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return f_BF @ self.W_dec + self.b_dec
+    def decode(self, x: torch.Tensor) -> torch.Tensor:  # the reference names the code x here: [..., F]
+        return x @ self.W_dec + self.b_dec
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

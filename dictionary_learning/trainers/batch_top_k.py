@@ -9,9 +9,18 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-from ..dictionaries import BatchTopKSAE
+from ..dictionaries import (
+    BatchTopKSAE,
+    Dictionary,  # noqa: F401 (the reference re-exports these names here)
+)
 from .top_k import TopKTrainer
-from .trainer import register_trainer
+from .trainer import (  # noqa: F401
+    SAETrainer,
+    get_lr_schedule,
+    register_trainer,
+    remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm,
+)
 
 __all__ = ["BatchTopKSAE", "BatchTopKTrainer"]
 
@@ -76,3 +85,7 @@ class BatchTopKTrainer(TopKTrainer):
         positive = f > 0
         m = distributed.min_(torch.where(positive, f, torch.inf).min().float())
         self._ema_threshold(torch.where(torch.isfinite(m), m, 0.0), torch.isfinite(m))
+
+    def update_threshold(self, f: torch.Tensor) -> None:
+        """EMA update of the inference threshold from the batch's code `f` (the reference's name)."""
+        self._update_threshold(f.detach())

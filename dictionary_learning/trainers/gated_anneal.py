@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
 from ..dictionaries import GatedAutoEncoder
 from .gdm import GatedLossMixin
 from .p_anneal import LpAnnealing
-from .trainer import PenalisedTrainer, StepOutput, register_trainer
+from .trainer import (  # noqa: F401
+    ConstrainedAdam,
+    PenalisedTrainer,
+    SAETrainer,
+    StepOutput,
+    get_lr_schedule,
+    get_sparsity_warmup_fn,
+    register_trainer,
+)
 
 
 @register_trainer
@@ -25,8 +34,8 @@ class GatedAnnealTrainer(GatedLossMixin, LpAnnealing, PenalisedTrainer):
         dict_class: type = GatedAutoEncoder,
         lr: float = 3e-4,
         warmup_steps: int = 1000,
-        decay_start: int | None = None,
         sparsity_warmup_steps: int | None = 2000,
+        decay_start: int | None = None,
         sparsity_function: str = "Lp^p",
         initial_sparsity_penalty: float = 1e-1,
         anneal_start: int = 15000,

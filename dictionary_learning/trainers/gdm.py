@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
 from ..dictionaries import GatedAutoEncoder
 from ..ops import row_sums
 from .standard import reconstruction_terms
-from .trainer import PenalisedTrainer, StepOutput, register_trainer
+from .trainer import (  # noqa: F401
+    ConstrainedAdam,
+    PenalisedTrainer,
+    SAETrainer,
+    StepOutput,
+    get_lr_schedule,
+    get_sparsity_warmup_fn,
+    register_trainer,
+)
 
 
 class GatedLossMixin:
@@ -43,11 +52,11 @@ class GatedSAETrainer(GatedLossMixin, PenalisedTrainer):
         warmup_steps: int = 1000,
         sparsity_warmup_steps: int | None = 2000,
         decay_start: int | None = None,
-        resample_steps: int | None = None,
         seed: int | None = None,
         device: str | None = None,
         wandb_name: str = "GatedSAETrainer",
         submodule_name: str | None = None,
+        resample_steps: int | None = None,
         sparse: bool = True,
     ):
         self.sparse = sparse
@@ -64,3 +73,7 @@ class GatedSAETrainer(GatedLossMixin, PenalisedTrainer):
         return StepOutput(
             loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "loss": loss}
         )
+
+    def update(self, step: int, x: torch.Tensor, extra_loss=None) -> torch.Tensor:
+        """`SAETrainer.update`; the reference names the batch `x` in this recipe."""
+        return super().update(step, x, extra_loss)

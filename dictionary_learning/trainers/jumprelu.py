@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from ..dictionaries import JumpReluAutoEncoder
-from ..ops import JumpReLUFunction, StepFunction, fired_features  # noqa: F401 (reference)
+from ..dictionaries import (
+    Dictionary,  # noqa: F401 (the reference re-exports these names here)
+    JumpReluAutoEncoder,
+)
+from ..ops import JumpReLUFunction, RectangleFunction, StepFunction, fired_features  # noqa: F401 (reference)
 from .top_k import DEAD_FEATURE_TOKENS
-from .trainer import (
+from .trainer import (  # noqa: F401
     SAETrainer,
     StepOutput,
     adam,
     get_lr_schedule,
     get_sparsity_warmup_fn,
     register_trainer,
+    remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm,
     tokens_since_fired,
 )
 
@@ -52,10 +57,10 @@ class JumpReluTrainer(SAETrainer):
         sparsity_warmup_steps: int | None = 2000,
         decay_start: int | None = None,
         target_l0: float = 20.0,
-        sparsity_loss: str = "target_l0",
         device: str | None = None,
         wandb_name: str = "JumpRelu",
         submodule_name: str | None = None,
+        sparsity_loss: str = "target_l0",
         sparse: bool = True,
     ):
         if sparsity_loss not in SPARSITY_LOSSES:
@@ -103,3 +108,7 @@ class JumpReluTrainer(SAETrainer):
 
     def _commit(self, out, step):
         self.num_tokens_since_fired = out.commit["counter_F"]
+
+    def update(self, step: int, x: torch.Tensor, extra_loss=None) -> torch.Tensor:
+        """`SAETrainer.update`; the reference names the batch `x` in this recipe."""
+        return super().update(step, x, extra_loss)

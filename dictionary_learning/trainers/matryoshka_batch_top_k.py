@@ -8,10 +8,19 @@ import math
 
 import torch
 
-from ..dictionaries import MatryoshkaBatchTopKSAE
+from ..dictionaries import (
+    Dictionary,  # noqa: F401 (the reference re-exports these names here)
+    MatryoshkaBatchTopKSAE,
+)
 from ..sparse import SparseCode, sparse_decode
 from .batch_top_k import BatchTopKTrainer
-from .trainer import register_trainer
+from .trainer import (  # noqa: F401
+    SAETrainer,
+    get_lr_schedule,
+    register_trainer,
+    remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm,
+)
 
 __all__ = ["MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer"]
 
@@ -22,6 +31,16 @@ def group_sizes_from_fractions(dict_size: int, group_fractions: list[float]) -> 
         raise ValueError(f"group_fractions must sum to 1, got {sum(group_fractions)} from {group_fractions}")
     sizes = [int(frac * dict_size) for frac in group_fractions[:-1]]
     return sizes + [dict_size - sum(sizes)]
+
+
+def apply_temperature(probabilities: list[float], temperature: float) -> list[float]:
+    """`p_i^(1/T)` renormalised to sum to 1: sharper for T < 1, flatter for T > 1 (the reference's
+    helper for sampling Matryoshka group sizes; unused by its trainer and by ours)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    scaled = [p ** (1.0 / temperature) for p in probabilities]
+    total = sum(scaled)
+    return [p / total for p in scaled]
 
 
 @register_trainer

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
 from ..dictionaries import AutoEncoder
 from ..ops import lp_norm
 from .standard import reconstruction_terms
-from .trainer import PenalisedTrainer, StepOutput, register_trainer
+from .trainer import (  # noqa: F401
+    ConstrainedAdam,
+    PenalisedTrainer,
+    SAETrainer,
+    StepOutput,
+    get_lr_schedule,
+    get_sparsity_warmup_fn,
+    register_trainer,
+)
 
 
 class LpAnnealing:
@@ -20,6 +29,10 @@ class LpAnnealing:
 
     state_attrs = PenalisedTrainer.state_attrs + ("p", "next_p", "p_step_count", "sparsity_coeff", "sparsity_queue")
     logging_parameters = ["p", "next_p", "sparsity_coeff"]
+
+    def lp_norm(self, f: torch.Tensor, p: float) -> torch.Tensor:
+        """The penalty `sparsity_function` of the code `f` at exponent `p` (the reference's method)."""
+        return lp_norm(f, p, self.sparsity_function)
 
     def _init_annealing(
         self,

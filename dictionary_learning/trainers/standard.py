@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
 from ..dictionaries import AutoEncoder
 from ..ops import row_sums
-from .trainer import PenalisedTrainer, StepOutput, register_trainer
+from .trainer import (  # noqa: F401
+    ConstrainedAdam,
+    PenalisedTrainer,
+    SAETrainer,
+    StepOutput,
+    get_lr_schedule,
+    get_sparsity_warmup_fn,
+    register_trainer,
+)
 
 
 def reconstruction_terms(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,17 +10,23 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-from ..dictionaries import AutoEncoderTopK
+from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
+from ..dictionaries import (
+    AutoEncoderTopK,
+    Dictionary,  # noqa: F401
+)
 from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
 from ..ops import auxk_loss, geometric_median
 from ..sparse import SparseCode
-from .trainer import (
+from .trainer import (  # noqa: F401
     SAETrainer,
     StepOutput,
     adam,
     default_topk_lr,
     get_lr_schedule,
     register_trainer,
+    remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm,
     tokens_since_fired,
 )
 
@@ -202,3 +208,29 @@ class TopKTrainer(SAETrainer):
         thr = self.ae.threshold
         new = torch.where(thr < 0, m, self.threshold_beta * thr + (1 - self.threshold_beta) * m)
         thr.copy_(torch.where(has_value, new, thr))
+
+    def update(self, step: int, x: torch.Tensor, extra_loss=None) -> torch.Tensor:
+        """`SAETrainer.update`; the reference names the batch `x` in this recipe."""
+        return super().update(step, x, extra_loss)
+
+    # ------------------------------------------------------------ the reference's method names
+    geometric_median = staticmethod(geometric_median)
+
+    def update_threshold(self, top_acts_BK: torch.Tensor) -> None:
+        """EMA update of the inference threshold from the kept activations (see `_update_threshold`)."""
+        self._update_threshold(top_acts_BK.detach())
+
+    def update_annealed_k(self, step: int, activation_dim: int, k_anneal_steps: int | None = None) -> None:
+        """Set the dictionary's k for `step` (k-annealing; `activation_dim` and `k_anneal_steps` are
+        this trainer's own, taken from its config)."""
+        self.ae.set_k(self.annealed_k(step))
+
+    def get_auxiliary_loss(self, residual_BD: torch.Tensor, post_relu_acts_BF: torch.Tensor) -> torch.Tensor:
+        """AuxK loss (Gao et al. 2024, appendix A.2) of the currently dead latents on this batch."""
+        dead_F = self.num_tokens_since_fired >= DEAD_FEATURE_TOKENS
+
+        def decode_dead(indices_BK, valid_BK):
+            values_BK = post_relu_acts_BF.gather(-1, indices_BK) * valid_BK
+            return torch.zeros_like(post_relu_acts_BF).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
+
+        return auxk_loss(residual_BD.detach(), post_relu_acts_BF, dead_F, self.top_k_aux, decode_dead)[0]

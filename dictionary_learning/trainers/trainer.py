@@ -513,3 +513,10 @@ class PenalisedTrainer(SAETrainer):
             distributed.broadcast_trainer_state(self)  # replicas drew different rows: keep rank 0's
             self.steps_since_active[resampled] = 0
             self.resampled_features += resampled.numel()
+
+    def resample_neurons(self, deads: torch.Tensor, activations: torch.Tensor) -> None:
+        """The reference's name for resampling the dead features `deads` (bool `[F]`) from `activations`."""
+        resampled = resample_dead_features(self.ae, self.optimizer, deads, activations)
+        if self.steps_since_active is not None:
+            self.steps_since_active[resampled] = 0
+        self.resampled_features += resampled.numel()
