@@ -5,6 +5,7 @@
 Speed: tokens per second of a buffer's first fill (`n_ctxs` contexts), best of `--repeats`:
   * floor: plain PyTorch forward hooks that stop the model after layer 3, nothing else;
   * ours: dictionary_learning.buffer.ActivationBuffer (nnsight 0.8), in the same process as the floor;
+  * ours, pytorch_buffer: the same buffer on the plain Hugging Face model with PyTorch hooks (no nnsight);
   * reference: dictionary-learning 0.1.0's ActivationBuffer (nnsight 0.3) in its own venv.
 Memory: the peak RSS of a process with a buffer of N2 contexts minus that of one with N1 contexts,
 both reading the same documents (the smaller buffer keeps serving and refilling), against the growth
@@ -120,6 +121,28 @@ def ours(n_ctxs: int, texts: list[str], documents: int = 0) -> float:
     return n_ctxs * CTX_LEN / fill_and_read(buffer, source, documents)
 
 
+def ours_pytorch(n_ctxs: int, texts: list[str]) -> float:
+    """Our `pytorch_buffer.ActivationBuffer`: the same buffer on the plain Hugging Face model, read
+    with PyTorch hooks instead of nnsight."""
+    from dictionary_learning.models import load_default_model
+    from dictionary_learning.pytorch_buffer import ActivationBuffer
+
+    model = load_default_model()
+    source = Counting(texts)
+    hf = model._module
+    buffer = ActivationBuffer(
+        source,
+        hf,
+        hf.model.layers[LAYER].mlp,
+        n_ctxs=n_ctxs,
+        ctx_len=CTX_LEN,
+        refresh_batch_size=LM_BATCH,
+        out_batch_size=4096,
+        tokenizer=model.tokenizer,
+    )
+    return n_ctxs * CTX_LEN / fill_and_read(buffer, source, 0)
+
+
 def reference(n_ctxs: int, texts: list[str], model_dir: str, documents: int = 0) -> float:
     """Runs inside the reference's venv (there, `dictionary_learning` is the reference package)."""
     from nnsight import LanguageModel
@@ -154,9 +177,16 @@ def child(args) -> dict:
         else:
             reference(args.n_ctxs, texts, args.model_dir, args.documents)
         return {"peak_mb": peak_rss_mb()}
-    if args.impl == "ours":  # the floor and ours alternate in one process; best of each
-        runs = [(floor(args.n_ctxs, texts), ours(args.n_ctxs, texts)) for _ in range(args.repeats)]
-        return {"floor": max(r[0] for r in runs), "tokens_per_s": max(r[1] for r in runs)}
+    if args.impl == "ours":  # the floor, ours and our PyTorch-hooks buffer alternate in one process
+        runs = [
+            (floor(args.n_ctxs, texts), ours(args.n_ctxs, texts), ours_pytorch(args.n_ctxs, texts))
+            for _ in range(args.repeats)
+        ]
+        return {
+            "floor": max(r[0] for r in runs),
+            "tokens_per_s": max(r[1] for r in runs),
+            "pytorch_tokens_per_s": max(r[2] for r in runs),
+        }
     return {"tokens_per_s": max(reference(args.n_ctxs, texts, args.model_dir) for _ in range(args.repeats))}
 
 
@@ -220,6 +250,9 @@ def main() -> None:
     for name in impls:
         tps = speed[name]["tokens_per_s"]
         print(f"  {name:30s} {tps:7.0f} tok/s   {tps / floor_tps:.2f} of floor")
+    pytorch_tps = speed["ours"]["pytorch_tokens_per_s"]
+    name = "ours, pytorch_buffer"
+    print(f"  {name:30s} {pytorch_tps:7.0f} tok/s   {pytorch_tps / floor_tps:.2f} of floor   (no nnsight)")
     if "reference" in speed:
         print(f"  ours / reference = {speed['ours']['tokens_per_s'] / speed['reference']['tokens_per_s']:.2f}")
 

@@ -50,7 +50,7 @@ class ActivationReader:
         check_positive_ints(ctx_len=ctx_len, refresh_batch_size=refresh_batch_size)
         self.data = iter(data)
         self.model = model
-        self.tokenizer = model.tokenizer
+        self.tokenizer = self._tokenizer_of(model)
         self.io = io
         self.ctx_len, self.refresh_batch_size = int(ctx_len), int(refresh_batch_size)
         self.remove_bos = remove_bos
@@ -60,10 +60,9 @@ class ActivationReader:
         subs = (
             submodule if isinstance(submodule, dict) else dict(enumerate(submodule)) if self.multi else {0: submodule}
         )
-        self.sites = [resolve_site(model, s, io) for s in subs.values()]
+        self.sites = self._resolve_sites(list(subs.values()), io)
         self.names = [k if isinstance(k, str) else site.name for k, site in zip(subs, self.sites)]
         self.submodule = None if self.multi else self.sites[0].envoy
-        self._requests = plan_requests(model, self.sites)
         ensure_pad_token(self.tokenizer)
         if remove_bos and self.tokenizer.bos_token_id is None:
             logger.warning("the tokenizer has no BOS token: remove_bos drops each row's first token instead")
@@ -76,6 +75,25 @@ class ActivationReader:
         self.d_submodule = self.widths[0] if not self.multi else self.widths
         self._exhausted = False
         self.items_read = 0  # documents taken from `data` so far
+
+    # ----------------------------------------------------------- the model (nnsight; see pytorch_buffer)
+    def _tokenizer_of(self, model):
+        return model.tokenizer
+
+    def _resolve_sites(self, submodules: list, io: str) -> list[Site]:
+        sites = [resolve_site(self.model, s, io) for s in submodules]
+        self._requests = plan_requests(self.model, sites)
+        return sites
+
+    def _device(self) -> torch.device:
+        return model_device(self.model)
+
+    def _torch_module(self) -> torch.nn.Module:
+        return torch_model(self.model)
+
+    def _read_raw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+        """One `[B, L, d]` tensor per site (a pair for io="in_to_out"), stopping after the last site."""
+        return read_activations(self.model, self.sites, input_ids, attention_mask, self._requests)
 
     # ------------------------------------------------------------------------------ reading text
     def _next_items(self, batch_size: int | None = None) -> list:
@@ -124,10 +142,10 @@ class ActivationReader:
     def read(self, tokens: dict[str, torch.Tensor], return_ids: bool = False) -> list[torch.Tensor]:
         """Activations of the kept positions of a token batch, one `[N, ...]` tensor per site (and,
         with `return_ids`, the `[N]` token ids of those positions last)."""
-        device = model_device(self.model)
+        device = self._device()
         input_ids = tokens["input_ids"].to(device)
         attention_mask = tokens["attention_mask"].to(device)
-        raw = read_activations(self.model, self.sites, input_ids, attention_mask, self._requests)
+        raw = self._read_raw(input_ids, attention_mask)
         raw = [torch.stack(r, dim=2) if isinstance(r, tuple) else r for r in raw]  # in_to_out: [B, L, 2, d]
         keep = self.keep_mask(input_ids, attention_mask, raw)
         kept = [r[keep] for r in raw]
@@ -157,8 +175,8 @@ class ActivationReader:
 
     def _probe_widths(self) -> list[int]:
         probe_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        ids = torch.tensor([[probe_id]], device=model_device(self.model))
-        acts = read_activations(self.model, self.sites, ids, torch.ones_like(ids), self._requests)
+        ids = torch.tensor([[probe_id]], device=self._device())
+        acts = self._read_raw(ids, torch.ones_like(ids))
         return [(a[1] if isinstance(a, tuple) else a).shape[-1] for a in acts]
 
 
@@ -216,7 +234,7 @@ class ActivationBuffer(ActivationReader):
         self.n_ctxs, self.out_batch_size = int(n_ctxs), int(out_batch_size)
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.dtype = dtype or next(torch_model(model).parameters()).dtype
+        self.dtype = dtype or next(self._torch_module().parameters()).dtype
         self.capacity = self.n_ctxs * self.ctx_len
         row_shape = (2,) if self.io == "in_to_out" else ()
         self.storage = [
