@@ -154,10 +154,11 @@ def load_dictionary(
     return ae, config
 
 
-def get_nested_folders(path: str | Path) -> list[Path]:
-    """Every folder under `path` (itself included) that holds `ae.pt` or `ae.safetensors`."""
+def get_nested_folders(path: str | Path) -> list[str]:
+    """Every folder under `path` (itself included) that holds `ae.pt` or `ae.safetensors`, as
+    strings (the reference's return type: its scripts do `folder + "/ae.pt"`), sorted."""
     found = []
     for root, _dirs, files in os.walk(path):
         if any(name in files for name in WEIGHT_FILES):
-            found.append(Path(root))
+            found.append(str(root))
     return sorted(found)
