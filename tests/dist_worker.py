@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -90,4 +91,10 @@ def run(rank: int, world_size: int, port: int, name: str, out: str) -> None:
         (out / f"rank{rank}.err").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     finally:
         if torch.distributed.is_initialized():
+            # Tear the group down together: a rank destroying it while its peer still uses the
+            # connection can abort gloo ("terminate called without an active exception") under load.
+            try:
+                torch.distributed.monitored_barrier(timeout=timedelta(seconds=20))
+            except Exception:  # noqa: BLE001 - a peer that died: nothing to wait for
+                pass
             torch.distributed.destroy_process_group()
