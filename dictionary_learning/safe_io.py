@@ -170,9 +170,6 @@ class FolderLock:
                 _flock(fd)
             except BlockingIOError:
                 os.close(fd)
-                if self._created_folder:
-                    with contextlib.suppress(OSError):
-                        self.folder.rmdir()
                 raise FolderLockedError(self._locked_message()) from None
             except BaseException:
                 os.close(fd)

@@ -284,29 +284,23 @@ def trainSAE(
         save_dir = resume_from
     group = distributed.setup(parallel, dist_timeout)
     folder = RunFolder(save_dir, group, safetensors)
+    # Resuming in place, the folder is locked before its backup is read; a new run (or one continued
+    # into another folder) takes it after the trainers are built, so bad configs touch nothing.
+    in_place = resume_from is not None and Path(save_dir).resolve() == Path(resume_from).resolve()
+    writes = group is None or group.mode == "trainers" or group.is_main
     with GracefulStop() as stop:
         try:
-            resume_states = _open_folder(folder, save_dir, resume_from, overwrite, before_trainers=True)
+            if in_place:
+                folder.open(resuming=True, overwrite=False)
+            resume_states = load_backup(resume_from) if resume_from is not None else None
             trainers, indices = _build_trainers(trainer_configs, resume_states, steps, device, parallel, group, data)
-            _open_folder(folder, save_dir, resume_from, overwrite, before_trainers=False)
-            folder.attach(indices, writes=group is None or group.mode == "trainers" or group.is_main)
-            return _Run(trainers, indices, folder, group, stop, e2e).train(data, steps, resume_states, options)
+            if not in_place:
+                folder.open(resuming=False, overwrite=overwrite)
+            folder.attach(indices, writes)
+            run = _Run(trainers, indices, folder, group, stop, e2e, writes)
+            return run.train(data, steps, resume_states, options)
         finally:
             folder.close()
-
-
-def _open_folder(folder: RunFolder, save_dir, resume_from, overwrite: bool, before_trainers: bool):
-    """Take the run's folder: before the trainers are built when resuming in place (so that the
-    backup is read under the lock; returns it), after them for a new run or a run continued into
-    another folder (so that bad configs fail before anything is touched)."""
-    in_place = resume_from is not None and Path(save_dir).resolve() == Path(resume_from).resolve()
-    if before_trainers:
-        if in_place:
-            folder.open(resuming=True, overwrite=False)
-        return load_backup(resume_from) if resume_from is not None else None
-    if not in_place:
-        folder.open(resuming=False, overwrite=overwrite)
-    return None
 
 
 def _check_run_arguments(steps: Any, norm_factor_batches: Any, backup_steps: Any) -> None:
@@ -369,9 +363,9 @@ def _check_resume_steps(states: list[dict], steps: int) -> None:
 class _Run:
     """One trainSAE call from its first batch to its files: the loop, backups, logging, checks."""
 
-    def __init__(self, trainers, indices, folder: RunFolder, group, stop: GracefulStop, e2e):
+    def __init__(self, trainers, indices, folder: RunFolder, group, stop: GracefulStop, e2e, writes: bool):
         self.trainers, self.indices, self.folder, self.group = trainers, indices, folder, group
-        self.stop, self.e2e = stop, e2e
+        self.stop, self.e2e, self.writes = stop, e2e, writes
         self.guard = NumericGuard(trainers, indices)
         self.rank_tag = f"rank {group.rank}: " if group is not None else ""
 
@@ -450,11 +444,10 @@ class _Run:
         group, trainers, e2e, folder = self.group, self.trainers, self.e2e, self.folder
         log_every = opts["log_steps"] or max(1, steps // 100)
         check_every = 1 if all(t.device.type == "cpu" for t in trainers) else min(log_every, 100)
-        writes_logs = folder.dirs or group is None or group.is_main
-        show = writes_logs and (group is None or group.is_main)  # one progress bar and one log
+        show = self.writes and (group is None or group.is_main)  # one progress bar and one log
         logs = opts["progress"] or opts["verbose"] or opts["use_wandb"]
         wandb_logger = None
-        if opts["use_wandb"] and writes_logs:
+        if opts["use_wandb"] and self.writes:  # under trainer-parallel torchrun each rank logs its own
             wandb_logger = _WandbLogger(trainers, opts["wandb_entity"], opts["wandb_project"], opts["run_cfg"])
         skipped, bad_in_a_row = 0, 0
         bar = tqdm(total=steps, initial=step, disable=not (opts["progress"] and show), desc="trainSAE")
