@@ -285,6 +285,24 @@ def _add_cache_command(sub) -> None:
     p.set_defaults(func=cmd_cache)
 
 
+def trainer_options_help() -> str:
+    """Each trainer's --set options with their defaults and docs, read from its Config."""
+    lines = ["trainer options (--set KEY=VALUE; steps, activation_dim and dict_size come from the run):"]
+    for name, cls in TRAINER_REGISTRY.items():
+        lines.append(f"  {name}:")
+        docs = cls.Config.docs()
+        for field in cls.Config.signature().parameters.values():
+            if field.name in ("steps", "activation_dim", "dict_size"):
+                continue
+            default = (
+                "required"
+                if field.default is field.empty
+                else f"default {getattr(field.default, '__name__', field.default)!r}"
+            )
+            lines.append(f"    {field.name} ({default}): {docs.get(field.name, '')}")
+    return "\n".join(lines)
+
+
 def _add_train_command(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -292,6 +310,8 @@ def _add_train_command(sub) -> None:
         description="Train dictionaries; every trainer sees the same batches. Trainer settings come "
         "from --trainer/--set or a JSON/YAML --config; activation_dim, dict_size (4 x "
         "width), layer and lm_name default from the data.",
+        epilog=trainer_options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p, site_required=False)
     _add_text_args(p)

@@ -180,7 +180,7 @@ class E2EObjective:
     def loss_fn(self, batch: E2EBatch, trainer, norm_factor: float | None = None) -> Callable:
         """For `trainer.update(..., extra_loss=...)`: maps the trainer's forward output to the e2e loss
         and its logged parts. `norm_factor` undoes trainSAE's activation normalisation before splicing."""
-        recon_key = trainer.reconstruction_term
+        recon_key = "mse_loss"  # every recipe logs its reconstruction term under this name
 
         def total(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss = out.loss

@@ -104,7 +104,7 @@ def sparse_dense_pair(cls, **kwargs):
 
 def grads(trainer, x, step=1):
     trainer.ae.zero_grad(set_to_none=True)
-    out = trainer._compute(x, step)
+    out = trainer.step_output(x, step)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in trainer.ae.named_parameters()}
 

@@ -27,7 +27,7 @@ def resolve(entry: dict):
 def our_parameters(entry: dict, obj) -> list[inspect.Parameter]:
     if isinstance(obj, (classmethod, staticmethod)):
         obj = obj.__func__
-    target = obj.__init__ if entry["kind"] == "class" else obj
+    target = obj  # a class: inspect.signature(cls), the signature its callers see
     params = list(inspect.signature(target).parameters.values())
     if params and params[0].name in ("self", "cls") and entry["kind"] != "staticmethod":
         params = params[1:]

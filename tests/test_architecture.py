@@ -95,3 +95,24 @@ def test_no_private_name_is_imported_from_another_module():
                     f"{name}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"
                 ]
     assert private == [], f"private names used across modules (make them public or move the code): {private}"
+
+
+def test_each_recipe_s_loss_is_the_first_method_of_its_own_file():
+    """docs/architecture.md: a recipe's loss is its `loss()`, written with `recipe_loss`, first in its
+    class; BatchTopK uses TopK's loss unchanged (only its encoding differs)."""
+    import inspect
+
+    from dictionary_learning.trainers import TRAINER_REGISTRY
+
+    own_loss = {}
+    for name, cls in TRAINER_REGISTRY.items():
+        assert hasattr(cls.loss, "step_output"), f"{name}.loss is not a recipe_loss"
+        if "loss" in vars(cls):
+            methods = [k for k, v in vars(cls).items() if inspect.isfunction(v) or isinstance(v, property)]
+            assert methods[0] == "loss", f"{name}: the first method is {methods[0]}, not loss"
+            own_loss[name] = inspect.getsourcefile(cls)
+    recipe_files = {str(p) for p in (PACKAGE / "trainers").glob("*.py")} - {
+        str(PACKAGE / "trainers" / f) for f in ("__init__.py", "trainer.py", "batch_top_k.py")
+    }
+    assert recipe_files <= set(own_loss.values()), recipe_files - set(own_loss.values())
+    assert "loss" not in vars(TRAINER_REGISTRY["BatchTopKTrainer"])

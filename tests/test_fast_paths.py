@@ -337,7 +337,7 @@ def test_dense_recipes_train_the_same_on_the_sparse_path(monkeypatch, name, kwar
     batches = [torch.randn(128, D) + 0.3 for _ in range(6)]
     seen = []
     for step, x in enumerate(batches):
-        seen.append(type(sparse._compute(x.clone(), step).f).__name__)
+        seen.append(type(sparse.step_output(x.clone(), step).f).__name__)
         sparse.update(step, x)
         dense.update(step, x)
     assert seen == ["SparseCode"] * len(batches)

@@ -3,6 +3,8 @@ trainer bugs (spec section 16) are fixed."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 
 import pytest
@@ -126,6 +128,48 @@ def test_unknown_config_key_lists_valid_ones():
 
     with pytest.raises(TypeError, match=r"'l1_penalt' \(did you mean 'l1_penalty'\?\).*valid keys: steps"):
         build_trainer(dict(trainer=StandardTrainer, l1_penalt=0.1, **COMMON), steps=100)
+
+
+def test_positional_arguments_follow_the_reference_order():
+    """A positional call means what it means in the reference (its order is each Config's `positional`)."""
+    from dictionary_learning.dictionaries import AutoEncoder
+
+    trainer = StandardTrainer(300, D, F, 3, "m", AutoEncoder, 2e-3, 0.25, 10, 20, None, None, 7, "cpu")
+    assert (trainer.layer, trainer.lm_name, trainer.lr, trainer.l1_penalty) == (3, "m", 2e-3, 0.25)
+    assert (trainer.warmup_steps, trainer.seed, str(trainer.device)) == (10, 7, "cpu")
+    jump = JumpReluTrainer(3000, D, F, None, None, JumpReluTrainer.Config.dict_class, 5, 1e-4, 0.01, device="cpu")
+    assert (jump.seed, jump.lr, jump.bandwidth) == (5, 1e-4, 0.01)
+    matryoshka = MatryoshkaBatchTopKTrainer(3000, D, F, 4, None, None, [0.5, 0.5], None, device="cpu")
+    assert matryoshka.group_sizes == [F // 2, F // 2] and matryoshka.k == 4
+    names = list(inspect.signature(PAnnealTrainer).parameters)
+    assert names[names.index("resample_steps") + 1 : names.index("resample_steps") + 3] == ["device", "seed"]
+
+
+def test_constructor_calls_that_do_not_fit_fail_like_python_calls():
+    with pytest.raises(TypeError, match="takes at most 17 positional arguments"):
+        StandardTrainer(*range(18))
+    with pytest.raises(TypeError, match="multiple values for argument 'steps'"):
+        StandardTrainer(100, steps=100, activation_dim=D, dict_size=F)
+    with pytest.raises(TypeError, match="missing required argument: k"):
+        TopKTrainer(steps=100, activation_dim=D, dict_size=F)
+    with pytest.raises(TypeError, match=r"'l1_penalt' \(did you mean 'l1_penalty'\?\)"):
+        StandardTrainer(steps=100, activation_dim=D, dict_size=F, l1_penalt=0.1)
+    with pytest.raises(ValueError, match="sparsity_loss must be one of"):
+        JumpReluTrainer(steps=100, activation_dim=D, dict_size=F, sparsity_loss="l1")
+
+
+@pytest.mark.parametrize("name", sorted(TRAINER_REGISTRY))
+def test_every_option_has_a_doc_and_the_fields_are_trainer_attributes(name):
+    cls = TRAINER_REGISTRY[name]
+    docs = cls.Config.docs()
+    assert not [f for f in cls.config_keys() if not docs.get(f)], "fields without a docstring"
+    config, steps = LEARNING_CONFIGS[name]
+    trainer = cls(steps=steps, **config)
+    for key in cls.config_keys():
+        if key not in ("device", "dict_class", "lr", "anneal_end", "group_weights"):  # resolved from None or a name
+            assert getattr(trainer, key) == getattr(trainer.cfg, key), key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trainer.cfg.steps = 1
 
 
 def test_config_records_the_actual_dictionary_class_and_k_anneal_steps():

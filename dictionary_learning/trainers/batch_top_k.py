@@ -6,6 +6,8 @@ per token while averaging k. Inference uses the global threshold learned during 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import distributed
@@ -13,7 +15,7 @@ from ..dictionaries import (
     BatchTopKSAE,
     Dictionary,  # noqa: F401 (the reference re-exports these names here)
 )
-from .top_k import TopKTrainer
+from .top_k import TopKConfig, TopKTrainer
 from .trainer import (  # noqa: F401
     SAETrainer,
     get_lr_schedule,
@@ -25,53 +27,18 @@ from .trainer import (  # noqa: F401
 __all__ = ["BatchTopKSAE", "BatchTopKTrainer"]
 
 
+@dataclass(frozen=True, kw_only=True)
+class BatchTopKConfig(TopKConfig):
+    dict_class: type | str = BatchTopKSAE
+    wandb_name: str = "BatchTopKSAE"
+
+
 @register_trainer
 class BatchTopKTrainer(TopKTrainer):
-    """The TopK recipe with batch-level top-k; the threshold EMA tracks the batch's smallest kept value."""
+    """The TopK recipe and its loss (`TopKTrainer.loss`) with batch-level top-k: the k * B largest
+    activations of the batch are kept; the threshold EMA tracks the batch's smallest kept value."""
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        k: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        dict_class: type = BatchTopKSAE,
-        lr: float | None = None,
-        auxk_alpha: float = 1 / 32,
-        warmup_steps: int = 1000,
-        decay_start: int | None = None,
-        threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
-        k_anneal_steps: int | None = None,
-        seed: int | None = None,
-        device: str | None = None,
-        wandb_name: str = "BatchTopKSAE",
-        submodule_name: str | None = None,
-        sparse: bool = True,
-    ):
-        super().__init__(
-            steps,
-            activation_dim,
-            dict_size,
-            k,
-            layer,
-            lm_name,
-            dict_class,
-            lr,
-            auxk_alpha,
-            warmup_steps,
-            decay_start,
-            threshold_beta,
-            threshold_start_step,
-            k_anneal_steps,
-            seed,
-            device,
-            wandb_name,
-            submodule_name,
-            sparse,
-        )
+    Config = BatchTopKConfig
 
     def _encode_for_training(self, x):
         f, fired_F, a = self.ae.encode(x, return_active=True, use_threshold=False)

@@ -2,75 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
 from ..dictionaries import GatedAutoEncoder
-from .gdm import GatedLossMixin
-from .p_anneal import LpAnnealing
+from .gdm import gated_terms
+from .p_anneal import PAnnealConfig, PAnnealTrainer
 from .trainer import (  # noqa: F401
     ConstrainedAdam,
-    PenalisedTrainer,
     SAETrainer,
     StepOutput,
     get_lr_schedule,
     get_sparsity_warmup_fn,
+    recipe_loss,
     register_trainer,
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class GatedAnnealConfig(PAnnealConfig):
+    positional = (
+        "steps activation_dim dict_size layer lm_name dict_class lr warmup_steps sparsity_warmup_steps decay_start "
+        "sparsity_function initial_sparsity_penalty anneal_start anneal_end p_start p_end n_sparsity_updates "
+        "sparsity_queue_length resample_steps device seed wandb_name submodule_name sparse"
+    )
+    dict_class: type | str = GatedAutoEncoder
+    lr: float = 3e-4
+    sparsity_function: str = "Lp^p"
+    wandb_name: str = "GatedAnnealTrainer"
+
+
 @register_trainer
-class GatedAnnealTrainer(GatedLossMixin, LpAnnealing, PenalisedTrainer):
-    """`loss = ||x - x_hat||^2 + coeff * s(t) * L_p(ReLU(pi_gate)) + ||x - x_hat_gate||^2`, p annealed.
+class GatedAnnealTrainer(PAnnealTrainer):
+    """The p-annealing recipe on a Gated SAE (Adam with beta1 = 0), its penalty on the gate.
 
     Resampling works here (the reference's copy of PAnneal's resampling cannot run on a Gated SAE).
     """
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        dict_class: type = GatedAutoEncoder,
-        lr: float = 3e-4,
-        warmup_steps: int = 1000,
-        sparsity_warmup_steps: int | None = 2000,
-        decay_start: int | None = None,
-        sparsity_function: str = "Lp^p",
-        initial_sparsity_penalty: float = 1e-1,
-        anneal_start: int = 15000,
-        anneal_end: int | None = None,
-        p_start: float = 1,
-        p_end: float = 0,
-        n_sparsity_updates: int | str = 10,
-        sparsity_queue_length: int = 10,
-        resample_steps: int | None = None,
-        device: str | None = None,
-        seed: int | None = 42,
-        wandb_name: str = "GatedAnnealTrainer",
-        submodule_name: str | None = None,
-        sparse: bool = True,
-    ):
-        self.sparse = sparse
-        self._setup(seed, device, dict_class, activation_dim, dict_size)
-        self._init_penalised(
-            steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps, betas=(0.0, 0.999)
-        )
-        self._init_annealing(
-            steps,
-            sparsity_function,
-            initial_sparsity_penalty,
-            anneal_start,
-            anneal_end,
-            p_start,
-            p_end,
-            n_sparsity_updates,
-            sparsity_queue_length,
-        )
+    Config = GatedAnnealConfig
+    betas = (0.0, 0.999)
 
-    def _compute(self, x, step):
-        f, gate, x_hat, mse, l2, aux = self._gated_forward(x)
-        scaled, logs, commit = self._annealed_penalty(gate, step)
+    @recipe_loss
+    def loss(self, x, step):
+        """`||x - x_hat||^2 + coeff * s(t) * L_p(ReLU(pi_gate)) + ||x - x_hat_gate||^2`, p annealed."""
+        f, gate, x_hat, mse, l2, aux = gated_terms(self.ae, x, self.max_density)
+        scaled, logs, commit = self.annealed_penalty(gate, step)
         loss = mse + scaled + aux
         return StepOutput(
             loss,

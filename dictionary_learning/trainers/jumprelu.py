@@ -8,6 +8,8 @@ issue #55): pre-activations just below a threshold then pull it down, as the pap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..dictionaries import (
@@ -17,11 +19,14 @@ from ..dictionaries import (
 from ..ops import JumpReLUFunction, RectangleFunction, StepFunction, fired_features  # noqa: F401 (reference)
 from .top_k import DEAD_FEATURE_TOKENS
 from .trainer import (  # noqa: F401
+    PenalisedConfig,
+    RecipeTrainer,
     SAETrainer,
     StepOutput,
     adam,
     get_lr_schedule,
     get_sparsity_warmup_fn,
+    recipe_loss,
     register_trainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
@@ -31,63 +36,46 @@ from .trainer import (  # noqa: F401
 SPARSITY_LOSSES = ("target_l0", "l0")
 
 
-@register_trainer
-class JumpReluTrainer(SAETrainer):
-    """`loss = ||x - x_hat||^2 + s(t) * penalty`, penalty = `sparsity_penalty * (L0/target_l0 - 1)^2`
-    (the reference's target-L0 form, default) or `sparsity_penalty * L0` (the paper's, with
-    `sparsity_loss="l0"`). Adam(beta1=0), unit-norm decoder rows with projected gradients, clip 1.
-    """
+@dataclass(frozen=True, kw_only=True)
+class JumpReluConfig(PenalisedConfig):
+    positional = (
+        "steps activation_dim dict_size layer lm_name dict_class seed lr bandwidth sparsity_penalty warmup_steps "
+        "sparsity_warmup_steps decay_start target_l0 device wandb_name submodule_name sparsity_loss sparse"
+    )
+    dict_class: type | str = JumpReluAutoEncoder
+    lr: float = 7e-5
+    bandwidth: float = 0.001
+    """width of the rectangle kernel of the straight-through estimators"""
+    sparsity_penalty: float = 1.0
+    """weight of the sparsity penalty"""
+    target_l0: float = 20.0
+    """L0 that the 'target_l0' penalty pulls towards"""
+    wandb_name: str = "JumpRelu"
+    sparsity_loss: str = "target_l0"
+    """'target_l0': (L0 / target_l0 - 1)^2 (the reference's); 'l0': L0 (the paper's)"""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity_loss not in SPARSITY_LOSSES:
+            raise ValueError(f"sparsity_loss must be one of {SPARSITY_LOSSES}, got {self.sparsity_loss!r}")
+        if self.target_l0 <= 0:
+            raise ValueError(f"target_l0 must be > 0, got {self.target_l0}")
+
+
+@register_trainer
+class JumpReluTrainer(RecipeTrainer):
+    """JumpReLU recipe: Adam(beta1=0), unit-norm decoder rows with projected gradients, clipping at 1,
+    sparsity warm-up."""
+
+    Config = JumpReluConfig
     state_attrs = ("num_tokens_since_fired",)
     logging_parameters = ["dead_features"]
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        dict_class: type = JumpReluAutoEncoder,
-        seed: int | None = None,
-        lr: float = 7e-5,
-        bandwidth: float = 0.001,
-        sparsity_penalty: float = 1.0,
-        warmup_steps: int = 1000,
-        sparsity_warmup_steps: int | None = 2000,
-        decay_start: int | None = None,
-        target_l0: float = 20.0,
-        device: str | None = None,
-        wandb_name: str = "JumpRelu",
-        submodule_name: str | None = None,
-        sparsity_loss: str = "target_l0",
-        sparse: bool = True,
-    ):
-        if sparsity_loss not in SPARSITY_LOSSES:
-            raise ValueError(f"sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
-        if target_l0 <= 0:
-            raise ValueError(f"target_l0 must be > 0, got {target_l0}")
-        self.sparse = sparse
-        self._setup(seed, device, dict_class, activation_dim, dict_size)
-        self.steps = steps
-        self.lr = lr
-        self.bandwidth = bandwidth
-        self.sparsity_coefficient = sparsity_penalty
-        self.target_l0 = target_l0
-        self.sparsity_loss = sparsity_loss
-        self.optimizer = adam(
-            self.ae.parameters(), self._decoder_constraint(), 1.0, lr=lr, betas=(0.0, 0.999), eps=1e-8
-        )
-        self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start, None, sparsity_warmup_steps))
-        self.sparsity_warmup_fn = get_sparsity_warmup_fn(steps, sparsity_warmup_steps)
-        self.num_tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
-
-    @property
-    def dead_features(self) -> int:
-        """Latents that have not fired for DEAD_FEATURE_TOKENS tokens (reads the device: logging only)."""
-        return int((self.num_tokens_since_fired > DEAD_FEATURE_TOKENS).sum())
-
-    def _compute(self, x, step):
+    @recipe_loss
+    def loss(self, x, step):
+        """`mean_b ||x - x_hat||^2 + s(t) * penalty`, penalty = `sparsity_penalty * (L0 / target_l0 - 1)^2`
+        (the reference's target-L0 form, the default) or `sparsity_penalty * L0` (the paper's, with
+        `sparsity_loss="l0"`); L0 = mean_b ||f||_0 with the step function's straight-through estimator."""
         x, f, l0, x_hat = self.ae.training_forward(x, self.bandwidth, self.max_density)
         recon = (x - x_hat).pow(2).sum(-1).mean()
         if self.sparsity_loss == "target_l0":
@@ -99,12 +87,29 @@ class JumpReluTrainer(SAETrainer):
         counter_F, _ = tokens_since_fired(self.num_tokens_since_fired, fired_features(f), x.shape[0])
         logs = {
             "l2_loss": recon,
+            "mse_loss": recon,
             "sparsity_loss": penalty,
             "l0_estimate": l0,
             "loss": loss,
             "dead_features": (counter_F > DEAD_FEATURE_TOKENS).sum(),
         }
         return StepOutput(loss, x_hat, f, logs, {"counter_F": counter_F})
+
+    def setup(self, cfg: JumpReluConfig) -> None:
+        self.sparsity_coefficient = cfg.sparsity_penalty
+        self.optimizer = adam(
+            self.ae.parameters(), self._decoder_constraint(), 1.0, lr=cfg.lr, betas=(0.0, 0.999), eps=1e-8
+        )
+        self._set_schedule(
+            get_lr_schedule(cfg.steps, cfg.warmup_steps, cfg.decay_start, None, cfg.sparsity_warmup_steps)
+        )
+        self.sparsity_warmup_fn = get_sparsity_warmup_fn(cfg.steps, cfg.sparsity_warmup_steps)
+        self.num_tokens_since_fired = torch.zeros(cfg.dict_size, dtype=torch.long, device=self.device)
+
+    @property
+    def dead_features(self) -> int:
+        """Latents that have not fired for DEAD_FEATURE_TOKENS tokens (reads the device: logging only)."""
+        return int((self.num_tokens_since_fired > DEAD_FEATURE_TOKENS).sum())
 
     def _commit(self, out, step):
         self.num_tokens_since_fired = out.commit["counter_F"]

@@ -5,6 +5,7 @@ Matryoshka Sparse Autoencoders"): every prefix of feature groups must reconstruc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -13,10 +14,11 @@ from ..dictionaries import (
     MatryoshkaBatchTopKSAE,
 )
 from ..sparse import SparseCode, sparse_decode
-from .batch_top_k import BatchTopKTrainer
+from .batch_top_k import BatchTopKConfig, BatchTopKTrainer
 from .trainer import (  # noqa: F401
     SAETrainer,
     get_lr_schedule,
+    recipe_loss,
     register_trainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
@@ -43,64 +45,57 @@ def apply_temperature(probabilities: list[float], temperature: float) -> list[fl
     return [p / total for p in scaled]
 
 
+@dataclass(frozen=True, kw_only=True)
+class MatryoshkaBatchTopKConfig(BatchTopKConfig):
+    positional = (
+        "steps activation_dim dict_size k layer lm_name group_fractions group_weights dict_class lr auxk_alpha "
+        "warmup_steps decay_start threshold_beta threshold_start_step k_anneal_steps seed device wandb_name "
+        "submodule_name sparse"
+    )
+    group_fractions: list[float] = (1.0,)
+    """fraction of the latents in each nested group (sums to 1)"""
+    group_weights: list[float] | None = None
+    """weight of each prefix's reconstruction loss (None: 1 / number of groups each)"""
+    dict_class: type | str = MatryoshkaBatchTopKSAE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        sizes = group_sizes_from_fractions(self.dict_size, list(self.group_fractions))
+        if self.group_weights is not None and len(self.group_weights) != len(sizes):
+            raise ValueError(f"group_weights has {len(self.group_weights)} entries for {len(sizes)} groups")
+
+
 @register_trainer
 class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
-    """`loss = mean_i w_i * ||x - x_hat_(<=i)||^2 + auxk_alpha * AuxK`, where x_hat_(<=i) decodes
-    groups 0..i only. With the default uniform weights 1/G each prefix counts 1/G^2, as in the reference.
-    """
+    """BatchTopK whose nested prefixes of feature groups must each reconstruct on their own."""
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        k: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        group_fractions: list[float] = (1.0,),
-        group_weights: list[float] | None = None,
-        dict_class: type = MatryoshkaBatchTopKSAE,
-        lr: float | None = None,
-        auxk_alpha: float = 1 / 32,
-        warmup_steps: int = 1000,
-        decay_start: int | None = None,
-        threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
-        k_anneal_steps: int | None = None,
-        seed: int | None = None,
-        device: str | None = None,
-        wandb_name: str = "BatchTopKSAE",
-        submodule_name: str | None = None,
-        sparse: bool = True,
-    ):
-        self.group_fractions = list(group_fractions)
-        self.group_sizes = group_sizes_from_fractions(dict_size, self.group_fractions)
-        if group_weights is None:
-            group_weights = [1.0 / len(self.group_sizes)] * len(self.group_sizes)
-        if len(group_weights) != len(self.group_sizes):
-            raise ValueError(f"group_weights has {len(group_weights)} entries for {len(self.group_sizes)} groups")
-        self.group_weights = list(group_weights)
-        super().__init__(
-            steps,
-            activation_dim,
-            dict_size,
-            k,
-            layer,
-            lm_name,
-            dict_class,
-            lr,
-            auxk_alpha,
-            warmup_steps,
-            decay_start,
-            threshold_beta,
-            threshold_start_step,
-            k_anneal_steps,
-            seed,
-            device,
-            wandb_name,
-            submodule_name,
-            sparse,
-        )
+    Config = MatryoshkaBatchTopKConfig
+
+    @recipe_loss
+    def loss(self, x, step):
+        """`sum_g w_g ||x - x_hat_(<=g)||^2 / G + auxk_alpha * AuxK` (means over rows), x_hat_(<=g) decoded
+        from groups 0..g only; with the default weights 1/G each prefix counts 1/G^2, as in the reference."""
+        x_BD = x.reshape(-1, x.shape[-1])
+        code = self.training_code(x_BD)
+        x_hat_BD = self.ae.b_dec.expand_as(x_BD)
+        W_dec_FD, bounds, prefix_losses = self.ae.decoder_FD(), self.ae.group_indices, []
+        for g, weight in enumerate(self.group_weights):
+            if isinstance(code.f, SparseCode):
+                x_hat_BD = x_hat_BD + sparse_decode(code.f, W_dec_FD, self._group_masks()[g])
+            else:
+                x_hat_BD = x_hat_BD + code.f[:, bounds[g] : bounds[g + 1]] @ W_dec_FD[bounds[g] : bounds[g + 1]]
+            prefix_losses.append(weight * (x_BD - x_hat_BD).pow(2).sum(-1).mean())
+        losses = torch.stack(prefix_losses)
+        l2 = losses.mean()
+        logs = {"l2_loss": l2, "mse_loss": l2, "min_l2_loss": losses.min(), "max_l2_loss": losses.max()}
+        return self.with_auxk(x, code, x_hat_BD, l2, logs)
+
+    def dictionary_args(self, cfg: MatryoshkaBatchTopKConfig) -> tuple:
+        self.group_fractions = list(cfg.group_fractions)
+        self.group_sizes = group_sizes_from_fractions(cfg.dict_size, self.group_fractions)
+        n = len(self.group_sizes)
+        self.group_weights = [1.0 / n] * n if cfg.group_weights is None else list(cfg.group_weights)
+        return *super().dictionary_args(cfg), self.group_sizes
 
     def _group_masks(self) -> list[torch.Tensor]:
         """One `[F]` 0/1 mask per feature group (built once per device)."""
@@ -111,24 +106,5 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
             self._masks = [((features >= a) & (features < b)).float() for a, b in zip(bounds, bounds[1:])]
         return self._masks
 
-    def _extra_dict_kwargs(self):
-        return {"group_sizes": self.group_sizes}
-
     def _resolved_config(self):
         return super()._resolved_config() | {"group_sizes": self.group_sizes, "group_weights": self.group_weights}
-
-    def _reconstruction(self, x, f):
-        x_hat = self.ae.b_dec.expand_as(x)
-        prefix_losses = []
-        W_dec_FD = self.ae.decoder_FD()
-        bounds = self.ae.group_indices
-        for g, weight in enumerate(self.group_weights):
-            if isinstance(f, SparseCode):
-                x_hat = x_hat + sparse_decode(f, W_dec_FD, self._group_masks()[g])
-            else:
-                x_hat = x_hat + f[:, bounds[g] : bounds[g + 1]] @ W_dec_FD[bounds[g] : bounds[g + 1]]
-            prefix_losses.append(weight * (x - x_hat).pow(2).sum(-1).mean())
-        losses = torch.stack(prefix_losses)
-        l2 = losses.mean()
-        logs = {"l2_loss": l2, "min_l2_loss": losses.min(), "max_l2_loss": losses.max()}
-        return x_hat, l2, logs, x - x_hat

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
@@ -9,51 +11,58 @@ from ..dictionaries import AutoEncoder
 from ..ops import row_sums
 from .trainer import (  # noqa: F401
     ConstrainedAdam,
+    PenalisedConfig,
     PenalisedTrainer,
     SAETrainer,
     StepOutput,
     get_lr_schedule,
     get_sparsity_warmup_fn,
+    recipe_loss,
     register_trainer,
 )
 
 
 def reconstruction_terms(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean squared error summed over D, mean un-squared L2 error): the loss and the logged l2_loss."""
+    """(mean squared error summed over D, mean un-squared L2 error): the loss's term (logged as
+    `mse_loss`) and the reference's `l2_loss` log of the L1 recipes (a norm, not its square)."""
     err_BD = x_BD - x_hat_BD
     return err_BD.pow(2).sum(-1).mean(), err_BD.detach().norm(dim=-1).mean()
 
 
+@dataclass(frozen=True, kw_only=True)
+class StandardTrainerAprilUpdateConfig(PenalisedConfig):
+    positional = (
+        "steps activation_dim dict_size layer lm_name dict_class lr l1_penalty warmup_steps "
+        "sparsity_warmup_steps decay_start seed device wandb_name submodule_name sparse"
+    )
+    dict_class: type | str = AutoEncoder
+    lr: float = 1e-3
+    l1_penalty: float = 1e-1
+    """weight of the L1 penalty on the latents"""
+    wandb_name: str = "StandardTrainerAprilUpdate"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StandardConfig(StandardTrainerAprilUpdateConfig):
+    positional = (
+        "steps activation_dim dict_size layer lm_name dict_class lr l1_penalty warmup_steps "
+        "sparsity_warmup_steps decay_start resample_steps seed device wandb_name submodule_name sparse"
+    )
+    resample_steps: int | None = None
+    """resample latents that did not fire for half of each such period (None: never)"""
+    wandb_name: str = "StandardTrainer"
+
+
 @register_trainer
 class StandardTrainer(PenalisedTrainer):
-    """`loss = mean_b ||x - x_hat||^2 + l1_penalty * s(t) * mean_b ||f||_1` with unit-norm decoder columns."""
+    """Standard L1 recipe: ConstrainedAdam (unit-norm decoder columns), sparsity warm-up, optional
+    resampling of dead latents."""
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        dict_class: type = AutoEncoder,
-        lr: float = 1e-3,
-        l1_penalty: float = 1e-1,
-        warmup_steps: int = 1000,
-        sparsity_warmup_steps: int | None = 2000,
-        decay_start: int | None = None,
-        resample_steps: int | None = None,
-        seed: int | None = None,
-        device: str | None = None,
-        wandb_name: str = "StandardTrainer",
-        submodule_name: str | None = None,
-        sparse: bool = True,
-    ):
-        self.sparse = sparse
-        self._setup(seed, device, dict_class, activation_dim, dict_size)
-        self.l1_penalty = l1_penalty
-        self._init_penalised(steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, resample_steps)
+    Config = StandardConfig
 
-    def _compute(self, x, step):
+    @recipe_loss
+    def loss(self, x, step):
+        """`mean_b ||x - x_hat||^2 + l1_penalty * s(t) * mean_b ||f||_1`, s(t) the sparsity warm-up."""
         f, x_hat = self.ae.encode_decode(x, self.max_density)
         mse, l2 = reconstruction_terms(x, x_hat)
         l1 = row_sums(f).mean()  # = mean L1 norm: ReLU features are non-negative (and sum's backward is free)
@@ -68,33 +77,13 @@ class StandardTrainerAprilUpdate(PenalisedTrainer):
     with `AutoEncoderNew`, whose `forward` already rescales (the reference's issue #39).
     """
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        dict_class: type = AutoEncoder,
-        lr: float = 1e-3,
-        l1_penalty: float = 1e-1,
-        warmup_steps: int = 1000,
-        sparsity_warmup_steps: int | None = 2000,
-        decay_start: int | None = None,
-        seed: int | None = None,
-        device: str | None = None,
-        wandb_name: str = "StandardTrainerAprilUpdate",
-        submodule_name: str | None = None,
-        sparse: bool = True,
-    ):
-        self.sparse = sparse
-        self._setup(seed, device, dict_class, activation_dim, dict_size)
-        self.l1_penalty = l1_penalty
-        self._init_penalised(
-            steps, lr, warmup_steps, sparsity_warmup_steps, decay_start, None, constrained=False, max_grad_norm=1.0
-        )
+    Config = StandardTrainerAprilUpdateConfig
+    constrained = False
+    max_grad_norm = 1.0
 
-    def _compute(self, x, step):
+    @recipe_loss
+    def loss(self, x, step):
+        """`mean_b ||x - x_hat||^2 + l1_penalty * s(t) * mean_b sum_i |f_i| ||W_dec[:, i]||`."""
         f, x_hat = self.ae.encode_decode(x, self.max_density)
         mse, l2 = reconstruction_terms(x, x_hat)
         l1 = row_sums(f, self.ae.decoder_FD().norm(dim=-1)).mean()

@@ -7,6 +7,8 @@ threshold for JumpReLU-style inference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import distributed
@@ -19,11 +21,14 @@ from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the ref
 from ..ops import auxk_loss, geometric_median
 from ..sparse import SparseCode
 from .trainer import (  # noqa: F401
+    RecipeTrainer,
     SAETrainer,
     StepOutput,
+    TrainerConfig,
     adam,
     default_topk_lr,
     get_lr_schedule,
+    recipe_loss,
     register_trainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
@@ -33,12 +38,64 @@ from .trainer import (  # noqa: F401
 # Reference re-exports: `from dictionary_learning.trainers.top_k import AutoEncoderTopK, geometric_median`.
 __all__ = ["AutoEncoderTopK", "TopKTrainer", "geometric_median"]
 
+
+@dataclass
+class TrainingCode:
+    """A batch's code in a TopK-family training step: `f` (a `SparseCode` or a dense `[B, F]`), the
+    ReLU pre-activations `pre`, which latents fired and the input of the threshold EMA."""
+
+    ae: AutoEncoderTopK
+    x_BD: torch.Tensor
+    f: torch.Tensor | SparseCode
+    pre: torch.Tensor
+    fired_F: torch.Tensor
+    kept: torch.Tensor
+
+    def decode(self) -> torch.Tensor:
+        """`f @ W_dec + b_dec`; on the sparse path from the kept latents' decoder rows only."""
+        return self.ae.decode_sparse(self.f) if isinstance(self.f, SparseCode) else self.ae.decode(self.f)
+
+    def decode_dead(self, indices_BK: torch.Tensor, valid_BK: torch.Tensor) -> torch.Tensor:
+        """AuxK's reconstruction from the pre-activations at `indices_BK` (zeroed where not valid)."""
+        if isinstance(self.f, SparseCode):
+            return self.ae.decode_selected(self.x_BD, self.pre, indices_BK, valid_BK)
+        values_BK = self.pre.gather(-1, indices_BK) * valid_BK
+        return torch.zeros_like(self.pre).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
+
+
 # A latent is dead after this many tokens without firing (Gao et al. 2024, appendix A.2).
 DEAD_FEATURE_TOKENS = 10_000_000
 
 
+@dataclass(frozen=True, kw_only=True)
+class TopKConfig(TrainerConfig):
+    positional = (
+        "steps activation_dim dict_size k layer lm_name dict_class lr auxk_alpha warmup_steps decay_start "
+        "threshold_beta threshold_start_step k_anneal_steps seed device wandb_name submodule_name sparse"
+    )
+    k: int
+    """latents kept per row"""
+    dict_class: type | str = AutoEncoderTopK
+    lr: float | None = None
+    """Adam learning rate (None: 2e-4 / sqrt(dict_size / 2^14), Gao et al.'s rule)"""
+    auxk_alpha: float = 1 / 32
+    """weight of the AuxK loss that revives dead latents"""
+    threshold_beta: float = 0.999
+    """EMA decay of the inference threshold"""
+    threshold_start_step: int = 1000
+    """step from which the inference threshold is tracked"""
+    k_anneal_steps: int | None = None
+    """steps over which k falls linearly from activation_dim to k (None: fixed k)"""
+    wandb_name: str = "AutoEncoderTopK"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k_anneal_steps is not None and not 0 < self.k_anneal_steps < self.steps:
+            raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be > 0 and < steps={self.steps}")
+
+
 @register_trainer
-class TopKTrainer(SAETrainer):
+class TopKTrainer(RecipeTrainer):
     """TopK recipe: Adam, decoder kept unit-norm with projected gradients, clipping at 1,
     geometric-median `b_dec` init, AuxK (coefficient `auxk_alpha`, 1/32 as in appendix B.1),
     optional k-annealing from `activation_dim` down to `k` over `k_anneal_steps`.
@@ -49,60 +106,32 @@ class TopKTrainer(SAETrainer):
     matmul per step (the encoder's forward) instead of five (forward and backward of both).
     """
 
+    Config = TopKConfig
     state_attrs = ("num_tokens_since_fired", "tokens_seen")
     logging_parameters = ["effective_l0", "dead_features"]
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        k: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        dict_class: type = AutoEncoderTopK,
-        lr: float | None = None,
-        auxk_alpha: float = 1 / 32,
-        warmup_steps: int = 1000,
-        decay_start: int | None = None,
-        threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
-        k_anneal_steps: int | None = None,
-        seed: int | None = None,
-        device: str | None = None,
-        wandb_name: str = "AutoEncoderTopK",
-        submodule_name: str | None = None,
-        sparse: bool = True,
-    ):
-        self.sparse = sparse
-        self._setup(seed, device, dict_class, activation_dim, dict_size, k, **self._extra_dict_kwargs())
-        self._init_topk(
-            steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta, threshold_start_step, k_anneal_steps
-        )
+    @recipe_loss
+    def loss(self, x, step):
+        """`mean_b ||x - x_hat||^2 + auxk_alpha * AuxK` (AuxK: Gao et al. 2024, appendix A.2)."""
+        x_BD = x.reshape(-1, x.shape[-1])
+        code = self.training_code(x_BD)
+        x_hat_BD = code.decode()
+        l2 = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
+        return self.with_auxk(x, code, x_hat_BD, l2, {"l2_loss": l2, "mse_loss": l2})
 
-    def _extra_dict_kwargs(self) -> dict:
-        return {}
+    def dictionary_args(self, cfg: TopKConfig) -> tuple:
+        return cfg.activation_dim, cfg.dict_size, cfg.k
 
-    def _init_topk(
-        self, steps, k, lr, auxk_alpha, warmup_steps, decay_start, threshold_beta, threshold_start_step, k_anneal_steps
-    ) -> None:
-        self.steps = steps
-        self.k = k
-        self.lr = default_topk_lr(self.ae.dict_size) if lr is None else lr
-        self.auxk_alpha = auxk_alpha
-        self.threshold_beta = threshold_beta
-        self.threshold_start_step = threshold_start_step
+    def setup(self, cfg: TopKConfig) -> None:
+        self.lr = default_topk_lr(self.ae.dict_size) if cfg.lr is None else cfg.lr
         self.top_k_aux = self.ae.activation_dim // 2  # Gao et al. appendix B.1 use k_aux = d_model / 2
-        if k_anneal_steps is not None and not 0 < k_anneal_steps < steps:
-            raise ValueError(f"k_anneal_steps={k_anneal_steps} must be > 0 and < steps={steps}")
-        self.k_anneal_steps = k_anneal_steps
-        self.k_anneal_start = max(self.ae.activation_dim, k) if k_anneal_steps else k
+        self.k_anneal_start = max(self.ae.activation_dim, cfg.k) if cfg.k_anneal_steps else cfg.k
         self.k_anneal_start = min(self.k_anneal_start, self.ae.dict_size)
         self.optimizer = adam(self.ae.parameters(), self._decoder_constraint(), 1.0, lr=self.lr, betas=(0.9, 0.999))
-        self._set_schedule(get_lr_schedule(steps, warmup_steps, decay_start))
+        self._set_schedule(get_lr_schedule(cfg.steps, cfg.warmup_steps, cfg.decay_start))
         self.num_tokens_since_fired = torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
-        if k_anneal_steps:
+        if cfg.k_anneal_steps:
             self.ae.set_k(self.annealed_k(0))
 
     def _resolved_config(self):
@@ -142,41 +171,26 @@ class TopKTrainer(SAETrainer):
     def _threshold_input(self, code: SparseCode) -> torch.Tensor:
         return code.values.detach().view(code.n_rows, -1)  # exactly k per row
 
-    def _decode(self, f):
-        """Reconstruction from a dense code or a `SparseCode` (the latter reads only the used rows)."""
-        return self.ae.decode_sparse(f) if isinstance(f, SparseCode) else self.ae.decode(f)
-
-    def _reconstruction(self, x, f):
-        """(x_hat, l2 loss, logs, residual for AuxK)."""
-        x_hat = self._decode(f)
-        err = x - x_hat
-        l2 = err.pow(2).sum(-1).mean()
-        return x_hat, l2, {"l2_loss": l2}, err
-
-    def _compute(self, x, step):
-        x2 = x.reshape(-1, x.shape[-1])
+    def training_code(self, x_BD: torch.Tensor) -> TrainingCode:
+        """The code of `x_BD` on the sparse path (`SparseCode`) or the dense one (`[B, F]`)."""
         if self.sparse:
-            f, pre = self.ae.encode_sparse(x2)
-            fired_F, kept = f.fired(), self._threshold_input(f)
+            f, pre = self.ae.encode_sparse(x_BD)
+            return TrainingCode(self.ae, x_BD, f, pre, f.fired(), self._threshold_input(f))
+        f, pre, fired_F, kept = self._encode_for_training(x_BD)
+        return TrainingCode(self.ae, x_BD, f, pre, fired_F, kept)
 
-            def decode_dead(indices_BK, valid_BK):
-                return self.ae.decode_selected(x2, pre, indices_BK, valid_BK)
-        else:
-            f, pre, fired_F, kept = self._encode_for_training(x2)
-
-            def decode_dead(indices_BK, valid_BK):
-                values_BK = pre.gather(-1, indices_BK) * valid_BK
-                return torch.zeros_like(pre).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
-
-        x_hat, l2, logs, residual = self._reconstruction(x2, f)
-        counter_F, n_rows = tokens_since_fired(self.num_tokens_since_fired, fired_F, x2.shape[0])
+    def with_auxk(self, x, code: TrainingCode, x_hat_BD, recon, logs) -> StepOutput:
+        """The step's output: `recon + auxk_alpha * AuxK` of the residual `x - x_hat`, the dead-latent
+        counters and the threshold's input for `_commit`."""
+        counter_F, n_rows = tokens_since_fired(self.num_tokens_since_fired, code.fired_F, code.x_BD.shape[0])
         dead_F = counter_F >= DEAD_FEATURE_TOKENS
         # Until DEAD_FEATURE_TOKENS tokens have been seen no latent can be dead: skip AuxK (no sync needed).
         if self.auxk_alpha > 0 and self.tokens_seen + n_rows >= DEAD_FEATURE_TOKENS:
-            auxk, raw = auxk_loss(residual.detach(), pre, dead_F, self.top_k_aux, decode_dead)
+            residual = (code.x_BD - x_hat_BD).detach()
+            auxk, raw = auxk_loss(residual, code.pre, dead_F, self.top_k_aux, code.decode_dead)
         else:
             auxk = raw = torch.zeros((), device=x.device)
-        loss = l2 + self.auxk_alpha * auxk
+        loss = recon + self.auxk_alpha * auxk
         logs |= {
             "auxk_loss": auxk,
             "loss": loss,
@@ -184,8 +198,8 @@ class TopKTrainer(SAETrainer):
             "dead_features": dead_F.sum(),
             "pre_norm_auxk_loss": raw,
         }
-        commit = {"counter_F": counter_F, "kept": kept, "tokens": n_rows}
-        return StepOutput(loss, x_hat.view_as(x), f, logs, commit)
+        commit = {"counter_F": counter_F, "kept": code.kept, "tokens": n_rows}
+        return StepOutput(loss, x_hat_BD.view_as(x), code.f, logs, commit)
 
     def _commit(self, out, step):
         self.num_tokens_since_fired = out.commit["counter_F"]
@@ -228,9 +242,5 @@ class TopKTrainer(SAETrainer):
     def get_auxiliary_loss(self, residual_BD: torch.Tensor, post_relu_acts_BF: torch.Tensor) -> torch.Tensor:
         """AuxK loss (Gao et al. 2024, appendix A.2) of the currently dead latents on this batch."""
         dead_F = self.num_tokens_since_fired >= DEAD_FEATURE_TOKENS
-
-        def decode_dead(indices_BK, valid_BK):
-            values_BK = post_relu_acts_BF.gather(-1, indices_BK) * valid_BK
-            return torch.zeros_like(post_relu_acts_BF).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
-
-        return auxk_loss(residual_BD.detach(), post_relu_acts_BF, dead_F, self.top_k_aux, decode_dead)[0]
+        code = TrainingCode(self.ae, residual_BD, post_relu_acts_BF, post_relu_acts_BF, dead_F, dead_F)
+        return auxk_loss(residual_BD.detach(), post_relu_acts_BF, dead_F, self.top_k_aux, code.decode_dead)[0]

@@ -8,13 +8,16 @@ logging never changes training.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import difflib
 import functools
 import inspect
 import math
 import re
+import textwrap
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -29,6 +32,8 @@ TRAINER_REGISTRY: dict[str, type[SAETrainer]] = {}
 
 def register_trainer(cls: type[SAETrainer]) -> type[SAETrainer]:
     """Class decorator: make a trainer known to trainSAE's config checks, resume and the CLI."""
+    if issubclass(cls, RecipeTrainer):
+        cls.Config.names()  # its positional order names every field once
     TRAINER_REGISTRY[cls.__name__] = cls
     return cls
 
@@ -156,6 +161,161 @@ class ConstrainedAdam(torch.optim.Adam):
         return loss
 
 
+# ------------------------------------------------------------------------------------ recipe configs
+def _takes_number(default: Any, annotation: str) -> bool:
+    """Whether a config field takes a plain number (its default, or an annotation made only of int,
+    float and None)."""
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return True
+    words = set(re.findall(r"[A-Za-z_]+", annotation or ""))
+    return bool(words) and words <= {"int", "float", "None", "Optional"} and bool(words & {"int", "float"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """The fields every recipe shares; a recipe's Config inherits them, adds its own and sets its
+    defaults. Each field's docstring is its `--help` text. `positional` is the order in which the
+    trainer's constructor takes the fields positionally: the reference's order, so that code calling
+    `StandardTrainer(steps, dim, size, layer, lm_name, ...)` positionally gets the same meaning here.
+    Every field of a trainer is also an attribute of it (`trainer.lr`, `trainer.k`, ...), as in the
+    reference."""
+
+    positional: ClassVar[str] = ""
+
+    steps: int
+    """training steps; the learning-rate schedule is laid out over them"""
+    activation_dim: int
+    """width D of the activations"""
+    dict_size: int
+    """number of latents F"""
+    layer: int | None = None
+    """layer the activations come from (recorded in config.json)"""
+    lm_name: str | None = None
+    """model the activations come from (recorded in config.json)"""
+    dict_class: type | str = Dictionary
+    """the dictionary architecture (a class or its name)"""
+    lr: float | None = None
+    """Adam learning rate"""
+    warmup_steps: int = 1000
+    """steps of linear learning-rate warm-up from 0"""
+    decay_start: int | None = None
+    """step from which the learning rate decays linearly to 0 (None: no decay)"""
+    seed: int | None = None
+    """seed of the dictionary's initialisation"""
+    device: str | None = None
+    """device of the dictionary (None: CUDA when available, else CPU)"""
+    wandb_name: str = "SAETrainer"
+    """name of the run in Weights & Biases"""
+    submodule_name: str | None = None
+    """model submodule the activations come from (recorded in config.json)"""
+    sparse: bool = True
+    """train on the firing latents only when few fire (same values and gradients, faster)"""
+
+    def __post_init__(self) -> None:
+        self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Every field, in the constructor's positional order."""
+        order = cls.positional.split()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(order) == fields, f"{cls.__name__}.positional must name each field once: {set(order) ^ fields}"
+        return order
+
+    @classmethod
+    def from_call(cls, owner: str, args: tuple, kwargs: dict[str, Any]) -> TrainerConfig:
+        """The config of a constructor call `owner(*args, **kwargs)`, with Python's own errors for a
+        call that does not fit (too many positional arguments, a field given twice or missing) and
+        `check_keys`' for an unknown keyword."""
+        names = cls.names()
+        if len(args) > len(names):
+            raise TypeError(f"{owner}() takes at most {len(names)} positional arguments ({len(args)} given)")
+        given = dict(zip(names, args))
+        twice = sorted(set(given) & set(kwargs))
+        if twice:
+            raise TypeError(f"{owner}() got multiple values for argument {twice[0]!r}")
+        cls.check_keys(owner, kwargs)
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is MISSING and f.name not in given | kwargs]
+        if missing:
+            raise TypeError(f"{owner}() missing required argument{'s' * (len(missing) > 1)}: {', '.join(missing)}")
+        return cls(**given, **kwargs)
+
+    @classmethod
+    def check_keys(cls, owner: str, keys: Iterable[str]) -> None:
+        """Raise a TypeError naming unknown keys, their likely intended spelling and the valid ones."""
+        valid = cls.names()
+        unknown = [k for k in keys if k not in valid]
+        if unknown:
+            hints = [
+                f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
+                for k in unknown
+            ]
+            raise TypeError(f"{owner} got unknown config keys {', '.join(hints)}; valid keys: {', '.join(valid)}")
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], owner: str | None = None) -> None:
+        """Raise a clear error for a value that cannot be right whatever the recipe: text or a list
+        where the field takes a number, or a number that is NaN/Inf."""
+        owner = owner or cls.__name__
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            f = fields.get(key)
+            if f is None or value is None or isinstance(value, bool):
+                continue
+            annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if _takes_number(f.default, annotation) and not isinstance(value, (int, float)):
+                example = f.default if f.default not in (None, MISSING) else 1e-3
+                raise TypeError(
+                    f"{owner}: {key} must be a number, got {value!r} ({type(value).__name__}); e.g. {key}={example}"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{owner}: {key}={value} is not a finite number")
+
+    @classmethod
+    def signature(cls) -> inspect.Signature:
+        """The constructor's signature: every field, positional-or-keyword, in `positional` order."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        params = [
+            inspect.Parameter(
+                name,
+                kind,
+                default=inspect.Parameter.empty if fields[name].default is MISSING else fields[name].default,
+                annotation=fields[name].type,
+            )
+            for name in cls.names()
+        ]
+        return inspect.Signature(params)
+
+    @classmethod
+    def docs(cls) -> dict[str, str]:
+        """Each field's docstring (the text below it in its class), for `--help`."""
+        return _field_docs(cls)
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (a frozen or .pyc-only install)
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, after in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 # -------------------------------------------------------------------------------------- trainer base
 class LossLog(NamedTuple):
     """What `loss(x, step, logging=True)` returns; unpacks like the reference's 4-tuple."""
@@ -191,29 +351,49 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _takes_number(param: inspect.Parameter) -> bool:
-    """Whether a constructor parameter takes a plain number (its default, or an annotation made only
-    of int, float and None)."""
-    default = param.default
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        return True
-    annotation = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
-    words = set(re.findall(r"[A-Za-z_]+", annotation or ""))
-    return bool(words) and words <= {"int", "float", "None", "Optional"} and bool(words & {"int", "float"})
-
-
 def resolve_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def recipe_loss(forward: Callable[[Any, torch.Tensor, int | None], StepOutput]) -> Callable:
+    """Decorator of each recipe's `loss(self, x, step)`: its body is the recipe's formula and returns
+    a `StepOutput`; callers get the reference's convention `loss(x, step=None, logging=False)`: the
+    scalar loss, or with `logging=True` a `LossLog(x, x_hat, f, losses)` computed without gradients.
+    `SAETrainer.update` reads the whole `StepOutput` through `step_output`."""
+
+    @functools.wraps(forward)
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **kwargs: Any):
+        x = x.to(self.device)
+        if not logging:
+            return forward(self, x, step).loss
+        with torch.no_grad():
+            out = forward(self, x, step)
+        losses = {k: float(v) for k, v in out.losses.items()}
+        f = out.f.to_dense() if isinstance(out.f, SparseCode) else out.f
+        return LossLog(x, out.x_hat, f.view(*x.shape[:-1], -1), losses)
+
+    del loss.__wrapped__  # its signature is the wrapper's: the reference's, not the body's (x, step)
+    loss.step_output = forward
+    return loss
+
+
+class _SignatureOfConfig:
+    """`inspect.signature(Trainer)` of a trainer built from its Config: the Config's fields in the
+    reference's positional order (None, so inspect reads `__init__`, for a class with its own)."""
+
+    def __get__(self, instance: Any, owner: type) -> inspect.Signature | None:
+        if instance is not None:
+            raise AttributeError("__signature__")
+        return owner.Config.signature() if owner.__init__ is RecipeTrainer.__init__ else None
+
+
 class SAETrainer:
-    """Base of every training recipe. Subclasses implement `_compute` and set the class flags."""
+    """Base of every training recipe: the one training step (`update`), the resume state and the
+    config record. A recipe (`RecipeTrainer`) adds its Config, its `loss` and a few hooks."""
 
     # Attributes saved for resume besides ae/optimizer/scheduler.
     state_attrs: ClassVar[tuple[str, ...]] = ()
     logging_parameters: ClassVar[list[str]] = []
-    # The logged loss term that is the reconstruction error at the site (reweighted by e2e training).
-    reconstruction_term: ClassVar[str] = "l2_loss"
     # Train on the non-zero features only: the TopK family always, the L1/JumpReLU/Gated recipes on
     # CPU when few fire (`sparse.SPARSE_MAX_DENSITY`).
     sparse: bool = False
@@ -223,100 +403,23 @@ class SAETrainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Wrap each subclass `__init__` so that its arguments become the trainer's config record."""
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        signature = inspect.signature(init)
-
-        @functools.wraps(init)
-        def recording_init(self, *args, **kw):
-            if not hasattr(self, "_init_args"):
-                bound = signature.bind(self, *args, **kw)
-                bound.apply_defaults()
-                self._init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
-            init(self, *args, **kw)
-
-        cls.__init__ = recording_init
-
     def __init__(self, seed: int | None = None):
-        """The reference's base constructor, for trainers written against it; ours call `_setup`."""
+        """The reference's base constructor, for trainers written against it."""
         self.seed = seed
         self.steps_done = 0
 
-    # ------------------------------------------------------------------------------------ setup
-    def _setup(self, seed, device, dict_class, *dict_args, **dict_kwargs) -> None:
-        """Seed, choose the device and build the dictionary (seeded before construction)."""
-        SAETrainer.__init__(self, seed)
-        if seed is not None:
-            torch.manual_seed(seed)
-            if torch.cuda.is_available():
-                torch.cuda.manual_seed_all(seed)
-        self.device = resolve_device(device)
-        if isinstance(dict_class, str):
-            dict_class = DICTIONARY_REGISTRY[dict_class]
-        self.ae = dict_class(*dict_args, **dict_kwargs).to(self.device)
+    def _set_schedule(self, lr_lambda: Callable[[int], float]) -> None:
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=lr_lambda)
 
     def _decoder_constraint(self) -> list[tuple[torch.nn.Parameter, int]]:
         """What ConstrainedAdam keeps at unit norm: the decoder, with its feature dimension."""
         name, dim = self.ae.layout.decoder
         return [(self.ae.get_parameter(name), dim)]
 
-    def _set_schedule(self, lr_lambda: Callable[[int], float]) -> None:
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=lr_lambda)
-
-    @classmethod
-    def config_keys(cls) -> list[str]:
-        """The constructor arguments a config dict may contain."""
-        params = inspect.signature(cls.__init__).parameters
-        return [name for name, p in params.items() if name != "self" and p.kind is not p.VAR_KEYWORD]
-
-    @classmethod
-    def check_config_keys(cls, keys: Iterable[str]) -> None:
-        """Raise a TypeError naming unknown keys, their likely intended spelling and the valid ones."""
-        valid = cls.config_keys()
-        unknown = [k for k in keys if k not in valid]
-        if unknown:
-            hints = [
-                f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
-                for k in unknown
-            ]
-            raise TypeError(
-                f"{cls.__name__} got unknown config keys {', '.join(hints)}; valid keys: {', '.join(valid)}"
-            )
-
-    @classmethod
-    def check_config_values(cls, config: dict[str, Any]) -> None:
-        """Raise a clear error for a value that cannot be right whatever the recipe: text or a list
-        where the constructor takes a number, or a number that is NaN/Inf."""
-        params = inspect.signature(cls.__init__).parameters
-        for key, value in config.items():
-            param = params.get(key)
-            if param is None or value is None or isinstance(value, bool):
-                continue
-            if _takes_number(param) and not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"{cls.__name__}: {key} must be a number, got {value!r} ({type(value).__name__}); "
-                    f"e.g. {key}={param.default if param.default not in (None, inspect.Parameter.empty) else 1e-3}"
-                )
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{cls.__name__}: {key}={value} is not a finite number")
-
     @property
     def config(self) -> dict[str, Any]:
-        """JSON-serialisable record of every constructor argument, plus resolved values."""
-        cfg: dict[str, Any] = {"trainer_class": type(self).__name__}
-        cfg |= {k: jsonable(v) for k, v in self._init_args.items()}
-        cfg |= jsonable(self._resolved_config())
-        cfg["dict_class"] = type(self.ae).__name__
-        cfg["device"] = str(self.device)
-        return cfg
-
-    def _resolved_config(self) -> dict[str, Any]:
-        """Values computed in the constructor that belong in the config (e.g. a default lr)."""
-        return {}
+        """JSON-serialisable record of the trainer's settings (`{"trainer_class": ..., ...}`)."""
+        return {"trainer_class": type(self).__name__, "dict_class": type(self.ae).__name__, "device": str(self.device)}
 
     @property
     def max_density(self) -> float:
@@ -328,9 +431,13 @@ class SAETrainer:
         return {name: getattr(self, name) for name in self.logging_parameters}
 
     # ------------------------------------------------------------------------- the training step
-    def _compute(self, x: torch.Tensor, step: int | None) -> StepOutput:
-        """Forward pass and loss. Must not change any state."""
-        raise NotImplementedError
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **kwargs: Any):
+        """The recipe's loss (see `recipe_loss`)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no loss")
+
+    def step_output(self, x: torch.Tensor, step: int | None) -> StepOutput:
+        """The recipe's forward pass and loss on `x` (already on the device). Changes no state."""
+        return type(self).loss.step_output(self, x, step)
 
     def _prepare(self, step: int, x: torch.Tensor) -> None:
         """Hook before the forward pass (e.g. data-dependent initialisation, current k)."""
@@ -341,17 +448,6 @@ class SAETrainer:
     def _after_step(self, step: int, x: torch.Tensor) -> None:
         """Hook after the optimizer step (e.g. resampling)."""
 
-    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):
-        """The training loss on `x` (scalar), or with `logging=True` a `LossLog(x, x_hat, f, losses)`."""
-        x = x.to(self.device)
-        if not logging:
-            return self._compute(x, step).loss
-        with torch.no_grad():
-            out = self._compute(x, step)
-        losses = {k: float(v) for k, v in out.losses.items()}
-        f = out.f.to_dense() if isinstance(out.f, SparseCode) else out.f
-        return LossLog(x, out.x_hat, f.view(*x.shape[:-1], -1), losses)
-
     def update(
         self, step: int, activations: torch.Tensor, extra_loss: Callable[[StepOutput], tuple] | None = None
     ) -> torch.Tensor:
@@ -361,7 +457,7 @@ class SAETrainer:
         forward output (e2e training); its logs are kept in `extra_logs` for logging."""
         x = activations.to(self.device)
         self._prepare(step, x)
-        out = self._compute(x, step)
+        out = self.step_output(x, step)
         loss = out.loss
         if extra_loss is not None:
             loss, self.extra_logs = extra_loss(out)
@@ -394,6 +490,65 @@ class SAETrainer:
         for name, value in state["state"].items():
             setattr(self, name, _to_device(value, self.device))
         self.steps_done = state["steps_done"]
+
+
+class RecipeTrainer(SAETrainer):
+    """A trainer built from its `Config`: the constructor takes the Config's fields (positionally in
+    the reference's order, or by keyword), seeds, builds the dictionary on the device, copies every
+    field onto the trainer and calls the recipe's `setup(cfg)`."""
+
+    Config: ClassVar[type[TrainerConfig]] = TrainerConfig
+    __signature__ = _SignatureOfConfig()
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        cfg = self.Config.from_call(type(self).__name__, args, kwargs)
+        super().__init__(cfg.seed)
+        self.cfg = cfg
+        for name in cfg.names():
+            setattr(self, name, getattr(cfg, name))
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        dict_class = DICTIONARY_REGISTRY[cfg.dict_class] if isinstance(cfg.dict_class, str) else cfg.dict_class
+        self.ae = dict_class(*self.dictionary_args(cfg)).to(self.device)
+        self.setup(cfg)
+
+    def dictionary_args(self, cfg: TrainerConfig) -> tuple:
+        """Positional arguments of the dictionary's constructor."""
+        return cfg.activation_dim, cfg.dict_size
+
+    def setup(self, cfg: TrainerConfig) -> None:
+        """Build the optimizer, the schedule and the recipe's state."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """The constructor arguments a config dict may contain."""
+        return cls.Config.names()
+
+    @classmethod
+    def check_config_keys(cls, keys: Iterable[str]) -> None:
+        """Raise a TypeError naming unknown keys, their likely intended spelling and the valid ones."""
+        cls.Config.check_keys(cls.__name__, keys)
+
+    @classmethod
+    def check_config_values(cls, config: dict[str, Any]) -> None:
+        """Raise a clear error for text where a number goes, or a NaN/Inf (before any work)."""
+        cls.Config.check_values(config, cls.__name__)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable record of every constructor argument, plus resolved values."""
+        record = {"trainer_class": type(self).__name__}
+        record |= {name: jsonable(getattr(self.cfg, name)) for name in self.cfg.names()}
+        record |= jsonable(self._resolved_config())
+        return record | super().config
+
+    def _resolved_config(self) -> dict[str, Any]:
+        """Values computed in the constructor that belong in the config (e.g. a default lr)."""
+        return {}
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -462,7 +617,15 @@ def resample_dead_features(
     return dead_idx
 
 
-class PenalisedTrainer(SAETrainer):
+@dataclass(frozen=True, kw_only=True)
+class PenalisedConfig(TrainerConfig):
+    """Fields of the recipes with an explicit sparsity penalty."""
+
+    sparsity_warmup_steps: int | None = 2000
+    """steps over which the sparsity penalty ramps linearly from 0 to its full weight"""
+
+
+class PenalisedTrainer(RecipeTrainer):
     """Trainers with an explicit sparsity penalty: ConstrainedAdam, sparsity warmup and resampling.
 
     Dead features are counted in steps (a feature silent on the whole batch gets +1) when
@@ -470,31 +633,24 @@ class PenalisedTrainer(SAETrainer):
     are resampled, and the LR warmup restarts.
     """
 
+    Config = PenalisedConfig
     state_attrs = ("steps_since_active", "resampled_features")
-    reconstruction_term = "mse_loss"
+    # The optimizer: Adam's betas, whether the decoder is kept at unit norm, gradient clipping.
+    betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    constrained: ClassVar[bool] = True
+    max_grad_norm: ClassVar[float | None] = None
 
-    def _init_penalised(
-        self,
-        steps: int,
-        lr: float,
-        warmup_steps: int,
-        sparsity_warmup_steps: int | None,
-        decay_start: int | None,
-        resample_steps: int | None,
-        betas: tuple[float, float] = (0.9, 0.999),
-        constrained: bool = True,
-        max_grad_norm: float | None = None,
-    ) -> None:
-        self.steps = steps
-        self.lr = lr
-        self.resample_steps = resample_steps
-        self.sparsity_warmup_fn = get_sparsity_warmup_fn(steps, sparsity_warmup_steps)
-        lr_fn = get_lr_schedule(steps, warmup_steps, decay_start, resample_steps, sparsity_warmup_steps)
-        constraint = self._decoder_constraint() if constrained else ()
-        self.optimizer = adam(self.ae.parameters(), constraint, max_grad_norm, lr=lr, betas=betas)
+    def setup(self, cfg: PenalisedConfig) -> None:
+        self.resample_steps = getattr(cfg, "resample_steps", None)
+        self.sparsity_warmup_fn = get_sparsity_warmup_fn(cfg.steps, cfg.sparsity_warmup_steps)
+        lr_fn = get_lr_schedule(
+            cfg.steps, cfg.warmup_steps, cfg.decay_start, self.resample_steps, cfg.sparsity_warmup_steps
+        )
+        constraint = self._decoder_constraint() if self.constrained else ()
+        self.optimizer = adam(self.ae.parameters(), constraint, self.max_grad_norm, lr=cfg.lr, betas=self.betas)
         self._set_schedule(lr_fn)
         self.steps_since_active = (
-            torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device) if resample_steps else None
+            torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device) if self.resample_steps else None
         )
         self.resampled_features = 0
 
