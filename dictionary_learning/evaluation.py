@@ -1,13 +1,17 @@
-"""Reconstruction metrics as pure tensor functions (definitions as in the reference, spec section 8).
-
-`evaluate` with cross-entropy metrics through the model arrives with the activation pipeline.
+"""Evaluation (definitions as in the reference, spec section 8): reconstruction metrics as pure
+tensor functions, and the model's cross-entropy and KL with the dictionary spliced in (`evaluate`,
+and the reference's one-batch `loss_recovered`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .buffer import ActivationBuffer, NNsightActivationBuffer  # noqa: F401 (the reference re-exports these names here)
+from .buffer import (  # noqa: F401 (the reference re-exports ActivationBuffer and NNsightActivationBuffer here)
+    ActivationBuffer,
+    ActivationReader,
+    NNsightActivationBuffer,
+)
 from .config import DEBUG  # noqa: F401
 from .dictionaries.base import device_of
 
@@ -196,3 +200,32 @@ def evaluate(
         results["frac_recovered"] = frac_recovered(results)
     results["frac_alive"] = float(alive.float().mean())
     return results
+
+
+@torch.no_grad()
+def loss_recovered(
+    text,
+    model,
+    submodule,
+    dictionary,
+    max_len: int | None = None,
+    normalize_batch: bool = False,
+    io: str = "out",
+    tracer_args: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on one batch `text` (strings, or token ids `[B, L]`) of the clean
+    model, of the model with `submodule`'s activations replaced by `dictionary`'s reconstruction,
+    and with them replaced by zeros: `(loss_original, loss_reconstructed, loss_zero)`, the
+    reference's one-batch function, as 0-dim tensors. `io` is the side of `submodule` that is
+    read and replaced ("in", "out"; "in_and_out" replaces the output, as in the reference).
+    Padding, and only padding, is left out of the mean (the reference also drops every EOS target
+    when the pad token is EOS). `tracer_args` is accepted for the reference's signature and ignored.
+    """
+    if dictionary is None:
+        raise ValueError("loss_recovered needs a dictionary to splice in")
+    io = "out" if io == "in_and_out" else io
+    rows = list(text) if isinstance(text, (list, tuple, torch.Tensor)) else [text]
+    ctx_len = max_len if max_len is not None else max(len(r) if not isinstance(r, str) else 1 << 20 for r in rows)
+    reader = ActivationReader([], model, submodule, io=io, ctx_len=ctx_len)
+    losses, _, _, _ = loss_recovered_metrics(dictionary, reader, reader.tokenize(rows), io, normalize_batch)
+    return tuple(torch.tensor(losses[k]) for k in ("loss_original", "loss_reconstructed", "loss_zero"))

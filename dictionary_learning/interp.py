@@ -174,3 +174,43 @@ def examine_dimension(
     top_tokens = sorted(((t, sum(v) / len(v)) for t, v in totals.items()), key=lambda p: -p[1])[:k]
     affected = feature_effect(model, submodule, dictionary, dim_idx, texts[:32], max_length, k=min(k, 10))
     return FeatureProfile(contexts, top_tokens, (affected[0], affected[1].tolist()))
+
+
+def feature_umap(
+    dictionary,
+    weight: str = "decoder",
+    n_neighbors: int = 15,
+    metric: str = "cosine",
+    min_dist: float = 0.05,
+    n_components: int = 2,
+    feat_idxs=None,
+):
+    """A plotly scatter (2-D or 3-D) of a UMAP embedding of the dictionary's feature directions
+    (`weight="decoder"`: decoder directions; `"encoder"`: encoder rows), the features `feat_idxs`
+    (an index or a list of them) in red. Needs the optional `umap-learn` and `plotly` packages
+    (`pip install "dictionary_learning[umap]"`)."""
+    try:
+        import plotly.graph_objects as go
+        import umap
+    except ImportError as e:
+        raise ImportError(
+            f"feature_umap needs umap-learn and plotly ({e.name} is missing): pip install 'dictionary_learning[umap]'"
+        ) from e
+    if weight not in ("decoder", "encoder"):
+        raise ValueError(f"weight must be 'decoder' or 'encoder', got {weight!r}")
+    if n_components not in (2, 3):
+        raise ValueError(f"n_components must be 2 or 3, got {n_components}")
+    vectors_FD = dictionary.decoder_FD() if weight == "decoder" else dictionary.encoder_FD()
+    vectors = vectors_FD.detach().float().cpu().numpy()
+    embedding = umap.UMAP(
+        n_neighbors=n_neighbors, metric=metric, min_dist=min_dist, n_components=n_components
+    ).fit_transform(vectors)
+    highlighted = (
+        set() if feat_idxs is None else {int(feat_idxs)} if isinstance(feat_idxs, int) else set(map(int, feat_idxs))
+    )
+    colors = ["red" if i in highlighted else "steelblue" for i in range(len(vectors))]
+    text = [f"feature {i}" for i in range(len(vectors))]
+    coords = {axis: embedding[:, n] for n, axis in enumerate("xyz"[:n_components])}
+    marker = {"color": colors, "size": 4 if n_components == 2 else 3}
+    trace = (go.Scatter if n_components == 2 else go.Scatter3d)(**coords, mode="markers", marker=marker, text=text)
+    return go.Figure(trace, layout={"title": f"UMAP of the {weight} directions of {len(vectors)} features"})

@@ -173,3 +173,30 @@ def get_submodule(model, layer: int, kind: str = "resid"):
         raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
     block = _walk(model, blocks)[layer]
     return block if kind == "resid" else getattr(block, attn if kind == "attn" else mlp)
+
+
+def truncate_model(model, layer: int):
+    """Drop the blocks after `layer` and the unembedding (replaced by `Identity`, so the model
+    returns the final hidden state) to save memory when only activations up to `layer` are read
+    (the reference's helper, for any family `get_submodule` knows). Works in place on a plain
+    Hugging Face model (or an nnsight model's underlying one) and returns it; the parameter counts
+    before and after are logged."""
+    hf = torch_model(model) if hasattr(model, "trace") else model
+    model_type = getattr(hf.config, "model_type", None)
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(f"truncate_model does not know the {model_type!r} family (known: {', '.join(MODEL_FAMILIES)})")
+    blocks_path = MODEL_FAMILIES[model_type][1]
+    blocks = _walk(hf, blocks_path)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(blocks)} layers")
+    before = sum(p.numel() for p in hf.parameters())
+    del blocks[layer + 1 :]
+    head = hf.get_output_embeddings()  # lm_head, or embed_out in older GPT-NeoX classes
+    for name, child in list(hf.named_children()):
+        if child is head:
+            setattr(hf, name, torch.nn.Identity())
+    hf.config.num_hidden_layers = layer + 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.info("truncate_model: %d -> %d parameters", before, sum(p.numel() for p in hf.parameters()))
+    return hf

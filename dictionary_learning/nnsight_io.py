@@ -39,12 +39,13 @@ def wrap_model(hf_model: nn.Module, tokenizer=None):
 
 
 def torch_model(model) -> nn.Module:
-    """The plain torch module inside an nnsight model."""
-    return model._module
+    """The plain torch module inside an nnsight model (a plain torch model is its own)."""
+    module = getattr(model, "_module", None)
+    return module if isinstance(module, nn.Module) else model
 
 
 def model_device(model) -> torch.device:
-    """Where an nnsight model's weights (and so its inputs) live."""
+    """Where a model's weights (and so its inputs) live."""
     from .dictionaries.base import device_of
 
     return device_of(torch_model(model))

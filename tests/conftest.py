@@ -37,3 +37,21 @@ def make_dictionary(name: str, seed: int = 0):
 @pytest.fixture(params=sorted(DICTIONARY_REGISTRY))
 def dict_name(request) -> str:
     return request.param
+
+
+# ------------------------------------------------------ the offline model and texts (reference_suite)
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    """The local Hugging Face folder of the offline SmolLM2 (built on first use)."""
+    from dictionary_learning.models import default_cache_dir, load_default_model
+
+    load_default_model()
+    return str(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    """The offline BBC News articles."""
+    from dictionary_learning.models import default_texts
+
+    return list(default_texts())
