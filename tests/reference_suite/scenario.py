@@ -11,6 +11,8 @@ prints {dict_class: metrics} as JSON (run it from outside our checkout to get th
 Adaptations forced by this machine (offline, 2 CPU cores), and only these:
 - the model is SmolLM2-135M-Instruct from a local folder (the offline default, layer 3 of 30),
   not EleutherAI/pythia-70m-deduped; the submodule path is `model.model.layers[3]` for it;
+- with the reference's nnsight 0.3, `patch_llama_scan=False` (else it rewrites SmolLM2's rope type
+  to "llama3" and transformers fails on the missing `factor`);
 - the texts are the offline BBC News articles (a JSON list) instead of monology/pile-uncopyrighted;
 - device "cpu" instead of "cuda:0";
 - sizes scaled down: 64k training tokens instead of 10M (steps 62), batches of 1024 instead of
@@ -57,9 +59,13 @@ CE_METRICS = ["loss_original", "loss_reconstructed", "loss_zero", "frac_recovere
 
 def load_model(model_dir: str, buffer_kind: str):
     if buffer_kind == "nnsight":
+        import nnsight
         from nnsight import LanguageModel
 
-        return LanguageModel(model_dir, dispatch=True, device_map=DEVICE)
+        # nnsight 0.3 (the reference's) rewrites a Llama config's rope type to "llama3" unless told not to.
+        old_nnsight = nnsight.__version__.startswith("0.3")
+        kwargs = {"patch_llama_scan": False} if old_nnsight else {}
+        return LanguageModel(model_dir, dispatch=True, device_map=DEVICE, **kwargs)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=t.float32).to(DEVICE)
