@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .sparse import SparseCode
+from .sparse import SparseCode, per_entry
 
 
 # ----------------------------------------------------------------------------- decoder-norm constraint
@@ -104,7 +104,7 @@ def fired_features(f_BF) -> torch.Tensor:
 def row_sums(f_BF, weight_F: torch.Tensor | None = None) -> torch.Tensor:
     """`[B]` row sums of a `[B, F]` code or a `SparseCode`, each feature weighted by `weight_F` if given."""
     if isinstance(f_BF, SparseCode):
-        return f_BF.row_sums(None if weight_F is None else f_BF.values * weight_F[f_BF.features])
+        return f_BF.row_sums(None if weight_F is None else f_BF.values * per_entry(weight_F, f_BF.features))
     return (f_BF if weight_F is None else f_BF * weight_F).sum(-1)
 
 

@@ -72,6 +72,13 @@ def _triton_kernels(x: torch.Tensor):
     return triton_kernels
 
 
+def per_entry(values_F: torch.Tensor, features_N: torch.Tensor) -> torch.Tensor:
+    """`values_F[features_N]` with a deterministic backward: indexing's backward accumulates with
+    parallel atomic adds on CPU (run-to-run different sums from about 32k entries on), `index_select`'s
+    with `index_add_`, in order."""
+    return torch.index_select(values_F, 0, features_N)
+
+
 def feature_sums(weights_N: torch.Tensor, src_BD: torch.Tensor, rows_N, features_N, n_features: int) -> torch.Tensor:
     """`[F, D]` sums `out[f] = sum over entries n of feature f of weights[n] * src[rows[n]]`, i.e. `code.T @ src`.
 
@@ -146,7 +153,7 @@ def sparse_decode(code: SparseCode, W_FD: torch.Tensor, feature_mask_F: torch.Te
     the mask count as 0."""
     values = code.values.to(W_FD.dtype)
     if feature_mask_F is not None:
-        values = values * feature_mask_F[code.features]
+        values = values * per_entry(feature_mask_F, code.features)
     return _SparseDecode.apply(values, W_FD, code.rows, code.features, code.offsets)
 
 

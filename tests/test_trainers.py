@@ -421,3 +421,32 @@ def test_get_logging_parameters_reports_every_listed_value():
         trainer.update(0, next(PlantedFeatures(d=D).batches(1)))
         params = trainer.get_logging_parameters()
         assert set(params) == set(trainer.logging_parameters), name
+
+
+# ------------------------------------------------------------------------------ reproducibility
+@pytest.mark.parametrize("name", sorted(TRAINER_REGISTRY))
+def test_a_seeded_run_is_reproducible_on_the_sparse_path(name, monkeypatch):
+    """Two runs with the same seed and data end bit-identical, with every step on the sparse path and
+    enough entries per step (> 32k) that CPU indexing's backward would have used parallel atomic
+    adds (the JumpReLU, Gated and April recipes' run-to-run drift of issue 21)."""
+    from dictionary_learning import sparse
+
+    monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", 1.0)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    batches = list(PlantedFeatures(32, 48, seed=0).batches(12, batch_size=2048))
+    cls = TRAINER_REGISTRY[name]
+    config, _ = LEARNING_CONFIGS[name]
+    config = dict(config, warmup_steps=2, dict_size=128)
+    if "sparsity_warmup_steps" in cls.config_keys():
+        config["sparsity_warmup_steps"] = 2
+    if "anneal_start" in cls.config_keys():
+        config["anneal_start"] = 4
+    if "threshold_start_step" in cls.config_keys():
+        config["threshold_start_step"] = 2
+    runs = []
+    for _ in range(2):
+        trainer = cls(steps=12, **config)
+        for step, x in enumerate(batches):
+            trainer.update(step, x)
+        runs.append(trainer.ae.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), name

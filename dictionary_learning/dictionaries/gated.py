@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..sparse import SparseCode, selected_preactivations, sparse_decode, sparse_entries
+from ..sparse import SparseCode, per_entry, selected_preactivations, sparse_decode, sparse_entries
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 
 
@@ -72,8 +72,9 @@ def gated_dictionary(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec
         return _GatedDictionary.apply(x_BD, W_enc_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_DF, b_dec_D, z_BF)
     rows_N, features_N, offsets_B = entries
     z_N = selected_preactivations(x_BD, W_enc_FD, None, z_BF, rows_N, features_N, offsets_B, b_dec_D)
-    gate_N = torch.relu(z_N + b_gate_F[features_N])
-    f_N = torch.relu(r_mag_F.exp()[features_N] * z_N + b_mag_F[features_N])  # the gate is open on every entry
+    gate_N = torch.relu(z_N + per_entry(b_gate_F, features_N))
+    # the gate is open on every entry
+    f_N = torch.relu(per_entry(r_mag_F.exp(), features_N) * z_N + per_entry(b_mag_F, features_N))
     f = SparseCode(f_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
     gate = f._replace(values=gate_N)
     x_hat = sparse_decode(f, W_dec_DF.T) + b_dec_D

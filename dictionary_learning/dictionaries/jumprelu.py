@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import JumpReLUFunction, StepFunction
-from ..sparse import SparseCode, selected_preactivations, sparse_decode, sparse_entries
+from ..sparse import SparseCode, per_entry, selected_preactivations, sparse_decode, sparse_entries
 from .base import Dictionary, FeatureLayout, check_sizes, register_dictionary
 from .saelens import dictionary_from_saelens
 
@@ -59,7 +59,7 @@ def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D,
     if entries is not None:
         rows_N, features_N, offsets_B = entries
         pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF.detach(), rows_N, features_N, offsets_B)
-        threshold_N = threshold_F[features_N]
+        threshold_N = per_entry(threshold_F, features_N)
         values_N = JumpReLUFunction.apply(pre_N, threshold_N, bandwidth)
         l0 = StepFunction.apply(pre_N, threshold_N, bandwidth).sum() / x_BD.shape[0]
         code = SparseCode(values_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
