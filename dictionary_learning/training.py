@@ -386,6 +386,7 @@ class _Run:
             records |= {"run": opts["run_cfg"]} if opts["run_cfg"] else {}
             records |= {"e2e": self.e2e.config} if self.e2e is not None else {}
             records["library"] = {"name": "dictionary_learning", "version": __version__}
+            self.records = records
             self.folder.write_configs(trainers, records, norm_factor)
             self.norm_factor = norm_factor
             step, consumed, skipped = self._loop(batches, keys, step, consumed, steps, opts)
@@ -501,6 +502,9 @@ class _Run:
         return step, consumed, skipped
 
     def _backup(self, step: int, consumed: int) -> None:
+        # config.json says how many steps the weights saved with it were trained for (fewer than the
+        # schedule's `steps` when the data ran out or the run was stopped)
+        self.folder.write_configs(self.trainers, self.records | {"steps_trained": step}, self.norm_factor)
         run_state = {"norm_factor": self.norm_factor, "e2e": self.e2e.config if self.e2e is not None else None}
         self.folder.save_backup(self.trainers, step, consumed, run_state)
         self.folder.save_weights(self.trainers, self.norm_factor)  # ae.pt: the latest weights, loadable anywhere

@@ -131,9 +131,14 @@ def test_bf16_autocast_keeps_fp32_master_weights():
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for d in dicts for p in d.parameters())
 
 
-def test_short_data_stops_early_with_a_warning(caplog):
-    dicts = trainSAE(batches(10), CONFIGS[:1], STEPS, progress=False)
+def test_short_data_stops_early_with_a_warning(caplog, tmp_path):
+    dicts = trainSAE(batches(10), CONFIGS[:1], STEPS, save_dir=tmp_path / "short", progress=False)
     assert len(dicts) == 1 and "data ran out after 10 of 60 steps" in caplog.text
+    record = json.loads((tmp_path / "short" / "trainer_0" / "config.json").read_text())
+    assert record["steps_trained"] == 10 and record["trainer"]["steps"] == STEPS  # trained vs scheduled
+    assert load_dictionary(tmp_path / "short" / "trainer_0")[0] is not None  # checksums still recorded
+    trainSAE(batches(), CONFIGS[:1], STEPS, save_dir=tmp_path / "full", progress=False)
+    assert json.loads((tmp_path / "full" / "trainer_0" / "config.json").read_text())["steps_trained"] == STEPS
 
 
 def test_verbose_without_log_steps_and_backups_without_normalisation(tmp_path, capsys):
