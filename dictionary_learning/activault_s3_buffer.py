@@ -265,8 +265,9 @@ class S3RCache:
 
 class ActivaultS3ActivationBuffer:
     """Shuffled `[batch_size, d]` batches of the tokens of an `S3RCache`'s megabatches: each file's
-    `[b, l, d]` states are flattened to tokens, shuffled, and served; rows left when a file runs out
-    start the next batch. Iteration ends with the data (a last partial batch is dropped)."""
+    `[b, l, d]` states are flattened to tokens, shuffled (by the cache, or here when it does not), and
+    served; rows left when a file runs out start the next batch. Iteration ends with the data (a last
+    partial batch is dropped)."""
 
     def __init__(self, cache: S3RCache, batch_size: int = 8192, device: str = "cpu", io: str = "out"):
         if batch_size < 1:
@@ -297,8 +298,9 @@ class ActivaultS3ActivationBuffer:
             megabatch = next(self._files)  # StopIteration ends the stream
             states = megabatch["states"] if isinstance(megabatch, dict) else megabatch
             new = states.reshape(-1, self.d_submodule)
-            new = new[torch.randperm(new.shape[0], device=new.device)]
-            self._rows = torch.cat([self._rows.to(new.device, new.dtype), new])
+            if not self.cache.shuffle or self.cache.return_ids:  # else the cache already shuffled its tokens
+                new = new[torch.randperm(new.shape[0], device=new.device)]
+            self._rows = torch.cat([self._rows.to(new.device, new.dtype), new]) if self._rows.numel() else new
         batch, self._rows = self._rows[: self.batch_size], self._rows[self.batch_size :]
         return batch.to(self.device)
 

@@ -110,11 +110,13 @@ def _packed(texts: Iterator[str], min_chars: int, bos: str, eos: str, pack: bool
             yield bos + text
         return
     group: list[str] = []
+    chars = 0
     for text in texts:
         group.append(text)
-        if sum(map(len, group)) >= min_chars:
+        chars += len(text)
+        if chars >= min_chars:
             yield bos + eos.join(group)
-            group = []
+            group, chars = [], 0
     if group:
         yield bos + eos.join(group)
 

@@ -225,7 +225,6 @@ def loss_recovered(
         raise ValueError("loss_recovered needs a dictionary to splice in")
     io = "out" if io == "in_and_out" else io
     rows = list(text) if isinstance(text, (list, tuple, torch.Tensor)) else [text]
-    ctx_len = max_len if max_len is not None else max(len(r) if not isinstance(r, str) else 1 << 20 for r in rows)
-    reader = ActivationReader([], model, submodule, io=io, ctx_len=ctx_len)
+    reader = ActivationReader([], model, submodule, io=io, ctx_len=max_len or 1 << 20)  # batches pad to their longest
     losses, _, _, _ = loss_recovered_metrics(dictionary, reader, reader.tokenize(rows), io, normalize_batch)
     return tuple(torch.tensor(losses[k]) for k in ("loss_original", "loss_reconstructed", "loss_zero"))

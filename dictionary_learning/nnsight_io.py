@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .splice import hidden_of, module_timing
+from .splice import hidden_of, module_timing, root_module
 
 IO_MODES = ("out", "in", "in_to_out")
 
@@ -40,8 +40,7 @@ def wrap_model(hf_model: nn.Module, tokenizer=None):
 
 def torch_model(model) -> nn.Module:
     """The plain torch module inside an nnsight model (a plain torch model is its own)."""
-    module = getattr(model, "_module", None)
-    return module if isinstance(module, nn.Module) else model
+    return root_module(model)
 
 
 def model_device(model) -> torch.device:

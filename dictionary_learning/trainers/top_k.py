@@ -7,6 +7,7 @@ threshold for JumpReLU-style inference.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,13 @@ class TrainingCode:
         """AuxK's reconstruction from the pre-activations at `indices_BK` (zeroed where not valid)."""
         if isinstance(self.f, SparseCode):
             return self.ae.decode_selected(self.x_BD, self.pre, indices_BK, valid_BK)
-        values_BK = self.pre.gather(-1, indices_BK) * valid_BK
-        return torch.zeros_like(self.pre).scatter(-1, indices_BK, values_BK) @ self.ae.decoder_FD()
+        return decode_selected_dense(self.ae, self.pre, indices_BK, valid_BK)
+
+
+def decode_selected_dense(ae: AutoEncoderTopK, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
+    """`pre` kept at `indices_BK` (zeroed where not `valid_BK`) times the decoder, without bias."""
+    values_BK = pre_BF.gather(-1, indices_BK) * valid_BK
+    return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK) @ ae.decoder_FD()
 
 
 # A latent is dead after this many tokens without firing (Gao et al. 2024, appendix A.2).
@@ -242,5 +248,5 @@ class TopKTrainer(RecipeTrainer):
     def get_auxiliary_loss(self, residual_BD: torch.Tensor, post_relu_acts_BF: torch.Tensor) -> torch.Tensor:
         """AuxK loss (Gao et al. 2024, appendix A.2) of the currently dead latents on this batch."""
         dead_F = self.num_tokens_since_fired >= DEAD_FEATURE_TOKENS
-        code = TrainingCode(self.ae, residual_BD, post_relu_acts_BF, post_relu_acts_BF, dead_F, dead_F)
-        return auxk_loss(residual_BD.detach(), post_relu_acts_BF, dead_F, self.top_k_aux, code.decode_dead)[0]
+        decode_dead = functools.partial(decode_selected_dense, self.ae, post_relu_acts_BF)
+        return auxk_loss(residual_BD.detach(), post_relu_acts_BF, dead_F, self.top_k_aux, decode_dead)[0]
