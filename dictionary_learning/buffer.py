@@ -16,8 +16,20 @@ from typing import Any
 import torch
 
 from .config import DEBUG
+from .data import pack_documents, text_record
 from .distributed import strided
-from .nnsight_io import IO_MODES, Site, model_device, plan_requests, read_activations, resolve_site, torch_model
+from .nnsight_io import (
+    IO_MODES,
+    Site,
+    model_device,
+    model_id,
+    plan_requests,
+    read_activations,
+    resolve_site,
+    torch_model,
+)
+
+_END = object()
 
 # The reference's nnsight trace options: scanning and validation only when debugging.
 tracer_kwargs = {"scan": DEBUG, "validate": DEBUG}
@@ -42,13 +54,13 @@ class ActivationReader:
         remove_bos: bool = False,
         add_special_tokens: bool = True,
         max_activation_norm_multiple: float | None = None,
+        pack: bool = True,
     ):
         if io == "in_and_out":
             io = "in_to_out"
         if io not in IO_MODES:
             raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
         check_positive_ints(ctx_len=ctx_len, refresh_batch_size=refresh_batch_size)
-        self.data = iter(data)
         self.model = model
         self.tokenizer = self._tokenizer_of(model)
         self.io = io
@@ -73,8 +85,12 @@ class ActivationReader:
                 f"d_submodule={d_submodule} but the model's activations at {self.names} have width {self.widths}"
             )
         self.d_submodule = self.widths[0] if not self.multi else self.widths
+        self.pack, self.loop = pack, False
+        self.source, self._stride = data, None
+        self.data = self._open()
+        self.epochs = 0  # passes over the source completed (with loop)
         self._exhausted = False
-        self.items_read = 0  # documents taken from `data` so far
+        self.items_read = 0  # items (packed contexts, or documents without packing) taken from `data` so far
 
     # ----------------------------------------------------------- the model (nnsight; see pytorch_buffer)
     def _tokenizer_of(self, model):
@@ -96,18 +112,32 @@ class ActivationReader:
         return read_activations(self.model, self.sites, input_ids, attention_mask, self._requests)
 
     # ------------------------------------------------------------------------------ reading text
+    def _open(self) -> Iterator:
+        """A fresh pass over the source: this rank's share of its documents, packed into contexts."""
+        items = iter(self.source)
+        if self._stride is not None:
+            items = strided(items, *self._stride)
+        return pack_documents(items, self.tokenizer, self.ctx_len, self.add_special_tokens) if self.pack else items
+
     def _next_items(self, batch_size: int | None = None) -> list:
-        items = []
-        for _ in range(batch_size or self.refresh_batch_size):
-            try:
-                items.append(next(self.data))
-            except StopIteration:
+        items: list = []
+        want = batch_size or self.refresh_batch_size
+        read_this_pass = True
+        while len(items) < want:
+            item = next(self.data, _END)
+            if item is not _END:
+                items.append(item)
+                read_this_pass = True
+                continue
+            if not self.loop or not read_this_pass:  # the end (or an empty source: looping would spin)
                 break
+            self.data, self.epochs, read_this_pass = self._open(), self.epochs + 1, False
         return items
 
     def shard(self, rank: int, world_size: int) -> None:
         """Read only documents rank, rank + world_size, ... of the data stream (data-parallel training)."""
-        self.data = strided(self.data, rank, world_size)
+        self._stride = (rank, world_size)
+        self.data = self._open()
 
     def text_batch(self, batch_size: int | None = None) -> list:
         """The next `batch_size` items of the data stream (the reference's API, used by evaluate)."""
@@ -198,6 +228,12 @@ class ActivationBuffer(ActivationReader):
             a row's first token), or each row's first token when the tokenizer has no BOS.
         max_activation_norm_multiple: leave out positions whose norm exceeds this multiple of
             the batch median (e.g. 10 for Qwen's attention sinks).
+        pack: tokenize the documents into one stream (EOS after each) and cut it into contexts of
+            `ctx_len` tokens (`data.pack_documents`), so no text is cut off; False gives the
+            reference's one context per document, truncated. Token-id items are never repacked.
+        loop: start the source again when it ends (it must be readable twice: a list, or a
+            `Documents` such as `default_texts()`); without it, trainSAE refuses to start when a
+            short source cannot fill its steps.
     """
 
     def __init__(
@@ -217,8 +253,15 @@ class ActivationBuffer(ActivationReader):
         max_activation_norm_multiple: float | None = None,
         dtype: torch.dtype | None = None,
         seed: int | None = None,
+        pack: bool = True,
+        loop: bool = False,
     ):
         check_positive_ints(n_ctxs=n_ctxs, out_batch_size=out_batch_size)
+        if loop and iter(data) is data:
+            raise ValueError(
+                "loop=True reads the data again after it ends, so it needs a source that can be read more than once "
+                "(a list, or a Documents source such as default_texts()), not a one-shot iterator or generator"
+            )
         super().__init__(
             data,
             model,
@@ -230,7 +273,9 @@ class ActivationBuffer(ActivationReader):
             remove_bos,
             add_special_tokens,
             max_activation_norm_multiple,
+            pack,
         )
+        self.loop = loop
         self.n_ctxs, self.out_batch_size = int(n_ctxs), int(out_batch_size)
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -265,6 +310,13 @@ class ActivationBuffer(ActivationReader):
     def unread(self) -> int:
         return self._order.numel() - self._ptr
 
+    def batches_left(self) -> int | None:
+        """How many batches the buffer can still serve, once that is known: after its source has
+        run out (a short source runs out during the first fill); None while more may come."""
+        if self.loop or not self._exhausted or self._pending is not None:
+            return None
+        return -(-self.unread // self.out_batch_size)
+
     def refresh(self) -> None:
         """Refill every served slot with fresh activations, then reshuffle all unread rows."""
         free = torch.cat([self._order[: self._ptr], torch.arange(self._filled, self.capacity)])
@@ -298,6 +350,12 @@ class ActivationBuffer(ActivationReader):
             "out_batch_size": self.out_batch_size,
             "device": str(self.device),
             "submodules": self.names,
+            "model": model_id(self.model),
+            "modules": {name: site.name for name, site in zip(self.names, self.sites)},
+            "packed": self.pack,
+            "loop": self.loop,
+            "remove_bos": self.remove_bos,
+            "text": text_record(self.source),
         }
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import struct
 from collections.abc import Iterable, Iterator
@@ -22,9 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .buffer import ActivationReader
+from .data import Documents, pack_documents, text_record
 from .distributed import check_shard
-from .nnsight_io import torch_model
+from .nnsight_io import model_id, torch_model
 from .safe_io import FolderLock, atomic_write, atomic_write_json, remove_dead_temporaries, sha256_file
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "dictionary_learning.activation_cache"
 MANIFEST = "manifest.json"
@@ -32,13 +36,6 @@ MANIFEST = "manifest.json"
 
 class CacheError(ValueError):
     """A cache folder is missing, partial, foreign, or does not match what was asked for."""
-
-
-def model_id(model) -> str:
-    """A name for the model: its Hub id or path, else its family and parameter count."""
-    hf = torch_model(model)
-    name = getattr(hf.config, "_name_or_path", "") or getattr(hf, "name_or_path", "")
-    return name or f"{hf.config.model_type}-{sum(p.numel() for p in hf.parameters())}"
 
 
 def model_fingerprint(model) -> str:
@@ -114,6 +111,7 @@ class ActivationCache:
         if self.n_tokens == 0:
             raise CacheError(f"{self.path} holds no tokens")
         self._start_batch = 0
+        self._served = 0  # batches served by the current iteration
         self._rank, self._world_size = 0, 1
         self._loaded: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
         self._hasher: ThreadPoolExecutor | None = None
@@ -135,6 +133,7 @@ class ActivationCache:
 
     def __iter__(self) -> Iterator:
         index = self._start_batch * self._world_size + self._rank  # batch number in the unsharded stream
+        self._served = 0
         while self.loop or index * self.batch_size < self.n_tokens:
             position = index * self.batch_size
             end = position + self.batch_size if self.loop else min(position + self.batch_size, self.n_tokens)
@@ -142,6 +141,7 @@ class ActivationCache:
             index += self._world_size
             batch = {name: torch.cat([p[name] for p in parts]) for name in self.sites}
             batch = {k: v.to(self.device, self.dtype) if self.dtype else v.to(self.device) for k, v in batch.items()}
+            self._served += 1
             yield batch if len(self.sites) > 1 else batch[self.sites[0]]
 
     def _rows(self, start: int, end: int) -> list[dict[str, torch.Tensor]]:
@@ -206,8 +206,17 @@ class ActivationCache:
             "d_submodule": widths[self.sites[0]] if len(self.sites) == 1 else [widths[s] for s in self.sites],
             "out_batch_size": self.batch_size,
             "submodules": self.sites,
+            "modules": {site["name"]: site.get("module") for site in m["sites"] if site["name"] in self.sites},
             "n_tokens": self.n_tokens,
+            "loop": self.loop,
+            "packed": m.get("packed", False),
+            "remove_bos": m.get("remove_bos", False),
+            "text": m.get("text"),
         }
+
+    def batches_left(self) -> int | None:
+        """Batches left in this pass (None when looping: endless)."""
+        return None if self.loop else max(0, len(self) - self._start_batch - self._served)
 
     def mean_squared_norm(self, site: str | None = None) -> float:
         """Mean of ||x||^2 over all cached rows of a site (recorded while building)."""
@@ -231,9 +240,17 @@ class ActivationCache:
         add_special_tokens: bool = True,
         max_activation_norm_multiple: float | None = None,
         progress: bool = True,
+        pack: bool = True,
+        allow_fewer: bool = False,
     ) -> ActivationCache:
-        """Write about `n_tokens` activations of `model` at `submodule` (one site, or a list / dict
-        of sites read in one pass) into `path`, then return a reader of it.
+        """Write `n_tokens` activations of `model` at `submodule` (one site, or a list / dict of
+        sites read in one pass) into `path`, then return a reader of it.
+
+        Documents are packed into contexts of `ctx_len` tokens (`pack=False`: one truncated context
+        per document). When the text holds fewer tokens than asked, the build fails with both
+        numbers, before running the model when the source is a list or a finite `Documents` (it is
+        tokenized once to count), or when the text runs out (the folder is then a partial cache that
+        a build asking for fewer tokens completes); `allow_fewer=True` keeps what there is instead.
 
         Interrupted builds resume: calling `build` again with the same folder, model (checked by
         its fingerprint), sites and a data source that yields the same documents continues where
@@ -253,15 +270,59 @@ class ActivationCache:
             remove_bos,
             add_special_tokens,
             max_activation_norm_multiple,
+            pack,
         )
+        if not allow_fewer:
+            _check_enough_text(path, data, reader, n_tokens)
         with FolderLock(path, "cache build"):
             remove_dead_temporaries(path)
-            _fill(path, reader, model, dtype, n_tokens, shard_tokens, progress)
+            _fill(path, reader, model, dtype, n_tokens, shard_tokens, progress, allow_fewer)
         return cls(path)
 
 
+def text_tokens(data: Any, reader: ActivationReader) -> int | None:
+    """How many tokens a finite text source gives the reader (packed or truncated as it reads them,
+    before its BOS and high-norm masks), or None for a source that may be endless or read once."""
+    if isinstance(data, Documents):
+        if not data.finite:
+            return None
+    elif not isinstance(data, (list, tuple)):
+        return None
+    items = (
+        pack_documents(iter(data), reader.tokenizer, reader.ctx_len, reader.add_special_tokens) if reader.pack else data
+    )
+    total = 0
+    for item in items:
+        if isinstance(item, str):
+            ids = reader.tokenizer(item, add_special_tokens=reader.add_special_tokens)["input_ids"]
+            total += min(len(ids), reader.ctx_len)
+        else:
+            total += min(len(item), reader.ctx_len)
+    return total
+
+
+def _check_enough_text(path: Path, data: Any, reader: ActivationReader, n_tokens: int) -> None:
+    available = text_tokens(data, reader)
+    if available is not None and available < n_tokens:
+        raise CacheError(_too_little_text(path, n_tokens, available, "holds"))
+
+
+def _too_little_text(path: Path, asked: int, available: int, verb: str) -> str:
+    return (
+        f"{path}: {asked:,} tokens asked, but the text {verb} only {available:,}: ask for at most {available:,} "
+        f"(--tokens {available}), give more text, or pass allow_fewer=True (--allow-fewer) to keep what there is"
+    )
+
+
 def _fill(
-    path: Path, reader: ActivationReader, model, dtype: torch.dtype, n_tokens: int, shard_tokens: int, progress: bool
+    path: Path,
+    reader: ActivationReader,
+    model,
+    dtype: torch.dtype,
+    n_tokens: int,
+    shard_tokens: int,
+    progress: bool,
+    allow_fewer: bool,
 ) -> None:
     """Write shards into `path` until it holds `n_tokens` rows (continuing a partial build), then mark it complete."""
     from tqdm.auto import tqdm
@@ -292,6 +353,10 @@ def _fill(
             f"{path}: the data yielded no tokens ({manifest['documents_read']} documents read), so nothing was "
             f"cached; check the text source (an empty file or dataset, or texts that are all empty)"
         )
+    if manifest["n_tokens"] < n_tokens:
+        if not allow_fewer:  # left partial: a build asking for fewer tokens completes it
+            raise CacheError(_too_little_text(path, n_tokens, manifest["n_tokens"], "ran out after"))
+        logger.warning("%s: the text ran out after %d of %d tokens; kept them", path, manifest["n_tokens"], n_tokens)
     manifest["complete"] = True
     atomic_write_json(manifest, path / MANIFEST)
 
@@ -443,6 +508,8 @@ def _start_manifest(path: Path, reader: ActivationReader, model, dtype: torch.dt
         "dtype": str(dtype).removeprefix("torch."),
         "ctx_len": reader.ctx_len,
         "remove_bos": reader.remove_bos,
+        "packed": reader.pack,
+        "text": text_record(reader.source),
         "n_tokens": 0,
         "documents_read": 0,
         "shards": [],
@@ -453,7 +520,7 @@ def _start_manifest(path: Path, reader: ActivationReader, model, dtype: torch.dt
         path.mkdir(parents=True, exist_ok=True)
         return fresh
     existing = read_manifest(path)
-    for key in ("model", "model_fingerprint", "sites", "io", "dtype", "ctx_len", "remove_bos"):
+    for key in ("model", "model_fingerprint", "sites", "io", "dtype", "ctx_len", "remove_bos", "packed", "text"):
         if key in existing and existing[key] != fresh[key]:
             raise CacheError(
                 f"{path} already holds a cache with {key}={existing[key]!r}, not {fresh[key]!r}; use another folder"

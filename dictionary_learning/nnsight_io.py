@@ -43,6 +43,16 @@ def torch_model(model) -> nn.Module:
     return root_module(model)
 
 
+def model_id(model) -> str:
+    """A name for the model: the id `load_default_model` gives the offline default, else its Hub id
+    or path, else its family and parameter count."""
+    hf = torch_model(model)
+    name = getattr(hf, "dictionary_learning_id", "") or getattr(hf.config, "_name_or_path", "")
+    return (
+        name or getattr(hf, "name_or_path", "") or f"{hf.config.model_type}-{sum(p.numel() for p in hf.parameters())}"
+    )
+
+
 def model_device(model) -> torch.device:
     """Where a model's weights (and so its inputs) live."""
     from .dictionaries.base import device_of

@@ -62,6 +62,8 @@ class ActivationBuffer(_NNsightActivationBuffer):
         dtype: torch.dtype | None = None,
         seed: int | None = None,
         tokenizer=None,
+        pack: bool = True,
+        loop: bool = False,
     ):
         self._given_tokenizer = tokenizer
         super().__init__(
@@ -80,6 +82,8 @@ class ActivationBuffer(_NNsightActivationBuffer):
             max_activation_norm_multiple,
             dtype,
             seed,
+            pack,
+            loop,
         )
 
     def _tokenizer_of(self, model):

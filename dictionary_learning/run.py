@@ -204,9 +204,12 @@ class RunFolder:
         return f"the last good state, after step {self.last_backup}, is in {self.root}; resume_from continues it"
 
     # ---------------------------------------------------------------------------------------- writing
-    def write_configs(self, trainers: list, records: dict[str, Any], norm_factor: float | None) -> None:
-        for folder, trainer in zip(self.dirs, trainers):
-            config: dict[str, Any] = {"trainer": trainer.config}
+    def write_configs(
+        self, trainers: list, records: dict[str, Any], norm_factor: float | None, sites: list[dict] | None = None
+    ) -> None:
+        """Each trainer's config.json: its trainer config, the run's records, and its site."""
+        for i, (folder, trainer) in enumerate(zip(self.dirs, trainers)):
+            config: dict[str, Any] = {"trainer": trainer.config} | ({"site": sites[i]} if sites else {})
             if norm_factor is not None:
                 config["trainer"]["norm_factor"] = norm_factor  # already folded into the saved weights
             write_config(config | records, folder)

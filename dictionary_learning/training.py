@@ -26,6 +26,7 @@ from .evaluation import (
     evaluate,  # noqa: F401
     frac_variance_explained,
 )
+from .models import layer_of
 from .run import (
     MAX_CONSECUTIVE_BAD_BATCHES,
     GracefulStop,
@@ -106,6 +107,23 @@ def _site_keys(batch: Any, trainers: list[SAETrainer], split_by_head: bool = Fal
             )
         keys.append(name)
     return keys
+
+
+def site_record(buffer: dict | None, trainer: SAETrainer, key: str | int | None) -> dict[str, Any]:
+    """Where a trainer's activations came from, as config.json's "site" records it: the model id,
+    the module's dotted path, io and layer. From the buffer or cache when it says (the trainer's
+    `lm_name` and `layer` otherwise); None where neither knows."""
+    buffer = buffer or {}
+    modules = buffer.get("modules") or {}
+    module = modules.get(key) if isinstance(key, str) else next(iter(modules.values()), None)
+    layer = layer_of(module) if module else None
+    return {
+        "model": buffer.get("model") or trainer.config.get("lm_name"),
+        "module": module,
+        "io": buffer.get("io"),
+        "layer": layer if layer is not None else trainer.config.get("layer"),
+        "head": key if isinstance(key, int) else None,
+    }
 
 
 def _check_batch(batch: Any, trainers: list[SAETrainer], keys: list[str | int | None]) -> None:
@@ -381,13 +399,14 @@ class _Run:
             if step >= steps:  # a finished run: nothing to train, no data to read
                 logger.info("the run in %s already finished its %d steps", self.folder.root, steps)
                 return self._finish(norm_factor)
-            batches, keys, norm_factor = self._stream(data, resume_states, consumed, norm_factor, opts)
+            batches, keys, norm_factor = self._stream(data, resume_states, consumed, norm_factor, opts, steps - step)
             records = {"buffer": data.config} if getattr(data, "config", None) is not None else {}
             records |= {"run": opts["run_cfg"]} if opts["run_cfg"] else {}
             records |= {"e2e": self.e2e.config} if self.e2e is not None else {}
             records["library"] = {"name": "dictionary_learning", "version": __version__}
             self.records = records
-            self.folder.write_configs(trainers, records, norm_factor)
+            self.sites = [site_record(records.get("buffer"), trainer, key) for trainer, key in zip(trainers, keys)]
+            self.folder.write_configs(trainers, records, norm_factor, self.sites)
             self.norm_factor = norm_factor
             step, consumed, skipped = self._loop(batches, keys, step, consumed, steps, opts)
             self.guard.check(self.folder.describe_last_backup())
@@ -404,7 +423,7 @@ class _Run:
                 trainer.ae.scale_biases(norm_factor)
         return [trainer.ae for trainer in self.trainers]
 
-    def _stream(self, data, resume_states, consumed, norm_factor, opts):
+    def _stream(self, data, resume_states, consumed, norm_factor, opts, steps_left: int):
         """The batches from where the run stands, the site key of each trainer, and the norm factor."""
         group, e2e = self.group, self.e2e
         data_parallel = group is not None and group.mode == "data"
@@ -431,6 +450,8 @@ class _Run:
             raise ValueError(
                 f"{self.rank_tag}data yielded no batches: check the data source (empty file, exhausted iterator)"
             )
+        if group is None and e2e is None:
+            _check_enough_batches(data, steps_left)
         keys = _site_keys(self.activations_of(first), self.trainers, opts["activations_split_by_head"])
         _check_batch(self.activations_of(first), self.trainers, keys)
         batches = itertools.chain([first], batches)
@@ -504,10 +525,26 @@ class _Run:
     def _backup(self, step: int, consumed: int) -> None:
         # config.json says how many steps the weights saved with it were trained for (fewer than the
         # schedule's `steps` when the data ran out or the run was stopped)
-        self.folder.write_configs(self.trainers, self.records | {"steps_trained": step}, self.norm_factor)
+        self.folder.write_configs(self.trainers, self.records | {"steps_trained": step}, self.norm_factor, self.sites)
         run_state = {"norm_factor": self.norm_factor, "e2e": self.e2e.config if self.e2e is not None else None}
         self.folder.save_backup(self.trainers, step, consumed, run_state)
         self.folder.save_weights(self.trainers, self.norm_factor)  # ae.pt: the latest weights, loadable anywhere
+
+
+def _check_enough_batches(data, steps_left: int) -> None:
+    """Fail before training when the data is known to hold fewer batches than the steps left (a
+    buffer whose text ran out during its first fill, a cache read once), naming both numbers."""
+    left = data.batches_left() if hasattr(data, "batches_left") else None
+    if left is None:
+        return
+    available = left + 1  # the first batch, already taken
+    if available < steps_left:
+        size = getattr(data, "out_batch_size", None) or getattr(data, "batch_size", "?")
+        raise ValueError(
+            f"the data holds {available} batches of {size} activations but {steps_left} steps are asked: train for at "
+            f"most {available} steps, give more text (a larger source or cache), or let the data repeat "
+            f"(loop=True on the buffer or cache; --loop on the command line)"
+        )
 
 
 def _check_bad_streak(bad_in_a_row: int, consumed: int) -> None:

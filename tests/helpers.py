@@ -154,5 +154,5 @@ def build_cache(path, model=None, n_tokens=10_000, data=None, **kwargs):
     model = model or tiny_models.gpt_neox()
     site = kwargs.pop("submodule", None)
     site = model.gpt_neox.layers[1] if site is None else site
-    kwargs = dict(dict(ctx_len=32, refresh_batch_size=8, shard_tokens=100, progress=False), **kwargs)
+    kwargs = dict(dict(ctx_len=32, refresh_batch_size=8, shard_tokens=100, progress=False, allow_fewer=True), **kwargs)
     return ActivationCache.build(path, model, site, iter(data or TEXTS), n_tokens, **kwargs)

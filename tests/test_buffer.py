@@ -21,7 +21,7 @@ def test_buffer_rows_equal_forward_hook_values(family, io):
     texts = SENTENCES[:12]
     for site, module in ((layers[1].mlp, layers[1].mlp._module), (layers[0], layers[0]._module)):
         buffer = ActivationBuffer(
-            iter(texts), model, site, io=io, n_ctxs=64, ctx_len=32, refresh_batch_size=5, out_batch_size=7
+            iter(texts), model, site, io=io, n_ctxs=64, ctx_len=32, refresh_batch_size=5, out_batch_size=7, pack=False
         )
         got = drain(buffer)
         expected = hook_rows(model, module, texts, io=io)
@@ -41,6 +41,7 @@ def test_remove_bos_drops_bos_and_only_bos():
         refresh_batch_size=4,
         out_batch_size=50,
         remove_bos=True,
+        pack=False,
     )
     got = drain(buffer)
     expected = hook_rows(model, model.model.layers[0]._module, texts, drop_first=True)
@@ -59,6 +60,7 @@ def test_remove_bos_when_bos_equals_eos_keeps_document_separators():
         refresh_batch_size=1,
         out_batch_size=100,
         remove_bos=True,
+        pack=False,
     )
     ids = model.tokenizer(f"{eot}first doc.{eot}second doc.")["input_ids"]
     assert drain(buffer).shape[0] == len(ids) - 1  # the leading one goes, the separator stays
@@ -75,6 +77,7 @@ def test_token_id_inputs_and_truncation_to_ctx_len():
         ctx_len=5,
         refresh_batch_size=3,
         out_batch_size=100,
+        pack=False,
     )
     assert drain(from_ids).shape[0] == sum(min(len(s), 5) for s in sequences)
 
@@ -83,7 +86,15 @@ def test_in_to_out_yields_input_and_output_pairs():
     model = tiny_models.llama()
     mlp = model.model.layers[0].mlp
     buffer = ActivationBuffer(
-        iter(SENTENCES[:4]), model, mlp, io="in_to_out", n_ctxs=8, ctx_len=32, refresh_batch_size=4, out_batch_size=1000
+        iter(SENTENCES[:4]),
+        model,
+        mlp,
+        io="in_to_out",
+        n_ctxs=8,
+        ctx_len=32,
+        refresh_batch_size=4,
+        out_batch_size=1000,
+        pack=False,
     )
     got = drain(buffer)
     assert got.shape[1:] == (2, 32)
@@ -104,6 +115,7 @@ def test_several_sites_from_one_pass_stay_aligned():
         ctx_len=32,
         refresh_batch_size=3,
         out_batch_size=20,
+        pack=False,
     )
     batches = list(buffer)
     assert set(batches[0]) == {"resid", "ln"} and buffer.d_submodule == [32, 32]
@@ -122,6 +134,7 @@ def test_trainsae_routes_site_batches_by_submodule_name():
         ctx_len=16,
         refresh_batch_size=8,
         out_batch_size=64,
+        pack=False,
     )
     common = dict(
         trainer=StandardTrainer, activation_dim=32, dict_size=64, warmup_steps=2, sparsity_warmup_steps=2, device="cpu"
@@ -138,7 +151,14 @@ def test_exhausted_data_serves_everything_then_stops():
     model = tiny_models.gpt_neox()
     texts = SENTENCES[:30]
     buffer = ActivationBuffer(
-        iter(texts), model, model.gpt_neox.layers[0], n_ctxs=4, ctx_len=32, refresh_batch_size=3, out_batch_size=16
+        iter(texts),
+        model,
+        model.gpt_neox.layers[0],
+        n_ctxs=4,
+        ctx_len=32,
+        refresh_batch_size=3,
+        out_batch_size=16,
+        pack=False,
     )
     total = sum(len(model.tokenizer(t)["input_ids"]) for t in texts)
     assert drain(buffer).shape[0] == total  # several refreshes; leftovers of each LM batch are kept
@@ -160,6 +180,7 @@ def test_float_n_ctxs_bf16_storage_and_seeded_order():
             out_batch_size=32,
             dtype=torch.bfloat16,
             seed=3,
+            pack=False,
         )
 
     a, b = make(), make()
@@ -170,7 +191,7 @@ def test_float_n_ctxs_bf16_storage_and_seeded_order():
 def test_high_norm_positions_are_dropped():
     model = tiny_models.gpt_neox()
     buffer = ActivationBuffer(
-        iter([]), model, model.gpt_neox.layers[0], n_ctxs=1, ctx_len=4, max_activation_norm_multiple=10
+        iter([]), model, model.gpt_neox.layers[0], n_ctxs=1, ctx_len=4, max_activation_norm_multiple=10, pack=False
     )
     acts = torch.ones(2, 4, 8)
     acts[1, 2] *= 100
@@ -183,16 +204,16 @@ def test_bad_input_is_named():
     model = tiny_models.gpt_neox()
     layer = model.gpt_neox.layers[0]
     with pytest.raises(ValueError, match=r"d_submodule=16 but .* have width \[32\]"):
-        ActivationBuffer(iter(SENTENCES), model, layer, d_submodule=16)
+        ActivationBuffer(iter(SENTENCES), model, layer, d_submodule=16, pack=False)
     with pytest.raises(ValueError, match="io must be one of"):
-        ActivationBuffer(iter(SENTENCES), model, layer, io="middle")
+        ActivationBuffer(iter(SENTENCES), model, layer, io="middle", pack=False)
     with pytest.raises(ValueError, match="no submodule 'gpt_neox.layers.9'"):
-        ActivationBuffer(iter(SENTENCES), model, "gpt_neox.layers.9")
+        ActivationBuffer(iter(SENTENCES), model, "gpt_neox.layers.9", pack=False)
     with pytest.raises(ValueError, match="not a submodule of this model"):
-        ActivationBuffer(iter(SENTENCES), model, torch.nn.Linear(2, 2))
+        ActivationBuffer(iter(SENTENCES), model, torch.nn.Linear(2, 2), pack=False)
     with pytest.raises(TypeError, match="data must yield strings or non-empty token-id sequences"):
-        next(ActivationBuffer(iter([{"text": "hi"}]), model, layer, n_ctxs=2, ctx_len=4))
-    assert ActivationBuffer(iter(SENTENCES), model, "gpt_neox.layers.0").submodule._module is layer._module
+        next(ActivationBuffer(iter([{"text": "hi"}]), model, layer, n_ctxs=2, ctx_len=4, pack=False))
+    assert ActivationBuffer(iter(SENTENCES), model, "gpt_neox.layers.0", pack=False).submodule._module is layer._module
 
 
 def test_head_buffer_splits_attention_output_by_head_and_trainsae_trains_one_per_head():
@@ -201,7 +222,15 @@ def test_head_buffer_splits_attention_output_by_head_and_trainsae_trains_one_per
     model = tiny_models.llama()
     o_proj = model.model.layers[1].self_attn.o_proj
     buffer = HeadActivationBuffer(
-        iter(SENTENCES * 10), model, layer=1, n_ctxs=16, ctx_len=16, refresh_batch_size=8, out_batch_size=32, seed=0
+        iter(SENTENCES * 10),
+        model,
+        layer=1,
+        n_ctxs=16,
+        ctx_len=16,
+        refresh_batch_size=8,
+        out_batch_size=32,
+        seed=0,
+        pack=False,
     )
     batch = next(buffer)
     assert batch.shape == (32, 4, 8) and buffer.config["n_heads"] == 4  # 4 heads of 32 / 4
@@ -214,6 +243,7 @@ def test_head_buffer_splits_attention_output_by_head_and_trainsae_trains_one_per
         refresh_batch_size=8,
         out_batch_size=1000,
         apply_W_O=True,
+        pack=False,
     )
     per_head = drain(mapped)
     assert per_head.shape[1:] == (4, 32)

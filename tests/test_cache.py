@@ -21,7 +21,7 @@ def all_rows(cache):
 
 def test_round_trip_equals_forward_hook_values(tmp_path):
     model = tiny_models.gpt_neox()
-    cache = build(tmp_path / "c", model)
+    cache = build(tmp_path / "c", model, pack=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["shards"]) > 3 and manifest["sites"][0]["d"] == 32
     expected = hook_rows(model, model.gpt_neox.layers[1]._module, TEXTS)

@@ -46,6 +46,7 @@ def test_buffer_reads_tuple_outputs_of_gpt2_blocks():
         ctx_len=16,
         refresh_batch_size=4,
         out_batch_size=10,
+        pack=False,
     )
     assert next(buffer).shape == (10, 32)
 
@@ -109,12 +110,20 @@ def test_one_refresh_on_the_offline_smollm2():
     assert hf.config.hidden_size == 576 and hf.config.num_hidden_layers == 30
     mlp = get_submodule(model, 3, "mlp")
     buffer = ActivationBuffer(
-        default_texts(), model, mlp, n_ctxs=16, ctx_len=64, refresh_batch_size=16, out_batch_size=256, remove_bos=True
+        default_texts(),
+        model,
+        mlp,
+        n_ctxs=16,
+        ctx_len=64,
+        refresh_batch_size=16,
+        out_batch_size=256,
+        remove_bos=True,
+        pack=False,
     )
     batch = next(buffer)
     assert batch.shape == (256, 576) and torch.isfinite(batch).all()
     # the same values as a plain forward hook on the first article
-    ids = model.tokenizer(next(default_texts()), return_tensors="pt", truncation=True, max_length=64)["input_ids"]
+    ids = model.tokenizer(next(iter(default_texts())), return_tensors="pt", truncation=True, max_length=64)["input_ids"]
     captured = {}
     handle = mlp._module.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
     with torch.no_grad():

@@ -20,7 +20,7 @@ def test_rows_equal_forward_hooks_and_the_nnsight_buffer(io):
     wrapped = tiny_models.llama()
     hf, mlp = wrapped._module, wrapped._module.model.layers[1].mlp
     texts = SENTENCES[:10]
-    kwargs = dict(io=io, n_ctxs=64, ctx_len=32, refresh_batch_size=4, out_batch_size=7)
+    kwargs = dict(io=io, n_ctxs=64, ctx_len=32, refresh_batch_size=4, out_batch_size=7, pack=False)
     got = drain(ActivationBuffer(iter(texts), hf, mlp, tokenizer=wrapped.tokenizer, **kwargs))
     expected = hook_rows(wrapped, mlp, texts, io=io)
     assert got.shape == expected.shape

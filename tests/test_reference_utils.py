@@ -37,7 +37,7 @@ def test_loss_recovered_matches_evaluate_and_is_exact_for_identity():
 
     from dictionary_learning.buffer import ActivationBuffer
 
-    buffer = ActivationBuffer(iter(texts), model, site, n_ctxs=8, ctx_len=16, refresh_batch_size=8)
+    buffer = ActivationBuffer(iter(texts), model, site, n_ctxs=8, ctx_len=16, refresh_batch_size=8, pack=False)
     metrics = evaluate(ae, buffer, max_len=16, batch_size=8)
     expected = (metrics["loss_original"], metrics["loss_reconstructed"], metrics["loss_zero"])
     assert [float(v) for v in triple] == pytest.approx(expected, rel=1e-5)
