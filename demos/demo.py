@@ -6,10 +6,14 @@
 1. caches the activations once (ActivationCache, with the model stopped after the layer);
 2. trains Standard, Gated, p-anneal, TopK, BatchTopK, Matryoshka and JumpReLU dictionaries at two
    sparsities each, all from the same stream in one trainSAE call;
-3. evaluates each on held-out text: variance explained, L0, and the next-token loss recovered and
-   KL divergence when the dictionary replaces the layer's output;
-4. writes results.json, plots/l0_vs_fve.png and plots/l0_vs_loss_recovered.png, and prints a table.
-The default settings take about 15 minutes on 2 CPU cores.
+3. evaluates each on 32,768 tokens of held-out articles (the deterministic split's held-out part;
+   training reads only the train part): variance explained, L0, and the next-token loss recovered,
+   CE increase and KL divergence when the dictionary replaces the layer's output, with 95 %
+   bootstrap intervals over the evaluated contexts;
+4. writes results.json, plots/l0_vs_fve.png and plots/l0_vs_loss.png (loss recovered and CE
+   increase against L0, each point labelled with its setting), and prints a table.
+The default settings take about 25 minutes on 2 CPU cores (most of it the evaluation: 16 runs of
+the whole model over the 32k tokens).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from tqdm.auto import tqdm
 from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.buffer import ActivationReader
 from dictionary_learning.cache import ActivationCache, CacheError
-from dictionary_learning.evaluation import baseline, frac_recovered, loss_recovered_metrics, reconstruction_metrics
+from dictionary_learning.evaluation import RunningMetrics, baseline, loss_recovered_metrics
 from dictionary_learning.models import default_texts, get_submodule, load_default_model, load_model
+from dictionary_learning.nnsight_io import model_id
 from dictionary_learning.trainers import (
     BatchTopKTrainer,
     GatedSAETrainer,
@@ -39,6 +44,7 @@ from dictionary_learning.trainers import (
 )
 
 CTX_LEN = 128
+EVAL_BATCH = 32  # contexts per evaluation batch
 
 
 def trainer_configs(d: int, dict_size: int, steps: int, layer: int, lm_name: str, site: str, device: str):
@@ -95,23 +101,37 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     recipes = sorted({r["recipe"] for r in results})
     colors = dict(zip(recipes, plt.cm.tab10.colors))
-    for key, label, name in (
-        ("frac_variance_explained", "fraction of variance explained", "l0_vs_fve.png"),
-        ("frac_recovered", "fraction of next-token loss recovered", "l0_vs_loss_recovered.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for recipe in recipes:
-            points = sorted((r["l0"], r[key]) for r in results if r["recipe"] == recipe)
-            ax.plot(*zip(*points), "o-", color=colors[recipe], label=recipe.removesuffix("Trainer"))
-        ax.set_xscale("log")
-        ax.set_xlabel("L0 (active features per token)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title(f"{results[0]['model']} {results[0]['site']}: {label} vs L0", fontsize=10)
+    title = f"{results[0]['model']} {results[0]['site']}, {results[0]['n_tokens']:,} held-out tokens"
+    panels = {
+        "l0_vs_fve.png": [("frac_variance_explained", "fraction of variance explained")],
+        "l0_vs_loss.png": [
+            ("frac_recovered", "fraction of next-token loss recovered"),
+            ("ce_diff", "CE increase when spliced in (nats)"),
+        ],
+    }
+    paths = []
+    for name, keys in panels.items():
+        fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8), squeeze=False)
+        for ax, (key, label) in zip(axes[0], keys):
+            for recipe in recipes:
+                points = sorted((r["l0"], r[key], r.get(f"{key}_lo"), r.get(f"{key}_hi"), r["setting"])
+                                for r in results if r["recipe"] == recipe)  # fmt: skip
+                l0s, values = [p[0] for p in points], [p[1] for p in points]
+                ax.plot(l0s, values, "o-", color=colors[recipe], label=recipe.removesuffix("Trainer"))
+                if points[0][2] is not None:
+                    errors = [[v - p[2] for v, p in zip(values, points)], [p[3] - v for v, p in zip(values, points)]]
+                    ax.errorbar(l0s, values, yerr=errors, fmt="none", ecolor=colors[recipe], alpha=0.6, capsize=2)
+                for l0_value, value, *_, setting in points:
+                    ax.annotate(setting.split("=")[-1], (l0_value, value), textcoords="offset points", xytext=(4, 3),
+                                fontsize=7, color=colors[recipe])  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel("L0 (active features per token)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{title} (bars: 95 % intervals; labels: k, L1 penalty or target L0)", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
@@ -119,15 +139,31 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def evaluate_all(model, site, dictionaries: list, n_tokens: int, device: str) -> list[dict]:
+    """Every dictionary on the same held-out contexts (at least `n_tokens` tokens): per batch, the
+    clean and zero-ablated runs once, then each dictionary spliced in; metrics pooled over all
+    tokens, with 95 % bootstrap intervals over contexts."""
+    reader = ActivationReader(default_texts(split="held_out"), model, site, ctx_len=CTX_LEN)
+    running = [RunningMetrics() for _ in dictionaries]
+    n_batches = -(-n_tokens // (EVAL_BATCH * CTX_LEN))
+    for _ in tqdm(range(n_batches), desc=f"evaluating {len(dictionaries)} dictionaries"):
+        tokens = reader.tokenize(reader.text_batch(EVAL_BATCH))
+        base = baseline(reader, tokens)  # the clean and zero-ablated runs, shared by every dictionary
+        for ae, metrics in zip(dictionaries, running):
+            losses, x, x_hat, f = loss_recovered_metrics(ae.to(device), reader, tokens, base=base)
+            metrics.add(x, x_hat, f, losses["rows"])
+    return [m.result() for m in running]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: the offline SmolLM2-135M)")
     parser.add_argument("--layer", type=int, default=3, help="transformer layer to read")
     parser.add_argument("--site", default="mlp", choices=["mlp", "resid", "attn"], help="output of which module")
-    parser.add_argument("--tokens", type=int, default=400_000, help="training tokens (cached once)")
+    parser.add_argument("--tokens", type=int, default=262_144, help="training tokens (cached once)")
     parser.add_argument("--dict-size", type=int, default=None, help="features per dictionary (default 4 x width)")
     parser.add_argument("--batch-size", type=int, default=1024, help="activations per training step")
-    parser.add_argument("--eval-texts", type=int, default=32, help="held-out documents for evaluation")
+    parser.add_argument("--eval-tokens", type=int, default=32_768, help="held-out tokens to evaluate on")
     parser.add_argument("--out", default="runs/demo", help="output folder")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -139,24 +175,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     model = load_model(args.model, device=args.device) if args.model else load_default_model(device=args.device)
-    lm_name = args.model or "SmolLM2-135M-Instruct"
+    lm_name = model_id(model)
     site = get_submodule(model, args.layer, args.site)
     site_name = f"{args.site}_layer{args.layer}"
-    texts = list(default_texts())
-    eval_texts, train_texts = texts[: args.eval_texts], texts[args.eval_texts :]
 
     start = time.perf_counter()
     try:
-        cache = ActivationCache(out / "activations", batch_size=args.batch_size, loop=True, seed=0)
+        cache = ActivationCache(out / "activations", batch_size=args.batch_size, seed=0)
     except CacheError:
+        train_texts = default_texts(split="train")  # evaluation reads only the held-out part
         ActivationCache.build(
             out / "activations", model, site, train_texts, args.tokens, ctx_len=CTX_LEN, refresh_batch_size=32
         )
-        cache = ActivationCache(out / "activations", batch_size=args.batch_size, loop=True, seed=0)
+        cache = ActivationCache(out / "activations", batch_size=args.batch_size, seed=0)
     cache_seconds = time.perf_counter() - start
 
     d = cache.config["d_submodule"]
-    steps = max(1, cache.n_tokens // args.batch_size)
+    steps = max(1, cache.n_tokens // args.batch_size)  # one pass over the cached tokens
     configs = trainer_configs(d, args.dict_size or 4 * d, steps, args.layer, lm_name, site_name, args.device)
     start = time.perf_counter()
     trainSAE(
@@ -171,28 +206,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    reader = ActivationReader(iter(()), model, site, ctx_len=CTX_LEN)
-    tokens = reader.tokenize(eval_texts)
-    base = baseline(reader, tokens)  # the clean and zero-ablated runs, shared by every dictionary
-    results = []
-    for i, config in enumerate(tqdm(configs, desc="evaluating")):
-        ae, _ = load_dictionary(out / "dictionaries" / f"trainer_{i}", device=args.device)
-        losses, x, x_hat, f = loss_recovered_metrics(ae, reader, tokens, base=base)
-        metrics = reconstruction_metrics(x, x_hat, f) | losses
-        metrics["frac_recovered"] = frac_recovered(losses)
-        metrics["frac_alive"] = float((f != 0).any(0).float().mean())
-        results.append(
-            {
-                "trainer": f"trainer_{i}",
-                "recipe": config["trainer"].__name__,
-                "dictionary": type(ae).__name__,
-                "setting": sparsity_setting(config),
-                "model": lm_name,
-                "site": site_name,
-                **metrics,
-            }
-        )
+    dictionaries = [load_dictionary(out / "dictionaries" / f"trainer_{i}")[0] for i in range(len(configs))]
+    evaluated = evaluate_all(model, site, dictionaries, args.eval_tokens, args.device)
+    results = [
+        {
+            "trainer": f"trainer_{i}",
+            "recipe": config["trainer"].__name__,
+            "dictionary": type(ae).__name__,
+            "setting": sparsity_setting(config),
+            "model": lm_name,
+            "site": site_name,
+            **metrics,
+        }
+        for i, (config, ae, metrics) in enumerate(zip(configs, dictionaries, evaluated))
+    ]
     eval_seconds = time.perf_counter() - start
+    eval_tokens = results[0]["n_tokens"]
 
     (out / "results.json").write_text(
         json.dumps(
@@ -202,7 +231,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "tokens": cache.n_tokens,
                 "steps": steps,
                 "batch_size": args.batch_size,
-                "eval_tokens": int(tokens["attention_mask"].sum()),
+                "train_text": cache.config["text"],
+                "eval_text": default_texts(split="held_out").record,
+                "eval_tokens": eval_tokens,
                 "seconds": {"cache": cache_seconds, "train": train_seconds, "evaluate": eval_seconds},
                 "results": results,
             },
@@ -212,22 +243,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plots = plot(results, out / "plots")
 
     print(
-        f"\n{lm_name} {site_name}: {cache.n_tokens} training tokens, {steps} steps; "
-        f"evaluated on {int(tokens['attention_mask'].sum())} held-out tokens"
+        f"\n{lm_name} {site_name}: {cache.n_tokens} training tokens (train part), {steps} steps; evaluated on "
+        f"{eval_tokens} held-out tokens ({results[0]['n_sequences']} contexts); [95 % intervals]"
     )
     print(
-        f"{'trainer':11s} {'recipe':28s} {'setting':26s} {'L0':>7s} {'FVE':>6s} {'loss rec.':>9s} {'KL':>7s} "
-        f"{'alive':>6s}"
+        f"{'trainer':11s} {'recipe':27s} {'setting':27s} {'L0':>6s} {'FVE':>6s} {'loss recovered':>21s} "
+        f"{'CE increase':>22s} {'KL':>7s} {'alive':>5s}"
     )
     for r in results:
+        rec = f"{r['frac_recovered']:.3f} [{r['frac_recovered_lo']:.3f}, {r['frac_recovered_hi']:.3f}]"
+        diff = f"{r['ce_diff']:.4f} [{r['ce_diff_lo']:.4f}, {r['ce_diff_hi']:.4f}]"
         print(
-            f"{r['trainer']:11s} {r['recipe']:28s} {r['setting']:26s} {r['l0']:7.1f} "
-            f"{r['frac_variance_explained']:6.3f} {r['frac_recovered']:9.3f} {r['kl_div']:7.4f} "
-            f"{r['frac_alive']:6.2f}"
+            f"{r['trainer']:11s} {r['recipe']:27s} {r['setting']:27s} {r['l0']:6.1f} "
+            f"{r['frac_variance_explained']:6.3f} {rec:>21s} {diff:>22s} {r['kl_div']:7.4f} {r['frac_alive']:5.2f}"
         )
+    first = results[0]
     print(
-        f"clean CE {results[0]['loss_original']:.3f}, zero-ablated CE {results[0]['loss_zero']:.3f}; "
-        f"times: cache {cache_seconds:.0f} s, training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s"
+        f"clean CE {first['ce_clean']:.3f}, zero-ablated CE {first['ce_zero']:.3f} "
+        f"[{first['ce_zero_lo']:.3f}, {first['ce_zero_hi']:.3f}]; times: cache {cache_seconds:.0f} s, "
+        f"training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s"
     )
     print(f"wrote {out / 'results.json'}" + "".join(f", {p}" for p in plots))
     return results

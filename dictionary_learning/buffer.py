@@ -319,9 +319,14 @@ class ActivationBuffer(ActivationReader):
 
     def refresh(self) -> None:
         """Refill every served slot with fresh activations, then reshuffle all unread rows."""
+        from tqdm.auto import tqdm
+
         free = torch.cat([self._order[: self._ptr], torch.arange(self._filled, self.capacity)])
         kept = self._order[self._ptr :]
         n_new = 0
+        first_fill = self._filled == 0  # the long one: a bar after 2 s; later refills are brief
+        bar = tqdm(total=free.numel(), desc="filling the activation buffer", unit="tok", delay=2, leave=False,
+                   disable=not first_fill)  # fmt: skip
         while n_new < free.numel():
             acts = self._pending if self._pending is not None else self.next_activations()
             if acts is None:
@@ -332,6 +337,8 @@ class ActivationBuffer(ActivationReader):
                 store[slots] = a[:take].to(self.device, self.dtype)
             self._pending = [a[take:] for a in acts] if take < acts[0].shape[0] else None
             n_new += take
+            bar.update(take)
+        bar.close()
         self._filled = max(self._filled, int(free[:n_new].max()) + 1 if n_new else 0)
         valid = torch.cat([kept, free[:n_new]])
         self._order = valid[torch.randperm(valid.numel(), generator=self.generator)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .data import HELD_OUT_FRACTION
 from .trainers import TRAINER_REGISTRY
 
 DEFAULT_MODEL = "SmolLM2-135M (offline)"
@@ -28,26 +30,55 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _add_model_args(parser: argparse.ArgumentParser, site_required: bool = True) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, layer_help: str = "transformer layer(s)") -> None:
     group = parser.add_argument_group("model and site")
     group.add_argument("--model", help=f"Hugging Face id or local folder (default: {DEFAULT_MODEL})")
-    group.add_argument("--layer", type=int, required=site_required, help="transformer layer")
+    group.add_argument("--layer", type=int, nargs="+", help=layer_help)
     group.add_argument(
         "--site",
-        default="resid",
+        default=None,
         choices=["resid", "mlp", "attn", "embed"],
         help="which output of the layer (default: resid, the block's output)",
     )
     group.add_argument("--device", default="cpu", help="torch device for the model and training (default: cpu)")
 
 
-def _add_text_args(parser: argparse.ArgumentParser) -> None:
+def _add_text_args(parser: argparse.ArgumentParser, part: str) -> None:
     group = parser.add_argument_group("text")
     group.add_argument(
         "--texts", help="a .txt file or folder, or a .jsonl / .jsonl.zst file (default: the bundled BBC News articles)"
     )
     group.add_argument("--dataset", help="a Hugging Face dataset with a 'text' column, streamed")
     group.add_argument("--ctx-len", type=positive_int, default=128, help="tokens per context (default: 128)")
+    group.add_argument(
+        "--part",
+        default=part,
+        choices=["train", "held-out", "all"],
+        help=f"which part of the text's deterministic train / held-out split to read (default: {part})",
+    )
+    group.add_argument(
+        "--held-out-fraction",
+        type=float,
+        default=HELD_OUT_FRACTION,
+        help=f"share of documents held out, by a hash of each text (default: {HELD_OUT_FRACTION})",
+    )
+    group.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="one context per document, cut at --ctx-len (the reference's way), instead of packing "
+        "the documents into full contexts",
+    )
+
+
+def _add_mask_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("positions left out")
+    group.add_argument("--remove-bos", action="store_true", help="leave out BOS positions (see ActivationBuffer)")
+    group.add_argument(
+        "--max-norm-multiple",
+        type=float,
+        help="leave out positions whose activation norm exceeds this multiple of the batch median "
+        "(attention sinks; e.g. 10)",
+    )
 
 
 def _load_model(args):
@@ -56,29 +87,41 @@ def _load_model(args):
     return load_model(args.model, device=args.device) if args.model else load_default_model(device=args.device)
 
 
-def _texts(args):
-    from .data import hf_dataset_to_generator, jsonl_to_generator, text_files_to_generator
+def _documents(args):
+    """The text source as a `Documents`, restricted to --part; fails at once when it holds no text."""
+    from .data import Documents, hf_dataset_to_generator, jsonl_to_generator, text_files_to_generator
     from .models import default_texts
 
+    part = {"train": "train", "held-out": "held_out", "all": None}[args.part]
+    fraction = args.held_out_fraction
+    if not 0 < fraction < 1:
+        raise SystemExit(f"error: --held-out-fraction must lie strictly between 0 and 1, got {fraction}")
     if args.dataset:
-        return hf_dataset_to_generator(args.dataset)
-    if args.texts:
+        name = args.dataset
+        docs = Documents(f"hf:{name}", lambda: hf_dataset_to_generator(name), part, fraction, finite=False)
+        what = f"dataset {name}"
+    elif args.texts:
         path = Path(args.texts)
         if not path.exists():
             raise SystemExit(f"error: --texts {path} does not exist")
-        documents = jsonl_to_generator(path) if ".jsonl" in path.name else text_files_to_generator(path)
-        texts = (text for text in documents if text.strip())
-        first = next(texts, None)
-        if first is None:
-            raise SystemExit(f"error: --texts {path} holds no text: give a file or folder with at least one document")
-        return itertools.chain([first], texts)
-    return default_texts()
+        read = jsonl_to_generator if ".jsonl" in path.name else text_files_to_generator
+        docs = Documents(str(path.resolve()), lambda: (t for t in read(path) if t.strip()), part, fraction)
+        what = f"--texts {path}"
+    else:
+        return default_texts(split=part, held_out_fraction=fraction)
+    if next(iter(docs), None) is None:
+        where = f" in its {args.part} part (--held-out-fraction {fraction})" if part else ""
+        raise SystemExit(f"error: {what} holds no text{where}: give a source with at least one document")
+    return docs
 
 
-def _site(model, layer: int, site: str):
+def _sites(model, layers: list[int], site: str):
+    """One submodule (a single layer), or a dict {"<site>_layer<i>": submodule} for several."""
     from .models import get_submodule
 
-    return get_submodule(model, layer, site)
+    if len(layers) == 1:
+        return get_submodule(model, layers[0], site)
+    return {f"{site}_layer{layer}": get_submodule(model, layer, site) for layer in layers}
 
 
 def _parse_value(text: str):
@@ -88,41 +131,120 @@ def _parse_value(text: str):
         return text
 
 
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas that are not inside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{("
+        depth -= char in "]})"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def parse_trainer_spec(spec: str) -> tuple[str, dict[str, list]]:
+    """ "TopKTrainer:k=32,64,lr=3e-4" -> ("TopKTrainer", {"k": [32, 64], "lr": [0.0003]}): each key
+    takes the values up to the next key (JSON values; lists in brackets)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, list] = {}
+    key = None
+    for token in _split_top_level(rest) if rest else []:
+        token = token.strip()
+        if "=" in token and not token.startswith(("[", "{", '"')):
+            key, _, value = token.partition("=")
+            key = key.strip()
+            if not key or key in options:
+                raise SystemExit(
+                    f"error: --trainer {spec!r}: {'a key is empty' if not key else f'{key} is given twice'}"
+                )
+            options[key] = [_parse_value(value)]
+        elif key is None or not token:
+            raise SystemExit(f"error: --trainer {spec!r}: expected NAME or NAME:key=value[,value...][,key=value...]")
+        else:
+            options[key].append(_parse_value(token))
+    return name.strip(), options
+
+
 def _trainer_configs(args) -> list[dict]:
     """Configs from --config (JSON or YAML: one config, a list, or {"trainers": [...]}) or from
-    --trainer plus --set key=value pairs; "trainer" names a registered trainer class."""
+    --trainer NAME[:key=v1,v2,...] (a config per combination of the listed values), with --set
+    key=value pairs applied to every trainer; "trainer" names a registered trainer class."""
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set expects key=value, got {item!r}")
+        overrides[key] = _parse_value(value)
     if args.config:
-        text = Path(args.config).read_text()
-        if args.config.endswith((".yaml", ".yml")):
-            import yaml
-
-            loaded = yaml.safe_load(text)
-        else:
-            loaded = json.loads(text)
-        configs = loaded.get("trainers", [loaded]) if isinstance(loaded, dict) else loaded
-        if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
-            raise SystemExit(
-                f"error: --config {args.config} must hold a trainer config (an object with a 'trainer' key), a list "
-                f"of them, or {{'trainers': [...]}}; got {json.dumps(loaded)[:80]}"
-            )
+        configs = [dict(overrides, **config) for config in _read_config_file(args.config)]
+    elif args.trainer:
+        configs = []
+        for spec in args.trainer:
+            name, options = parse_trainer_spec(spec)
+            for values in itertools.product(*options.values()):
+                configs.append(dict(overrides, **dict(zip(options, values)), trainer=name))
     else:
-        if not args.trainer:
-            raise SystemExit("error: give --trainer NAME (with --set key=value options) or --config FILE")
-        overrides = {}
-        for item in args.set or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"error: --set expects key=value, got {item!r}")
-            overrides[key] = _parse_value(value)
-        configs = [dict(overrides, trainer=name) for name in args.trainer]
+        raise SystemExit("error: give --trainer NAME[:key=value,...] (repeatable) or --config FILE")
     for config in configs:
         name = config.get("trainer")
         if name not in TRAINER_REGISTRY:
-            raise SystemExit(f"error: unknown trainer {name!r}; choose from {', '.join(TRAINER_REGISTRY)}")
+            close = difflib.get_close_matches(str(name), list(TRAINER_REGISTRY), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SystemExit(f"error: unknown trainer {name!r}{hint}; choose from {', '.join(TRAINER_REGISTRY)}")
         options = {k: v for k, v in config.items() if k != "trainer"}
         TRAINER_REGISTRY[name].check_config_keys(options)  # before the model is loaded
         TRAINER_REGISTRY[name].check_config_values(options)
     return configs
+
+
+def _read_config_file(path: str) -> list[dict]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        loaded = yaml.safe_load(text)
+    else:
+        loaded = json.loads(text)
+    configs = loaded.get("trainers", [loaded]) if isinstance(loaded, dict) else loaded
+    if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
+        raise SystemExit(
+            f"error: --config {path} must hold a trainer config (an object with a 'trainer' key), a list "
+            f"of them, or {{'trainers': [...]}}; got {json.dumps(loaded)[:80]}"
+        )
+    return configs
+
+
+# Schedule options whose reference defaults (1,000-15,000 steps) would swallow a short run, and the
+# share of the run each gets when left unset: (option, fraction of steps, applies when default > steps *).
+_SHORT_RUN = {
+    "warmup_steps": (1 / 20, 1 / 10),
+    "sparsity_warmup_steps": (1 / 10, 1 / 5),
+    "threshold_start_step": (1 / 10, 1 / 5),
+    "anneal_start": (1 / 2, 1),
+}
+
+
+def fit_schedules(configs: list[dict], steps: int) -> list[str]:
+    """Set the schedule options a config leaves unset whose defaults do not fit `steps` (e.g. the
+    1,000-step warm-up of a 300-step run) to a share of the run; returns one note per change."""
+    notes = []
+    for config in configs:
+        defaults = {
+            p.name: p.default for p in TRAINER_REGISTRY[config["trainer"]].Config.signature().parameters.values()
+        }
+        changed = []
+        for option, (share, limit) in _SHORT_RUN.items():
+            default = defaults.get(option)
+            if option in config or not isinstance(default, int) or default <= steps * limit:
+                continue
+            config[option] = max(1, int(steps * share))
+            changed.append(f"{option} {default} -> {config[option]}")
+        if changed:
+            notes.append(f"{config['trainer']}: {', '.join(changed)}")
+    return notes
 
 
 def _check_out(path: Path, overwrite: bool) -> None:
@@ -134,74 +256,131 @@ def _check_out(path: Path, overwrite: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------- subcommands
+def _layers(args) -> list[int]:
+    site = args.site or "resid"
+    if site == "embed":
+        return [0]
+    if not args.layer:
+        raise SystemExit(f"error: give --layer for the {site} site (several for several sites: --layer 2 3 4)")
+    return args.layer
+
+
 def cmd_cache(args) -> None:
     from .cache import ActivationCache
 
-    texts = _texts(args)  # before the model: a bad --texts fails at once
+    layers = _layers(args)
+    docs = _documents(args)  # before the model: a bad --texts fails at once
     model = _load_model(args)
     cache = ActivationCache.build(
         args.out,
         model,
-        _site(model, args.layer, args.site),
-        texts,
+        _sites(model, layers, args.site or "resid"),
+        docs,
         args.tokens,
         ctx_len=args.ctx_len,
         refresh_batch_size=args.lm_batch_size,
+        remove_bos=args.remove_bos,
+        max_activation_norm_multiple=args.max_norm_multiple,
+        pack=not args.no_pack,
+        allow_fewer=args.allow_fewer,
     )
-    print(f"cached {cache.n_tokens} activations of width {cache.config['d_submodule']} in {args.out}")
+    widths = sorted({site["d"] for site in cache.manifest["sites"]})
+    print(
+        f"cached {cache.n_tokens} activations of width {widths[0] if len(widths) == 1 else widths} at "
+        f"{', '.join(cache.sites)} in {args.out} ({docs.record['part']} part of {docs.record['source']})"
+    )
+
+
+def _data_for_training(args):
+    """(data, {site name: (width, layer)}, model id, e2e objective or None) for `train`."""
+    from .buffer import ActivationBuffer
+    from .cache import ActivationCache
+    from .models import layer_of
+    from .nnsight_io import model_id
+
+    if args.e2e:
+        from .e2e import E2EObjective, TokenBatches
+        from .models import get_submodule
+
+        if args.cache or not args.layer or len(args.layer) != 1:
+            raise SystemExit("error: --e2e trains through the model: give one --layer (and --site), not --cache")
+        docs = _documents(args)
+        model = _load_model(args)
+        downstream = [get_submodule(model, layer, "resid") for layer in args.downstream_layers or []]
+        e2e = E2EObjective(
+            model,
+            _sites(model, args.layer, args.site or "resid"),
+            kl_weight=args.kl_weight,
+            local_weight=args.local_weight,
+            downstream=downstream,
+            downstream_weight=args.downstream_weight,
+        )
+        data = TokenBatches(docs, model, batch_size=args.lm_batch_size, ctx_len=args.ctx_len, pack=not args.no_pack)
+        return data, {None: (e2e.activation_dim, args.layer[0])}, model_id(model), e2e
+    if args.cache:
+        data = ActivationCache(args.cache, batch_size=args.batch_size, loop=args.loop)
+        config = data.config
+        widths = config["d_submodule"] if len(data.sites) > 1 else [config["d_submodule"]]
+        given = args.layer[0] if args.layer and len(args.layer) == 1 else None
+        sites = {
+            name: (width, layer_of(config["modules"].get(name) or "") if given is None else given)
+            for name, width in zip(data.sites, widths)
+        }
+        return data, sites, config["model"], None
+    layers = _layers(args)
+    docs = _documents(args)
+    model = _load_model(args)
+    data = ActivationBuffer(
+        docs,
+        model,
+        _sites(model, layers, args.site or "resid"),
+        ctx_len=args.ctx_len,
+        n_ctxs=args.n_ctxs,
+        refresh_batch_size=args.lm_batch_size,
+        out_batch_size=args.batch_size,
+        device=args.device,
+        remove_bos=args.remove_bos,
+        max_activation_norm_multiple=args.max_norm_multiple,
+        pack=not args.no_pack,
+        loop=args.loop,
+    )
+    widths = data.widths
+    return data, {name: (w, layer) for name, w, layer in zip(data.names, widths, layers)}, model_id(model), None
+
+
+def _per_site(configs: list[dict], sites: dict, lm_name: str, device: str) -> list[dict]:
+    """Each config once per site (when several sites and the config names none), with the
+    defaults that come from the data: width, dictionary size (4 x width), layer, model, device."""
+    out = []
+    for config in configs:
+        targets = [config.get("submodule_name")] if config.get("submodule_name") in sites or len(sites) == 1 else sites
+        for name in targets:
+            key = name if name in sites else next(iter(sites))
+            width, layer = sites[key]
+            filled = dict(config)
+            if len(sites) > 1:
+                filled["submodule_name"] = key
+            filled.setdefault("activation_dim", width)
+            filled.setdefault("dict_size", 4 * width)
+            filled.setdefault("lm_name", lm_name)
+            filled.setdefault("layer", layer)
+            filled.setdefault("device", device)
+            out.append(filled)
+    return out
 
 
 def cmd_train(args) -> None:
-    from .buffer import ActivationBuffer
-    from .cache import ActivationCache
     from .training import trainSAE
 
     configs = _trainer_configs(args)
     out = Path(args.out)
     if not args.resume:
         _check_out(out, args.overwrite)
-    e2e = None
-    if args.e2e:
-        from .e2e import E2EObjective, TokenBatches
-        from .models import get_submodule
-
-        if args.cache or args.layer is None:
-            raise SystemExit("error: --e2e trains through the model: give --layer (and --site), not --cache")
-        model = _load_model(args)
-        downstream = [get_submodule(model, layer, "resid") for layer in args.downstream_layers or []]
-        e2e = E2EObjective(
-            model,
-            _site(model, args.layer, args.site),
-            kl_weight=args.kl_weight,
-            local_weight=args.local_weight,
-            downstream=downstream,
-            downstream_weight=args.downstream_weight,
-        )
-        data = TokenBatches(_texts(args), model, batch_size=args.lm_batch_size, ctx_len=args.ctx_len)
-        d_submodule, lm_name = e2e.activation_dim, args.model or "SmolLM2-135M-Instruct"
-    elif args.cache:
-        data = ActivationCache(args.cache, batch_size=args.batch_size, loop=True)
-        d_submodule, lm_name = data.config["d_submodule"], data.config["model"]
-    else:
-        texts = _texts(args)
-        model = _load_model(args)
-        data = ActivationBuffer(
-            texts,
-            model,
-            _site(model, args.layer, args.site),
-            ctx_len=args.ctx_len,
-            n_ctxs=args.n_ctxs,
-            refresh_batch_size=args.lm_batch_size,
-            out_batch_size=args.batch_size,
-            device=args.device,
-        )
-        d_submodule, lm_name = data.d_submodule, args.model or "SmolLM2-135M-Instruct"
-    for config in configs:
-        config.setdefault("activation_dim", d_submodule)
-        config.setdefault("dict_size", 4 * d_submodule)
-        config.setdefault("lm_name", lm_name)
-        config.setdefault("layer", args.layer)
-        config.setdefault("device", args.device)
+    data, sites, lm_name, e2e = _data_for_training(args)
+    configs = _per_site(configs, sites, lm_name, args.device)
+    for note in fit_schedules(configs, args.steps):  # the same on --resume, so the configs agree
+        if not args.resume:
+            print(f"note: a {args.steps}-step run: {note} (set them to choose)", file=sys.stderr)
     trainSAE(
         data,
         configs,
@@ -221,6 +400,90 @@ def cmd_train(args) -> None:
 
 
 _PUBLISHED_SITE = re.compile(r"(?P<kind>attn|mlp|resid)_out_layer(?P<layer>\d+)|(?P<embed>embed)")
+_PUBLISHED_SWEEP_SITE = re.compile(r"resid_post_layer_(?P<layer>\d+)")
+
+
+def recorded_site(folder, config: dict) -> dict:
+    """What a dictionary says about where it was trained: config.json's "site" (ours), else the
+    trainer's lm_name / layer and the buffer's io, else the site a published folder's name
+    encodes; missing entries are None."""
+    site = dict(config.get("site") or {})
+    trainer, buffer = config.get("trainer") or {}, config.get("buffer") or {}
+    site.setdefault("model", trainer.get("lm_name"))
+    site.setdefault("io", buffer.get("io"))
+    if site.get("layer") is None:
+        site["layer"] = trainer.get("layer")
+    site.setdefault("module", None)
+    published = _PUBLISHED_SITE.search(str(folder))
+    sweep = _PUBLISHED_SWEEP_SITE.search(str(folder))
+    if site["module"] is None and published:
+        site["kind"] = "embed" if published["embed"] else published["kind"]
+        site["layer"] = 0 if published["embed"] else int(published["layer"])
+    elif site["module"] is None and sweep:
+        site["kind"], site["layer"] = "resid", int(sweep["layer"])
+    return site
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    return a is None or b is None or a == b or Path(a).name == Path(b).name
+
+
+def _eval_plan(args, dictionaries):
+    """Per dictionary (folder, dictionary, site to read, io); checks every recorded model, site,
+    width and text against what was asked, failing with one line that names both."""
+    from .data import training_overlap
+    from .models import DEFAULT_MODEL_NAME, get_submodule
+    from .nnsight_io import model_id, resolve_site
+
+    models = {site["model"] for _, _, _, site in dictionaries if site.get("model")}
+    if args.model is None and len(models) > 1:
+        raise SystemExit(
+            f"error: these dictionaries were trained on different models ({sorted(models)}): evaluate each alone"
+        )
+    recorded_model = next(iter(models), None)
+    if args.model is None and recorded_model not in (None, DEFAULT_MODEL_NAME):
+        args.model = recorded_model  # load the model the dictionaries were trained on
+    docs = _documents(args)
+    model = _load_model(args)
+    name = model_id(model)
+    plan = []
+    for folder, ae, config, site in dictionaries:
+        if not _same_model(site.get("model"), name):
+            raise SystemExit(
+                f"error: {folder} was trained on {site['model']!r}, not on {name!r}: drop --model to load the "
+                f"recorded one, or evaluate another dictionary"
+            )
+        if args.layer or args.site:
+            asked = get_submodule(model, (args.layer or [0])[0], args.site or "resid")
+            _check_asked_site(folder, site, resolve_site(model, asked, "out").name, args)
+        elif site.get("module"):
+            asked = site["module"]
+        elif site.get("layer") is not None:
+            asked = get_submodule(model, site["layer"], site.get("kind") or "resid")
+        else:
+            raise SystemExit(f"error: {folder} does not record its site: give --layer (and --site)")
+        plan.append((folder, ae, asked, site.get("io") or "out"))
+        overlap = training_overlap((config.get("buffer") or {}).get("text"), docs.record)
+        if overlap and not args.allow_training_text:
+            raise SystemExit(
+                f"error: {folder}: {overlap}. Evaluate on held-out text (--part held-out, the default) or other "
+                f"text, or pass --allow-training-text"
+            )
+    return model, docs, plan
+
+
+def _check_asked_site(folder, site: dict, asked: str, args) -> None:
+    """--layer/--site must name the site the dictionary was trained on, when it records one."""
+    from .models import layer_of
+
+    recorded = site.get("module")
+    wrong_module = recorded is not None and recorded != asked
+    wrong_layer = recorded is None and site.get("layer") is not None and layer_of(asked) not in (None, site["layer"])
+    if wrong_module or wrong_layer:
+        trained = recorded or f"layer {site['layer']}"
+        raise SystemExit(
+            f"error: {folder} was trained on {trained}, not on {asked}: drop --layer/--site to use the recorded site"
+        )
 
 
 def cmd_eval(args) -> None:
@@ -233,41 +496,98 @@ def cmd_eval(args) -> None:
         raise SystemExit(f"error: {missing[0]} does not exist: give a checkpoint folder (with ae.pt and config.json)")
     dictionaries = []  # every dictionary is loaded (and checked) before the model
     for folder in args.dictionaries:
-        layer, site = args.layer, args.site
-        match = _PUBLISHED_SITE.search(str(folder))
-        if layer is None and match:  # the published Pythia folders name their site
-            layer, site = (0, "embed") if match["embed"] else (int(match["layer"]), match["kind"])
-        if layer is None:
-            raise SystemExit(f"error: give --layer (and --site) for {folder}")
-        dictionaries.append((folder, layer, site, load_dictionary(folder, device=args.device)[0]))
-    model = _load_model(args)
+        ae, config = load_dictionary(folder, device=args.device)
+        dictionaries.append((folder, ae, config, recorded_site(folder, config)))
+    model, docs, plan = _eval_plan(args, dictionaries)
     rows = []
-    for folder, layer, site, ae in dictionaries:
+    for folder, ae, site, io in plan:
         reader = ActivationReader(
-            _texts(args), model, _site(model, layer, site), ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts
+            docs, model, site, io=io, ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, pack=not args.no_pack
         )
+        _check_width(folder, reader, ae, model)
         metrics = evaluate(
             ae, reader, max_len=args.ctx_len, batch_size=args.batch_texts, n_batches=args.n_batches, device=args.device
         )
-        rows.append((folder, metrics))
+        rows.append((folder, reader.names[0], metrics))
         if args.json:
-            print(json.dumps({"dictionary": str(folder), **metrics}))
+            print(json.dumps({"dictionary": str(folder), "site": reader.names[0], "text": docs.record, **metrics}))
     if not args.json:
-        print(
-            f"{'dictionary':50s} {'Var. expl. %':>12s} {'L1':>8s} {'L0':>8s} {'% alive':>8s} {'CE diff':>8s} "
-            f"{'% CE rec.':>9s}"
+        _print_eval_table(rows, docs.record)
+
+
+def _check_width(folder, reader, ae, model) -> None:
+    from .nnsight_io import model_id
+
+    width = reader.widths[0]
+    if width != ae.activation_dim:
+        raise SystemExit(
+            f"error: {folder} reads width {ae.activation_dim}, but {reader.names[0]} of {model_id(model)} has "
+            f"width {width}: give the --layer/--site (and --model) it was trained on"
         )
-        for folder, m in rows:
-            print(
-                f"{str(folder)[-50:]:50s} {100 * m['frac_variance_explained']:12.1f} {m['l1_loss']:8.1f} "
-                f"{m['l0']:8.1f} {100 * m['frac_alive']:8.1f} {m['loss_reconstructed'] - m['loss_original']:8.3f} "
-                f"{100 * m['frac_recovered']:9.1f}"
-            )
+
+
+def _print_eval_table(rows, text: dict) -> None:
+    print(
+        f"{'dictionary':40s} {'site':22s} {'Var. expl. %':>12s} {'L1':>8s} {'L0':>8s} {'% alive':>8s} "
+        f"{'clean CE':>8s} {'CE diff [95% CI]':>24s} {'% CE rec. [95% CI]':>24s} {'tokens':>8s}"
+    )
+    for folder, site, m in rows:
+        ci = m["intervals"]
+        diff = f"{ci['ce_diff']:.3f} [{ci['ce_diff_lo']:.3f}, {ci['ce_diff_hi']:.3f}]"
+        lo, hi = 100 * ci["frac_recovered_lo"], 100 * ci["frac_recovered_hi"]
+        rec = f"{100 * ci['frac_recovered']:.1f} [{lo:.1f}, {hi:.1f}]"
+        print(
+            f"{str(folder)[-40:]:40s} {site[-22:]:22s} {100 * m['frac_variance_explained']:12.1f} {m['l1_loss']:8.1f} "
+            f"{m['l0']:8.1f} {100 * m['frac_alive']:8.1f} {ci['ce_clean']:8.3f} {diff:>24s} {rec:>24s} "
+            f"{ci['n_tokens']:8d}"
+        )
+    print(f"text: the {text['part']} part of {text['source']}")
+
+
+SWEEPS = {
+    "standard": "pythia70m_sweep_standard_ctx128_0712",
+    "topk": "pythia70m_sweep_topk_ctx128_0730",
+    "gated": "pythia70m_sweep_gated_ctx128_0730",
+}
+SWEEP_SOURCE = "hf://canrager/lm_sae"
 
 
 def cmd_download(args) -> None:
-    script = Path(__file__).parent / "scripts" / "download_pythia_dictionaries.sh"
-    raise SystemExit(subprocess.call(["bash", str(script), args.dest]))
+    if args.site is None and args.trainer is None:
+        script = Path(__file__).parent / "scripts" / "download_pythia_dictionaries.sh"
+        raise SystemExit(subprocess.call(["bash", str(script), args.dest]))
+    if args.site is None or args.trainer is None or not re.fullmatch(r"resid_post_layer_\d+", args.site):
+        raise SystemExit(
+            "error: one dictionary of a SAEBench Pythia-70m sweep is --site resid_post_layer_<layer> --trainer <i> "
+            "(with --sweep); without both, download fetches the whole 10_32768 set"
+        )
+    print(f"downloaded {download_sweep_dictionary(args.sweep, args.site, args.trainer, Path(args.dest))}")
+
+
+def download_sweep_dictionary(sweep: str, site: str, trainer: int, dest: Path) -> Path:
+    """Fetch `ae.pt` and `config.json` of one published sweep dictionary into
+    DEST/dictionaries/<sweep folder>/<site>/trainer_<i>, check that it loads, and return the folder.
+    $DL_SWEEPS_SOURCE replaces the Hub repository (a local mirror folder, for tests)."""
+    import shutil
+
+    from .checkpoint import load_dictionary
+    from .hub import download
+
+    folder = f"{SWEEPS[sweep]}/{site}/trainer_{trainer}"
+    source = os.environ.get("DL_SWEEPS_SOURCE", SWEEP_SOURCE)
+    try:
+        local = download(f"{source}/{folder}") if source.startswith("hf://") else Path(source) / folder
+    except FileNotFoundError:
+        local = Path("/nonexistent")
+    if not (local / "ae.pt").is_file():
+        raise SystemExit(f"error: {source} has no dictionary {folder} (sites resid_post_layer_0-5, trainers 0-N)")
+    target = dest / "dictionaries" / folder
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("ae.pt", "config.json"):
+        if (local / name).is_file():
+            shutil.copyfile(local / name, target / name)
+    load_dictionary(target)  # a damaged or foreign file fails here, naming it
+    return target
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -275,19 +595,29 @@ def _add_cache_command(sub) -> None:
     p = sub.add_parser(
         "cache",
         help="run the model once and write its activations to a cache folder",
-        description="Write activations of a model's layer to disk (safetensors shards + manifest).",
+        description="Write activations of a model's layer(s) to disk (safetensors shards + manifest), from "
+        "the training part of the text, packed into contexts.",
     )
-    _add_model_args(p)
-    _add_text_args(p)
+    _add_model_args(p, "transformer layer(s): several cache several sites in one pass")
+    _add_text_args(p, "train")
+    _add_mask_args(p)
     p.add_argument("--tokens", type=positive_int, required=True, help="how many token activations to cache")
-    p.add_argument("--lm-batch-size", type=positive_int, default=32, help="texts per model forward pass (default: 32)")
+    p.add_argument(
+        "--allow-fewer", action="store_true", help="keep what there is when the text holds fewer tokens than asked"
+    )
+    p.add_argument(
+        "--lm-batch-size", type=positive_int, default=32, help="contexts per model forward pass (default: 32)"
+    )
     p.add_argument("--out", required=True, help="cache folder (an interrupted build resumes there)")
     p.set_defaults(func=cmd_cache)
 
 
 def trainer_options_help() -> str:
-    """Each trainer's --set options with their defaults and docs, read from its Config."""
-    lines = ["trainer options (--set KEY=VALUE; steps, activation_dim and dict_size come from the run):"]
+    """Each trainer's options with their defaults and docs, read from its Config."""
+    lines = [
+        "trainer options (--trainer NAME:KEY=V1,V2,KEY2=V3 trains one dictionary per combination; --set "
+        "KEY=VALUE sets it for every trainer; steps, activation_dim and dict_size come from the run):"
+    ]
     for name, cls in TRAINER_REGISTRY.items():
         lines.append(f"  {name}:")
         docs = cls.Config.docs()
@@ -308,33 +638,41 @@ def _add_train_command(sub) -> None:
         "train",
         help="train one or many dictionaries on one activation stream",
         description="Train dictionaries; every trainer sees the same batches. Trainer settings come "
-        "from --trainer/--set or a JSON/YAML --config; activation_dim, dict_size (4 x "
-        "width), layer and lm_name default from the data.",
+        "from --trainer NAME:KEY=VALUES (and --set) or a JSON/YAML --config; activation_dim, dict_size "
+        "(4 x width), layer and lm_name default from the data. Warm-ups whose defaults do not fit a "
+        "short run are shortened (a note says so) unless set.",
         epilog=trainer_options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model_args(p, site_required=False)
-    _add_text_args(p)
+    _add_model_args(p, "transformer layer(s): several train every trainer at each site, from one forward pass")
+    _add_text_args(p, "train")
+    _add_mask_args(p)
     p.add_argument(
         "--trainer",
         action="append",
-        choices=list(TRAINER_REGISTRY),
-        help="a trainer to run (repeat for several); its options via --set",
+        metavar="NAME[:KEY=V1,V2,...]",
+        help="a trainer to run, with its own options; repeat for several (e.g. --trainer TopKTrainer:k=32,64 "
+        "--trainer StandardTrainer:l1_penalty=0.04)",
     )
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="a trainer option, e.g. --set k=32 --set lr=3e-4 (values parsed as JSON when possible)",
+        help="an option for every trainer, e.g. --set lr=3e-4 (values parsed as JSON when possible)",
     )
     p.add_argument("--config", help="JSON or YAML file: a trainer config, a list of them, or {'trainers': [...]}")
     p.add_argument("--cache", help="train from this activation cache instead of running the model")
     p.add_argument("--steps", type=positive_int, required=True, help="optimisation steps")
+    p.add_argument(
+        "--loop", action="store_true", help="read the text (or cache) again when it runs out, instead of refusing"
+    )
     p.add_argument("--batch-size", type=positive_int, default=4096, help="activations per step (default: 4096)")
     p.add_argument(
         "--n-ctxs", type=positive_int, default=3000, help="contexts held by the activation buffer (default: 3000)"
     )
-    p.add_argument("--lm-batch-size", type=positive_int, default=32, help="texts per model forward pass (default: 32)")
+    p.add_argument(
+        "--lm-batch-size", type=positive_int, default=32, help="contexts per model forward pass (default: 32)"
+    )
     p.add_argument("--normalize", action="store_true", help="normalise activations (folded into saved weights)")
     p.add_argument("--save-steps", type=int, nargs="*", help="steps at which to save checkpoints/ae_{step}.pt")
     p.add_argument("--backup-steps", type=positive_int, help="write a resumable state every this many steps")
@@ -351,7 +689,7 @@ def _add_train_command(sub) -> None:
     e2e = p.add_argument_group(
         "end-to-end training",
         "train with the dictionary spliced into the model (Braun et al. 2024): each step is one batch of "
-        "--lm-batch-size texts; the loss is the trainer's sparsity mechanism plus the weighted terms below",
+        "--lm-batch-size contexts; the loss is the trainer's sparsity mechanism plus the weighted terms below",
     )
     e2e.add_argument("--e2e", action="store_true", help="train end to end instead of on activations alone")
     e2e.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(clean || spliced) (default: 1)")
@@ -370,16 +708,22 @@ def _add_train_command(sub) -> None:
 def _add_eval_command(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate dictionaries: variance explained, L0, loss recovered",
-        description="Evaluate saved dictionaries on held-out text through the model. For the "
-        "published Pythia folders (.../mlp_out_layer3/10_32768) the site is read from "
-        "the path.",
+        help="evaluate dictionaries: variance explained, L0, loss recovered, with 95%% intervals",
+        description="Evaluate saved dictionaries through the model, on the held-out part of the text by "
+        "default. The model, site and io come from each dictionary's config.json (for the published "
+        "Pythia folders, .../mlp_out_layer3/10_32768, from the path); a --model, --layer or --site "
+        "that contradicts them is refused, and so is text the dictionary trained on.",
     )
     p.add_argument("dictionaries", nargs="+", help="checkpoint folders")
-    _add_model_args(p, site_required=False)
-    _add_text_args(p)
-    p.add_argument("--batch-texts", type=positive_int, default=32, help="texts per evaluation batch (default: 32)")
-    p.add_argument("--n-batches", type=positive_int, default=2, help="evaluation batches (default: 2)")
+    _add_model_args(p, "transformer layer (default: the recorded one)")
+    _add_text_args(p, "held-out")
+    p.add_argument("--batch-texts", type=positive_int, default=32, help="contexts per evaluation batch (default: 32)")
+    p.add_argument(
+        "--n-batches", type=positive_int, default=8, help="evaluation batches (default: 8, 32,768 tokens at ctx 128)"
+    )
+    p.add_argument(
+        "--allow-training-text", action="store_true", help="evaluate even on text the dictionary was trained on"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per dictionary")
     p.set_defaults(func=cmd_eval)
 
@@ -387,11 +731,16 @@ def _add_eval_command(sub) -> None:
 def _add_download_command(sub) -> None:
     p = sub.add_parser(
         "download",
-        help="download the published Pythia-70m-deduped dictionaries (~2.5 GB)",
-        description="Download and unpack the 10_32768 set into DEST/dictionaries/pythia-70m-deduped/; "
-        "rerun to resume an interrupted download.",
+        help="download published Pythia-70m-deduped dictionaries",
+        description="Without options: the 10_32768 set (19 AutoEncoders, one ~2.5 GB zip) into "
+        "DEST/dictionaries/pythia-70m-deduped/; rerun to resume. With --site resid_post_layer_<i> --trainer "
+        "<n>: one dictionary of a SAEBench sweep (ae.pt + config.json) into DEST/dictionaries/<sweep>/<site>/"
+        "trainer_<n>.",
     )
     p.add_argument("dest", nargs="?", default=".", help="destination folder (default: .)")
+    p.add_argument("--site", help="resid_post_layer_<i> (a sweep dictionary)")
+    p.add_argument("--trainer", type=int, help="the trainer index within the sweep")
+    p.add_argument("--sweep", default="topk", choices=list(SWEEPS), help="which SAEBench sweep (default: topk)")
     p.set_defaults(func=cmd_download)
 
 

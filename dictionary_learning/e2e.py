@@ -22,14 +22,16 @@ from typing import Any
 import torch
 
 from .buffer import check_positive_ints, ensure_pad_token, tokenize_batch
+from .data import pack_documents, text_record
 from .dictionaries.base import device_of
 from .distributed import strided
 from .splice import last_executed, module_name, root_module, run_model
 
 
 class TokenBatches:
-    """Token batches `{"input_ids", "attention_mask"}` (right-padded) of `batch_size` texts each,
-    from an iterable of strings or token-id sequences: the data of e2e training."""
+    """Token batches `{"input_ids", "attention_mask"}` (right-padded) of `batch_size` contexts each,
+    from an iterable of strings (packed into contexts of `ctx_len` tokens, or with `pack=False`
+    one per text) or of token-id sequences: the data of e2e training."""
 
     def __init__(
         self,
@@ -38,12 +40,14 @@ class TokenBatches:
         batch_size: int = 32,
         ctx_len: int = 128,
         add_special_tokens: bool = True,
+        pack: bool = True,
     ):
         check_positive_ints(batch_size=batch_size, ctx_len=ctx_len)
-        self.data = iter(data)
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # accept an nnsight model too
         ensure_pad_token(self.tokenizer)
-        self.batch_size, self.ctx_len = int(batch_size), int(ctx_len)
+        self.text = text_record(data)
+        self.data = pack_documents(data, self.tokenizer, ctx_len, add_special_tokens) if pack else iter(data)
+        self.batch_size, self.ctx_len, self.pack = int(batch_size), int(ctx_len), pack
         self.add_special_tokens = add_special_tokens
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -65,7 +69,8 @@ class TokenBatches:
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"kind": "tokens", "batch_size": self.batch_size, "ctx_len": self.ctx_len}
+        record = {"kind": "tokens", "batch_size": self.batch_size, "ctx_len": self.ctx_len, "packed": self.pack}
+        return record | ({"text": self.text} if self.text else {})
 
 
 @dataclass

@@ -6,6 +6,7 @@ and the reference's one-batch `loss_recovered`).
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .buffer import (  # noqa: F401 (the reference re-exports ActivationBuffer and NNsightActivationBuffer here)
     ActivationBuffer,
@@ -51,19 +52,68 @@ def _batch_scale(x: torch.Tensor, normalize: bool):
     return x.shape[-1] ** 0.5 / x.norm(dim=-1).mean() if normalize else 1.0
 
 
-def _masked_ce(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose input and target are both real tokens."""
+def _ce_BL(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy `[B, L-1]` and where it counts: input and target both real tokens."""
     valid = (mask_BL[:, :-1] * mask_BL[:, 1:]).bool()
     ce = torch.nn.functional.cross_entropy(logits_BLV[:, :-1].float().transpose(1, 2), ids_BL[:, 1:], reduction="none")
+    return ce, valid
+
+
+def _masked_ce(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose input and target are both real tokens."""
+    ce, valid = _ce_BL(logits_BLV, ids_BL, mask_BL)
     return ce[valid].mean()
+
+
+def _kl_BL(clean_BLV: torch.Tensor, other_BLV: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log_softmax(clean_BLV.float(), dim=-1)
+    log_q = torch.log_softmax(other_BLV.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def _masked_kl(clean_BLV: torch.Tensor, other_BLV: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
     """Mean KL(clean || other) of the next-token distributions over real positions."""
-    log_p = torch.log_softmax(clean_BLV.float(), dim=-1)
-    log_q = torch.log_softmax(other_BLV.float(), dim=-1)
-    kl_BL = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl_BL[mask_BL.bool()].mean()
+    return _kl_BL(clean_BLV, other_BLV)[mask_BL.bool()].mean()
+
+
+def _row_sums(clean, spliced, zeroed, ids, mask) -> dict[str, torch.Tensor]:
+    """Per sequence: summed CE of each run and summed KL over the positions that count, and their
+    counts; what `loss_intervals` resamples."""
+    ce_clean, valid = _ce_BL(clean, ids, mask)
+    sums = {"tokens": valid.sum(1).double().cpu(), "kl_positions": mask.sum(1).double().cpu()}
+    sums["clean"] = (ce_clean * valid).sum(1).double().cpu()
+    for name, logits in (("spliced", spliced), ("zero", zeroed)):
+        sums[name] = (_ce_BL(logits, ids, mask)[0] * valid).sum(1).double().cpu()
+    sums["kl"] = (_kl_BL(clean, spliced) * mask).sum(1).double().cpu()
+    return sums
+
+
+def loss_intervals(rows: list[dict[str, torch.Tensor]], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """The CE metrics pooled over every scored token of the evaluated sequences, with 95 %
+    intervals from a bootstrap over sequences (percentile, `n_boot` resamples, seeded):
+    n_tokens, ce_clean, ce_zero (zero-ablated), ce_diff (spliced - clean, nats), kl_div and
+    frac_recovered, each with
+    `_lo` / `_hi` bounds. Sequences are resampled whole, so the intervals account for tokens of
+    one sequence not being independent."""
+    cols = {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
+    n = cols["tokens"].numel()
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.cat([torch.arange(n)[None], torch.randint(n, (n_boot, n), generator=gen)])  # row 0: the sample itself
+
+    total = {key: col[picks].sum(1) for key, col in cols.items()}
+    clean, spliced, zero = (total[k] / total["tokens"] for k in ("clean", "spliced", "zero"))
+    statistics = {
+        "ce_clean": clean,
+        "ce_zero": zero,
+        "ce_diff": spliced - clean,
+        "kl_div": total["kl"] / total["kl_positions"],
+        "frac_recovered": (spliced - zero) / (clean - zero),
+    }
+    out: dict[str, float] = {"n_tokens": int(cols["tokens"].sum()), "n_sequences": n}
+    for name, values in statistics.items():
+        lo, hi = torch.quantile(values[1:], torch.tensor([0.025, 0.975], dtype=values.dtype)).tolist()
+        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = float(values[0]), lo, hi
+    return out
 
 
 def frac_recovered(losses: dict[str, float]) -> float:
@@ -101,8 +151,9 @@ def loss_recovered_metrics(
     """Splice `dictionary` into the reader's model at its (first) site on one token batch.
 
     Returns `(losses, x, x_hat, f)`: CE of the clean, spliced and zero-ablated model, the KL of the
-    spliced and zero-ablated models from the clean one, and the site's activations at the real
-    positions with their reconstruction, all from the same tokens. `base` reuses `baseline(...)`.
+    spliced and zero-ablated models from the clean one (and under "rows" their per-sequence sums,
+    for `loss_intervals`), and the site's activations at the real positions with their
+    reconstruction, all from the same tokens. `base` reuses `baseline(...)`.
     """
     from .splice import run_model
 
@@ -122,11 +173,51 @@ def loss_recovered_metrics(
         "loss_zero": float(_masked_ce(zeroed, ids, mask)),
         "kl_div": float(_masked_kl(clean, spliced, mask)),
         "kl_div_zero": float(_masked_kl(clean, zeroed, mask)),
+        "rows": _row_sums(clean, spliced, zeroed, ids, mask),
     }
     x_real = x[mask.bool()].to(dict_device, torch.float32)
     scale = _batch_scale(x_real, normalize_batch)
     x_hat, f = dictionary(x_real * scale, output_features=True)
     return losses, x_real, x_hat / scale, f
+
+
+class RunningMetrics:
+    """A dictionary's metrics pooled over every token of many batches (exact, not a mean of
+    per-batch means): fraction of variance explained from running sums, L0, L1, the fraction of
+    features alive, and with the `loss_recovered_metrics` rows, `loss_intervals` of the CE terms."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.nonzero, self.l1 = 0.0, 0.0
+        self.alive: torch.Tensor | None = None
+        self.rows: list[dict[str, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def add(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor, f_BF: torch.Tensor, rows: dict | None = None) -> None:
+        x, r = x_BD.double(), (x_BD - x_hat_BD).double()
+        for name, value in (("x", x), ("x2", x * x), ("r", r), ("r2", r * r)):
+            self.sums[name] = self.sums.get(name, 0) + value.sum(0)
+        self.n += x.shape[0]
+        self.nonzero += float((f_BF != 0).sum())
+        self.l1 += float(f_BF.abs().sum())
+        active = (f_BF != 0).any(0)
+        self.alive = active if self.alive is None else self.alive | active
+        if rows is not None:
+            self.rows.append(rows)
+
+    def result(self) -> dict[str, float]:
+        s, n = self.sums, self.n
+        total_var = (s["x2"] - s["x"] ** 2 / n).sum()
+        residual_var = (s["r2"] - s["r"] ** 2 / n).sum()
+        out = {
+            "n_activations": n,
+            "frac_variance_explained": float(1 - residual_var / total_var),
+            "l0": self.nonzero / n,
+            "l1_loss": self.l1 / n,
+            "frac_alive": float(self.alive.float().mean()),
+        }
+        return out | (loss_intervals(self.rows) if self.rows else {})
 
 
 @torch.no_grad()
@@ -140,6 +231,7 @@ def evaluate(
     tracer_args: dict | None = None,
     device: str = "cpu",
     n_batches: int = 1,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate a dictionary on `n_batches` batches; returns the mean of each metric over them.
 
@@ -155,7 +247,9 @@ def evaluate(
         loss_original / loss_reconstructed / loss_zero = next-token cross-entropy of the clean model,
             of the model with x replaced by x_hat, and with x replaced by zeros (padding ignored);
         frac_recovered = (loss_reconstructed - loss_zero) / (loss_original - loss_zero);
-        kl_div = mean KL(clean || spliced) of the next-token distributions (kl_div_zero for zeros).
+        kl_div = mean KL(clean || spliced) of the next-token distributions (kl_div_zero for zeros);
+        intervals = `loss_intervals` of those tokens: the scored token count, clean CE, CE
+            difference, KL and loss recovered pooled over all tokens, with 95 % bootstrap bounds.
     Otherwise `activations` is any iterator of `[B, D]` batches and only reconstruction metrics
     are computed. `normalize_batch` rescales x to mean norm sqrt(D) before the dictionary (and
     back after). `tracer_args` is accepted for the reference's signature and ignored.
@@ -170,8 +264,8 @@ def evaluate(
             f"width {activations.widths[0]}"
         )
     totals: dict[str, float] = {}
-    alive = None
-    for _ in range(n_batches):
+    alive, rows = None, []
+    for _ in tqdm(range(n_batches), desc="evaluating", delay=2, leave=False, disable=not progress):
         if knows_model:
             try:
                 items = activations.text_batch(batch_size)
@@ -182,6 +276,7 @@ def evaluate(
             tokens = activations.tokenize(items)
             tokens = {k: v[:, :max_len] for k, v in tokens.items()}
             losses, x, x_hat, f = loss_recovered_metrics(dictionary, activations, tokens, io, normalize_batch)
+            rows.append(losses.pop("rows"))
         else:
             try:
                 x = next(activations).to(device).float()
@@ -198,6 +293,7 @@ def evaluate(
     results = {key: value / n_batches for key, value in totals.items()}
     if "loss_original" in results:
         results["frac_recovered"] = frac_recovered(results)
+        results["intervals"] = loss_intervals(rows)
     results["frac_alive"] = float(alive.float().mean())
     return results
 
@@ -227,4 +323,5 @@ def loss_recovered(
     rows = list(text) if isinstance(text, (list, tuple, torch.Tensor)) else [text]
     reader = ActivationReader([], model, submodule, io=io, ctx_len=max_len or 1 << 20)  # batches pad to their longest
     losses, _, _, _ = loss_recovered_metrics(dictionary, reader, reader.tokenize(rows), io, normalize_batch)
+    losses.pop("rows")
     return tuple(torch.tensor(losses[k]) for k in ("loss_original", "loss_reconstructed", "loss_zero"))

@@ -19,7 +19,7 @@ def tiny(tmp_path):
     texts = tmp_path / "texts"
     texts.mkdir()
     for i, sentence in enumerate(tiny_models.SENTENCES * 3):
-        (texts / f"{i:03d}.txt").write_text(sentence)
+        (texts / f"{i:03d}.txt").write_text(f"{sentence} Item {i}.")
     return ["--model", str(tmp_path / "tiny"), "--texts", str(texts), "--ctx-len", "16"]
 
 
@@ -144,7 +144,8 @@ def test_train_end_to_end_and_resume(tmp_path, tiny):
         "local_weight": 0.0,
         "downstream": {"model.layers.1": 0.5},
     }
-    assert config["buffer"] == {"kind": "tokens", "batch_size": 4, "ctx_len": 16} and ae.activation_dim == 32
+    assert config["buffer"]["kind"] == "tokens" and config["buffer"]["packed"] and ae.activation_dim == 32
+    assert config["buffer"]["text"]["part"] == "train" and config["buffer"]["ctx_len"] == 16
     main([*args, "--resume"])  # the finished run resumes with the same objective (a different one is refused)
     with pytest.raises(SystemExit, match="--e2e trains through the model"):
         main([*args[:-1], str(tmp_path / "other"), "--cache", str(tmp_path)])
@@ -237,3 +238,116 @@ def test_bad_configs_and_texts_fail_before_the_model_is_loaded(tmp_path, monkeyp
         main([*train, "--trainer", "TopKTrainer", "--texts", str(tmp_path / "empty.txt")])
     with pytest.raises(SystemExit, match="missing does not exist: give a checkpoint folder"):
         main(["eval", str(tmp_path / "missing"), "--layer", "0"])
+
+
+# ------------------------------------------------------------------------------ the CLI as a sweep tool
+def test_parse_trainer_spec():
+    from dictionary_learning.cli import parse_trainer_spec
+
+    assert parse_trainer_spec("TopKTrainer") == ("TopKTrainer", {})
+    assert parse_trainer_spec("TopKTrainer:k=32,64,lr=3e-4") == ("TopKTrainer", {"k": [32, 64], "lr": [3e-4]})
+    assert parse_trainer_spec("MatryoshkaBatchTopKTrainer:group_fractions=[0.25,0.75],[0.5,0.5]") == (
+        "MatryoshkaBatchTopKTrainer",
+        {"group_fractions": [[0.25, 0.75], [0.5, 0.5]]},
+    )
+    with pytest.raises(SystemExit, match="expected NAME or NAME:key=value"):
+        parse_trainer_spec("TopKTrainer:32")
+    with pytest.raises(SystemExit, match="k is given twice"):
+        parse_trainer_spec("TopKTrainer:k=1,k=2")
+
+
+def test_per_trainer_sweeps_several_layers_and_short_run_warmups(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    main(
+        ["train", *tiny, "--layer", "0", "1", "--site", "mlp", "--trainer", "TopKTrainer:k=2,4",
+         "--trainer", "StandardTrainer:l1_penalty=0.04", "--set", "dict_size=64", "--steps", "6",
+         "--batch-size", "16", "--n-ctxs", "8", "--out", str(out)]
+    )  # fmt: skip
+    configs = [load_dictionary(out / f"trainer_{i}")[1] for i in range(6)]
+    settings = sorted(
+        (c["trainer"]["trainer_class"], c["trainer"].get("k"), c["trainer"].get("l1_penalty"), c["site"]["layer"])
+        for c in configs
+    )
+    assert settings == sorted(
+        [(name, k, l1, layer) for name, k, l1 in [("TopKTrainer", 2, None), ("TopKTrainer", 4, None),
+         ("StandardTrainer", None, 0.04)] for layer in (0, 1)]
+    )  # fmt: skip
+    assert {c["site"]["module"] for c in configs} == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert all(c["trainer"]["warmup_steps"] == 1 for c in configs)  # 1,000 would swallow a 6-step run
+    assert "note: a 6-step run: TopKTrainer: warmup_steps 1000 -> 1" in capsys.readouterr().err
+
+
+def test_a_short_text_is_refused_before_training_unless_looped(tmp_path, tiny):
+    train = ["train", *tiny, "--layer", "0", "--trainer", "TopKTrainer:k=2", "--set", "dict_size=64",
+             "--batch-size", "64", "--n-ctxs", "200"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"error: the data holds \d+ batches of 64 activations but 500 steps"):
+        main([*train, "--steps", "500", "--out", str(tmp_path / "a")])
+    main([*train, "--steps", "40", "--loop", "--out", str(tmp_path / "b")])
+    assert load_dictionary(tmp_path / "b" / "trainer_0")[1]["steps_trained"] == 40
+
+
+def test_cache_options_and_a_short_text(tmp_path, tiny):
+    cache = ["cache", *tiny, "--layer", "1", "--site", "mlp", "--out"]
+    with pytest.raises(SystemExit, match=r"100,000 tokens asked, but the text holds only [\d,]+: ask for at most"):
+        main([*cache, str(tmp_path / "a"), "--tokens", "100000"])
+    main([*cache, str(tmp_path / "b"), "--tokens", "100000", "--allow-fewer", "--remove-bos", "--no-pack"])
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["remove_bos"] and not manifest["packed"] and manifest["text"]["part"] == "train"
+    assert manifest["model"] == str(tmp_path / "tiny")
+
+
+def test_eval_uses_and_checks_the_recorded_site_model_and_text(tmp_path, tiny, capsys):
+    main(["train", *tiny, "--layer", "1", "--site", "mlp", "--trainer", "TopKTrainer:k=2", "--set", "dict_size=64",
+          "--steps", "4", "--batch-size", "16", "--n-ctxs", "8", "--out", str(tmp_path / "run")])  # fmt: skip
+    run = str(tmp_path / "run" / "trainer_0")
+    capsys.readouterr()
+    main(["eval", run, *tiny, "--batch-texts", "2", "--n-batches", "1"])  # no --layer: the recorded site
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp" in out and "clean CE" in out and "[95% CI]" in out
+    assert "text: the held_out part of" in out
+    with pytest.raises(SystemExit, match=r"was trained on model.layers.1.mlp, not on model.layers.0.mlp"):
+        main(["eval", run, *tiny, "--layer", "0", "--site", "mlp"])
+    with pytest.raises(SystemExit, match=r"trained on the train part of .*texts, and the train part of it"):
+        main(["eval", run, *tiny, "--part", "train"])
+    main(["eval", run, *tiny, "--part", "train", "--allow-training-text", "--batch-texts", "2", "--n-batches", "1"])
+    other = tmp_path / "other"
+    tiny_models.llama(d_model=48)._module.save_pretrained(other)
+    tiny_models.tokenizer().save_pretrained(other)
+    with pytest.raises(SystemExit, match=rf"was trained on '{tmp_path / 'tiny'}', not on '{other}'"):
+        main(["eval", run, *tiny[2:], "--model", str(other)])
+
+
+def test_eval_json_has_the_interval_and_token_count(tmp_path, tiny, capsys):
+    from dictionary_learning import AutoEncoder
+
+    folder = tmp_path / "dictionaries" / "tiny" / "mlp_out_layer1" / "10_32768"
+    AutoEncoder(32, 64).save_pretrained(folder)
+    capsys.readouterr()
+    main(["eval", str(folder), *tiny, "--batch-texts", "3", "--n-batches", "2", "--json"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ci = record["intervals"]
+    assert record["site"] == "model.layers.1.mlp" and ci["n_sequences"] == 6 and ci["n_tokens"] > 50
+    assert ci["ce_diff_lo"] <= ci["ce_diff"] <= ci["ce_diff_hi"] and record["text"]["part"] == "held_out"
+    wide = tmp_path / "dictionaries" / "tiny" / "mlp_out_layer0" / "10_32768"
+    AutoEncoder(48, 64).save_pretrained(wide)
+    with pytest.raises(SystemExit, match=r"reads width 48, but model.layers.0.mlp of .* has width 32"):
+        main(["eval", str(wide), *tiny])
+
+
+def test_download_one_sweep_dictionary_from_a_mirror(tmp_path, monkeypatch, capsys):
+    from conftest import make_dictionary
+
+    from dictionary_learning.cli import SWEEPS
+
+    mirror = tmp_path / "mirror"
+    make_dictionary("AutoEncoderTopK").save_pretrained(mirror / SWEEPS["topk"] / "resid_post_layer_3" / "trainer_7")
+    monkeypatch.setenv("DL_SWEEPS_SOURCE", str(mirror))
+    main(["download", str(tmp_path / "dest"), "--site", "resid_post_layer_3", "--trainer", "7"])
+    folder = tmp_path / "dest" / "dictionaries" / SWEEPS["topk"] / "resid_post_layer_3" / "trainer_7"
+    assert type(load_dictionary(folder)[0]).__name__ == "AutoEncoderTopK" and str(folder) in capsys.readouterr().out
+    with pytest.raises(
+        SystemExit, match="has no dictionary pythia70m_sweep_topk_ctx128_0730/resid_post_layer_3/trainer_8"
+    ):
+        main(["download", str(tmp_path / "dest"), "--site", "resid_post_layer_3", "--trainer", "8"])
+    with pytest.raises(SystemExit, match="--site resid_post_layer_<layer> --trainer <i>"):
+        main(["download", "--site", "mlp_out_layer3", "--trainer", "1"])

@@ -32,8 +32,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
         "100",
         "--dict-size",
         "64",
-        "--eval-texts",
-        "4",
+        "--eval-tokens",
+        "200",
         "--out",
         str(tmp_path / "out"),
     ]
@@ -41,9 +41,13 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert len(results) == 14 and {r["recipe"] for r in results} >= {"TopKTrainer", "JumpReluTrainer"}
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["tokens"] == 3000 and len(saved["results"]) == 14
-    assert all(0 <= r["l0"] <= 64 and r["loss_original"] > 0 for r in saved["results"])
+    assert all(0 <= r["l0"] <= 64 and r["ce_clean"] > 0 for r in saved["results"])
+    assert all(r["ce_diff_lo"] <= r["ce_diff"] <= r["ce_diff_hi"] for r in saved["results"])
+    assert saved["eval_tokens"] >= 200 and saved["eval_text"]["part"] == "held_out"
+    assert saved["train_text"]["part"] == "train"
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "out" / "plots" / "l0_vs_fve.png").stat().st_size > 1000
+        assert (tmp_path / "out" / "plots" / "l0_vs_loss.png").stat().st_size > 1000
     with pytest.raises(SystemExit):  # an existing output folder is not overwritten silently
         demo.main(argv)
     assert len(demo.main([*argv, "--overwrite"])) == 14

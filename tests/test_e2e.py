@@ -32,7 +32,7 @@ def model():
 
 def token_batches(model, n_batches=6, batch_size=4, ctx_len=12):
     texts = (tiny_models.SENTENCES * 4)[: n_batches * batch_size]
-    return TokenBatches(texts, model, batch_size=batch_size, ctx_len=ctx_len)
+    return TokenBatches(texts, model, batch_size=batch_size, ctx_len=ctx_len, pack=False)
 
 
 def logits_of(model, tokens):

@@ -75,3 +75,40 @@ def test_evaluate_on_plain_activation_batches():
     assert metrics["frac_variance_explained"] == pytest.approx(1.0) and "frac_recovered" not in metrics
     with pytest.raises(StopIteration, match="ran out before n_batches"):
         evaluate(IdentityDict(8), iter([torch.randn(4, 8)]), n_batches=2)
+
+
+def test_running_metrics_pool_every_token_exactly():
+    from dictionary_learning.evaluation import RunningMetrics, frac_variance_explained
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 8, generator=gen) * 3 + 1 for n in (5, 17, 40)]
+    x_hats = [x + 0.5 * torch.randn(x.shape, generator=gen) for x in xs]
+    fs = [torch.relu(torch.randn(x.shape[0], 12, generator=gen)) for x in xs]
+    running = RunningMetrics()
+    for x, x_hat, f in zip(xs, x_hats, fs):
+        running.add(x, x_hat, f)
+    result = running.result()
+    all_x, all_hat, all_f = torch.cat(xs), torch.cat(x_hats), torch.cat(fs)
+    assert result["frac_variance_explained"] == pytest.approx(float(frac_variance_explained(all_x, all_hat)), rel=1e-5)
+    assert result["l0"] == pytest.approx(float((all_f != 0).sum(-1).float().mean()))
+    assert result["n_activations"] == 62 and "ce_diff" not in result
+
+
+def test_loss_intervals_bracket_the_pooled_values_and_vanish_for_a_perfect_splice():
+    from dictionary_learning.evaluation import loss_intervals
+
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.full((30,), 10.0, dtype=torch.float64)
+    clean = 3.0 * tokens + torch.randn(30, generator=gen, dtype=torch.float64)
+    noise = torch.randn(30, generator=gen, dtype=torch.float64)
+    rows = {"tokens": tokens, "kl_positions": tokens + 1, "clean": clean, "zero": clean + 6 * tokens,
+            "spliced": clean + tokens + noise, "kl": 0.2 * tokens}  # fmt: skip
+    out = loss_intervals([rows])
+    assert out["n_tokens"] == 300 and out["n_sequences"] == 30
+    for name in ("ce_clean", "ce_diff", "frac_recovered"):
+        assert out[f"{name}_lo"] <= out[name] <= out[f"{name}_hi"]
+    assert out["ce_diff"] == pytest.approx(float((rows["spliced"] - clean).sum() / 300))
+    assert out["frac_recovered"] == pytest.approx(5 / 6, abs=0.02)
+    perfect = loss_intervals([dict(rows, spliced=clean)])
+    assert perfect["ce_diff"] == perfect["ce_diff_lo"] == perfect["ce_diff_hi"] == 0.0
+    assert perfect["frac_recovered"] == 1.0
