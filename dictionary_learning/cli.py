@@ -1,4 +1,4 @@
-"""Command line: `python -m dictionary_learning {train,cache,eval,download} --help`."""
+"""Command line: `python -m dictionary_learning {train,cache,eval,features,download} --help`."""
 
 from __future__ import annotations
 
@@ -78,6 +78,16 @@ def _add_mask_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="leave out positions whose activation norm exceeds this multiple of the batch median "
         "(attention sinks; e.g. 10)",
+    )
+
+
+def _reading(args) -> dict:
+    """How `cache` and `train` turn text into activations: context length, packing, masks."""
+    return dict(
+        ctx_len=args.ctx_len,
+        pack=not args.no_pack,
+        remove_bos=args.remove_bos,
+        max_activation_norm_multiple=args.max_norm_multiple,
     )
 
 
@@ -277,12 +287,9 @@ def cmd_cache(args) -> None:
         _sites(model, layers, args.site or "resid"),
         docs,
         args.tokens,
-        ctx_len=args.ctx_len,
         refresh_batch_size=args.lm_batch_size,
-        remove_bos=args.remove_bos,
-        max_activation_norm_multiple=args.max_norm_multiple,
-        pack=not args.no_pack,
         allow_fewer=args.allow_fewer,
+        **_reading(args),
     )
     widths = sorted({site["d"] for site in cache.manifest["sites"]})
     print(
@@ -334,15 +341,12 @@ def _data_for_training(args):
         docs,
         model,
         _sites(model, layers, args.site or "resid"),
-        ctx_len=args.ctx_len,
         n_ctxs=args.n_ctxs,
         refresh_batch_size=args.lm_batch_size,
         out_batch_size=args.batch_size,
         device=args.device,
-        remove_bos=args.remove_bos,
-        max_activation_norm_multiple=args.max_norm_multiple,
-        pack=not args.no_pack,
         loop=args.loop,
+        **_reading(args),
     )
     widths = data.widths
     return data, {name: (w, layer) for name, w, layer in zip(data.names, widths, layers)}, model_id(model), None
@@ -409,7 +413,10 @@ def recorded_site(folder, config: dict) -> dict:
     encodes; missing entries are None."""
     site = dict(config.get("site") or {})
     trainer, buffer = config.get("trainer") or {}, config.get("buffer") or {}
-    site.setdefault("model", trainer.get("lm_name"))
+    site["measured"] = bool(site.get("model"))  # recorded from the data, not a user's lm_name
+    site.setdefault("model", None)
+    if site["model"] is None:
+        site["model"] = trainer.get("lm_name")
     site.setdefault("io", buffer.get("io"))
     if site.get("layer") is None:
         site["layer"] = trainer.get("layer")
@@ -435,24 +442,33 @@ def _eval_plan(args, dictionaries):
     from .models import DEFAULT_MODEL_NAME, get_submodule
     from .nnsight_io import model_id, resolve_site
 
-    models = {site["model"] for _, _, _, site in dictionaries if site.get("model")}
+    models = {site["model"] for _, _, _, site in dictionaries if site["measured"]}
     if args.model is None and len(models) > 1:
         raise SystemExit(
             f"error: these dictionaries were trained on different models ({sorted(models)}): evaluate each alone"
         )
     recorded_model = next(iter(models), None)
+    docs = _documents(args)
     if args.model is None and recorded_model not in (None, DEFAULT_MODEL_NAME):
         args.model = recorded_model  # load the model the dictionaries were trained on
-    docs = _documents(args)
-    model = _load_model(args)
+        try:
+            model = _load_model(args)
+        except OSError as e:
+            raise SystemExit(
+                f"error: could not load the recorded model {recorded_model!r} ({e}); pass --model"
+            ) from None
+    else:
+        model = _load_model(args)
     name = model_id(model)
     plan = []
     for folder, ae, config, site in dictionaries:
         if not _same_model(site.get("model"), name):
-            raise SystemExit(
-                f"error: {folder} was trained on {site['model']!r}, not on {name!r}: drop --model to load the "
-                f"recorded one, or evaluate another dictionary"
-            )
+            if site["measured"]:
+                raise SystemExit(
+                    f"error: {folder} was trained on {site['model']!r}, not on {name!r}: drop --model to load the "
+                    f"recorded one, or evaluate another dictionary"
+                )
+            print(f"note: {folder} names lm_name {site['model']!r}; evaluating on {name!r}", file=sys.stderr)
         if args.layer or args.site:
             asked = get_submodule(model, (args.layer or [0])[0], args.site or "resid")
             _check_asked_site(folder, site, resolve_site(model, asked, "out").name, args)
@@ -542,6 +558,28 @@ def _print_eval_table(rows, text: dict) -> None:
             f"{ci['n_tokens']:8d}"
         )
     print(f"text: the {text['part']} part of {text['source']}")
+
+
+def cmd_features(args) -> None:
+    from .buffer import ActivationReader
+    from .checkpoint import load_dictionary
+    from .dashboard import collect_feature_stats, write_dashboard
+    from .nnsight_io import model_id
+
+    folder = args.dictionary
+    if not Path(folder).exists() and "://" not in folder:
+        raise SystemExit(f"error: {folder} does not exist: give a checkpoint folder (with ae.pt and config.json)")
+    ae, config = load_dictionary(folder, device=args.device)
+    model, docs, plan = _eval_plan(args, [(folder, ae, config, recorded_site(folder, config))])
+    _, _, site, io = plan[0]
+    reader = ActivationReader(docs, model, site, io=io, ctx_len=args.ctx_len, pack=not args.no_pack)
+    _check_width(folder, reader, ae, model)
+    stats = collect_feature_stats(ae, reader, reader.data, batch_size=args.batch_texts, max_contexts=args.contexts)
+    recipe = (config.get("trainer") or {}).get("trainer_class", type(ae).__name__)
+    title = f"{Path(folder).name} ({recipe}, {reader.names[0]} of {model_id(model)})"
+    out = Path(args.out or Path(folder) / "features")
+    index = write_dashboard(stats, out, title=title, features=args.features)
+    print(f"wrote {index} ({stats.n_tokens} {docs.record['part']} tokens of {docs.record['source']})")
 
 
 SWEEPS = {
@@ -728,6 +766,29 @@ def _add_eval_command(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_features_command(sub) -> None:
+    p = sub.add_parser(
+        "features",
+        help="write feature dashboards (HTML): an index of every feature and a page per feature",
+        description="Read held-out text through the model and a dictionary (at its recorded site) and write "
+        "index.html (every feature: density, max activation, promoted tokens, first-position flag) and "
+        "feature_<i>.html (histogram, top contexts with text on both sides, quantile samples, logit lens).",
+    )
+    p.add_argument("dictionary", help="a checkpoint folder")
+    _add_model_args(p, "transformer layer (default: the recorded one)")
+    _add_text_args(p, "held-out")
+    p.add_argument("--contexts", type=positive_int, default=256, help="contexts to read (default: 256)")
+    p.add_argument("--batch-texts", type=positive_int, default=32, help="contexts per forward pass (default: 32)")
+    p.add_argument(
+        "--features", type=int, nargs="+", help="features to write pages for (default: every one that fired)"
+    )
+    p.add_argument(
+        "--allow-training-text", action="store_true", help="read text the dictionary was trained on all the same"
+    )
+    p.add_argument("--out", help="output folder (default: <dictionary>/features)")
+    p.set_defaults(func=cmd_features)
+
+
 def _add_download_command(sub) -> None:
     p = sub.add_parser(
         "download",
@@ -762,6 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_command(sub)
     _add_train_command(sub)
     _add_eval_command(sub)
+    _add_features_command(sub)
     _add_download_command(sub)
     return parser
 

@@ -156,3 +156,16 @@ def build_cache(path, model=None, n_tokens=10_000, data=None, **kwargs):
     site = model.gpt_neox.layers[1] if site is None else site
     kwargs = dict(dict(ctx_len=32, refresh_batch_size=8, shard_tokens=100, progress=False, allow_fewer=True), **kwargs)
     return ActivationCache.build(path, model, site, iter(data or TEXTS), n_tokens, **kwargs)
+
+
+def tiny_cli_folder(tmp_path) -> list[str]:
+    """A tiny Llama saved as a model folder and 120 one-sentence text files: the CLI's --model,
+    --texts and --ctx-len arguments for it."""
+    model = tiny_models.llama()
+    model._module.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, sentence in enumerate(SENTENCES * 3):
+        (texts / f"{i:03d}.txt").write_text(f"{sentence} Item {i}.")
+    return ["--model", str(tmp_path / "tiny"), "--texts", str(texts), "--ctx-len", "16"]

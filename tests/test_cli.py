@@ -6,6 +6,7 @@ import json
 
 import pytest
 import tiny_models
+from helpers import tiny_cli_folder
 
 from dictionary_learning import load_dictionary
 from dictionary_learning.cli import build_parser, main
@@ -13,14 +14,7 @@ from dictionary_learning.cli import build_parser, main
 
 @pytest.fixture
 def tiny(tmp_path):
-    model = tiny_models.llama()
-    model._module.save_pretrained(tmp_path / "tiny")
-    model.tokenizer.save_pretrained(tmp_path / "tiny")
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for i, sentence in enumerate(tiny_models.SENTENCES * 3):
-        (texts / f"{i:03d}.txt").write_text(f"{sentence} Item {i}.")
-    return ["--model", str(tmp_path / "tiny"), "--texts", str(texts), "--ctx-len", "16"]
+    return tiny_cli_folder(tmp_path)
 
 
 def test_cache_then_train_then_eval(tmp_path, tiny, capsys):

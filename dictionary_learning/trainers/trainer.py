@@ -52,7 +52,8 @@ def get_lr_schedule(
     """
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
-            f"warmup_steps={warmup_steps} must be >= 0 and < steps={total_steps}; lower warmup_steps or train longer"
+            f"warmup_steps={warmup_steps} must be >= 0 and < steps={total_steps}; lower warmup_steps (e.g. "
+            f"warmup_steps={max(1, total_steps // 20)}, a twentieth of the run) or train longer"
         )
     if decay_start is not None:
         if resample_steps is not None:
