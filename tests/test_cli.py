@@ -345,3 +345,13 @@ def test_download_one_sweep_dictionary_from_a_mirror(tmp_path, monkeypatch, caps
         main(["download", str(tmp_path / "dest"), "--site", "resid_post_layer_3", "--trainer", "8"])
     with pytest.raises(SystemExit, match="--site resid_post_layer_<layer> --trainer <i>"):
         main(["download", "--site", "mlp_out_layer3", "--trainer", "1"])
+
+
+def test_eval_notes_a_user_lm_name_that_differs_but_evaluates(tmp_path, tiny, capsys):
+    from dictionary_learning import AutoEncoder
+
+    folder = tmp_path / "mine"
+    AutoEncoder(32, 64).save_pretrained(folder, config={"trainer": {"lm_name": "my-llama", "layer": 1}})
+    main(["eval", str(folder), *tiny, "--site", "mlp", "--layer", "1", "--batch-texts", "2", "--n-batches", "1"])
+    captured = capsys.readouterr()
+    assert "names lm_name 'my-llama'" in captured.err and "model.layers.1.mlp" in captured.out

@@ -108,6 +108,9 @@ def test_one_refresh_on_the_offline_smollm2():
     model = load_default_model(cache_dir=None if cache_dir else None)
     hf = model._module
     assert hf.config.hidden_size == 576 and hf.config.num_hidden_layers == 30
+    from dictionary_learning.nnsight_io import model_id
+
+    assert model_id(model) == "SmolLM2-135M-Instruct"  # its name, not the path of the local copy
     mlp = get_submodule(model, 3, "mlp")
     buffer = ActivationBuffer(
         default_texts(),
