@@ -65,27 +65,54 @@ def _masked_ce(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, mask_BL: torch.Te
     return ce[valid].mean()
 
 
-def _kl_BL(clean_BLV: torch.Tensor, other_BLV: torch.Tensor) -> torch.Tensor:
-    log_p = torch.log_softmax(clean_BLV.float(), dim=-1)
-    log_q = torch.log_softmax(other_BLV.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def _masked_kl(clean_BLV: torch.Tensor, other_BLV: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
     """Mean KL(clean || other) of the next-token distributions over real positions."""
-    return _kl_BL(clean_BLV, other_BLV)[mask_BL.bool()].mean()
+    log_p = torch.log_softmax(clean_BLV.float(), dim=-1)
+    log_q = torch.log_softmax(other_BLV.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)[mask_BL.bool()].mean()
 
 
-def _row_sums(clean, spliced, zeroed, ids, mask) -> dict[str, torch.Tensor]:
-    """Per sequence: summed CE of each run and summed KL over the positions that count, and their
-    counts; what `loss_intervals` resamples."""
-    ce_clean, valid = _ce_BL(clean, ids, mask)
-    sums = {"tokens": valid.sum(1).double().cpu(), "kl_positions": mask.sum(1).double().cpu()}
-    sums["clean"] = (ce_clean * valid).sum(1).double().cpu()
-    for name, logits in (("spliced", spliced), ("zero", zeroed)):
-        sums[name] = (_ce_BL(logits, ids, mask)[0] * valid).sum(1).double().cpu()
-    sums["kl"] = (_kl_BL(clean, spliced) * mask).sum(1).double().cpu()
-    return sums
+def _run_terms(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, clean: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per position of one run: next-token CE `[B, L-1]` and, given the clean run's terms, the KL of
+    the clean distribution from this one `[B, L]`; from one log-softmax of the logits. The clean
+    run's terms also keep its log-probabilities and probabilities for the others' KL."""
+    log_q = torch.log_softmax(logits_BLV.float(), dim=-1)
+    terms = {"ce": -log_q[:, :-1].gather(-1, ids_BL[:, 1:, None]).squeeze(-1)}
+    if clean is None:
+        terms["log_p"], terms["p"] = log_q, log_q.exp()
+    else:
+        terms["kl"] = (clean["p"] * (clean["log_p"] - log_q)).sum(-1)
+    return terms
+
+
+def _clean_and_zero_terms(base: dict) -> tuple[dict, dict]:
+    """The clean and zero-ablated runs' terms, computed once per `baseline` and kept in it."""
+    if "clean_terms" not in base:
+        base["clean_terms"] = _run_terms(base["clean"], base["ids"])
+        base["zero_terms"] = _run_terms(base["zeroed"], base["ids"], base["clean_terms"])
+    return base["clean_terms"], base["zero_terms"]
+
+
+def _losses(base: dict, spliced_BLV: torch.Tensor) -> dict:
+    """CE of the clean, spliced and zero-ablated runs and the two KLs (means over the positions
+    that count), and under "rows" their per-sequence sums, what `loss_intervals` resamples."""
+    ids, mask = base["ids"], base["mask"]
+    clean, zero = _clean_and_zero_terms(base)
+    spliced = _run_terms(spliced_BLV, ids, clean)
+    valid = (mask[:, :-1] * mask[:, 1:]).bool()
+    real = mask.bool()
+    rows = {"tokens": valid.sum(1).double().cpu(), "kl_positions": real.sum(1).double().cpu()}
+    for name, terms in (("clean", clean), ("spliced", spliced), ("zero", zero)):
+        rows[name] = (terms["ce"] * valid).sum(1).double().cpu()
+    rows["kl"] = (spliced["kl"] * real).sum(1).double().cpu()
+    return {
+        "loss_original": float(clean["ce"][valid].mean()),
+        "loss_reconstructed": float(spliced["ce"][valid].mean()),
+        "loss_zero": float(zero["ce"][valid].mean()),
+        "kl_div": float(spliced["kl"][real].mean()),
+        "kl_div_zero": float(zero["kl"][real].mean()),
+        "rows": rows,
+    }
 
 
 def loss_intervals(rows: list[dict[str, torch.Tensor]], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
@@ -158,7 +185,7 @@ def loss_recovered_metrics(
     from .splice import run_model
 
     base = base or baseline(reader, tokens, io)
-    ids, mask, clean, zeroed, x = base["ids"], base["mask"], base["clean"], base["zeroed"], base["x"]
+    ids, mask, x = base["ids"], base["mask"], base["x"]
     dict_device = device_of(dictionary, ids.device)
 
     def reconstruct(h):
@@ -167,14 +194,7 @@ def loss_recovered_metrics(
         return x_hat.to(h.device, h.dtype)
 
     spliced, _ = run_model(reader.model, ids, mask, replace={reader.sites[0].name: reconstruct}, io=io)
-    losses = {
-        "loss_original": float(_masked_ce(clean, ids, mask)),
-        "loss_reconstructed": float(_masked_ce(spliced, ids, mask)),
-        "loss_zero": float(_masked_ce(zeroed, ids, mask)),
-        "kl_div": float(_masked_kl(clean, spliced, mask)),
-        "kl_div_zero": float(_masked_kl(clean, zeroed, mask)),
-        "rows": _row_sums(clean, spliced, zeroed, ids, mask),
-    }
+    losses = _losses(base, spliced)
     x_real = x[mask.bool()].to(dict_device, torch.float32)
     scale = _batch_scale(x_real, normalize_batch)
     x_hat, f = dictionary(x_real * scale, output_features=True)

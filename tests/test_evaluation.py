@@ -112,3 +112,22 @@ def test_loss_intervals_bracket_the_pooled_values_and_vanish_for_a_perfect_splic
     perfect = loss_intervals([dict(rows, spliced=clean)])
     assert perfect["ce_diff"] == perfect["ce_diff_lo"] == perfect["ce_diff_hi"] == 0.0
     assert perfect["frac_recovered"] == 1.0
+
+
+def test_the_one_softmax_losses_equal_the_direct_definitions():
+    from dictionary_learning.evaluation import _losses
+
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (3, 7), generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    clean, zeroed, spliced = (torch.randn(3, 7, 50, generator=gen) * 3 for _ in range(3))
+    losses = _losses({"ids": ids, "mask": mask, "clean": clean, "zeroed": zeroed}, spliced)
+    assert losses["loss_original"] == pytest.approx(float(_masked_ce(clean, ids, mask)), rel=1e-5)
+    assert losses["loss_reconstructed"] == pytest.approx(float(_masked_ce(spliced, ids, mask)), rel=1e-5)
+    assert losses["loss_zero"] == pytest.approx(float(_masked_ce(zeroed, ids, mask)), rel=1e-5)
+    assert losses["kl_div"] == pytest.approx(float(_masked_kl(clean, spliced, mask)), rel=1e-5)
+    assert losses["kl_div_zero"] == pytest.approx(float(_masked_kl(clean, zeroed, mask)), rel=1e-5)
+    rows = losses["rows"]
+    assert rows["tokens"].tolist() == [6, 4, 6] and rows["kl_positions"].tolist() == [7, 5, 7]
+    assert float(rows["spliced"].sum() / rows["tokens"].sum()) == pytest.approx(losses["loss_reconstructed"], rel=1e-5)
