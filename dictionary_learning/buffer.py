@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import DEBUG
-from .data import pack_documents, text_record
+from .data import Documents, pack_documents, text_record
 from .distributed import strided
 from .nnsight_io import (
     IO_MODES,
@@ -138,6 +138,25 @@ class ActivationReader:
         """Read only documents rank, rank + world_size, ... of the data stream (data-parallel training)."""
         self._stride = (rank, world_size)
         self.data = self._open()
+
+    def text_tokens(self, limit: int | None = None) -> int | None:
+        """How many token positions a pass over the source gives (packed or cut at ctx_len as it is
+        read; before the BOS and high-norm masks, so an upper bound of the rows), counted by
+        tokenizing a fresh pass; None for a source that may be endless or can be read only once,
+        or that holds more than `limit` tokens (counting stops there)."""
+        if isinstance(self.source, Documents):
+            if not self.source.finite:
+                return None
+        elif not isinstance(self.source, (list, tuple)):
+            return None
+        total = 0
+        for item in self._open():
+            if isinstance(item, str):
+                item = self.tokenizer(item, add_special_tokens=self.add_special_tokens)["input_ids"]
+            total += min(len(item), self.ctx_len)
+            if limit is not None and total > limit:
+                return None
+        return total
 
     def text_batch(self, batch_size: int | None = None) -> list:
         """The next `batch_size` items of the data stream (the reference's API, used by evaluate)."""
@@ -310,12 +329,19 @@ class ActivationBuffer(ActivationReader):
     def unread(self) -> int:
         return self._order.numel() - self._ptr
 
-    def batches_left(self) -> int | None:
-        """How many batches the buffer can still serve, once that is known: after its source has
-        run out (a short source runs out during the first fill); None while more may come."""
-        if self.loop or not self._exhausted or self._pending is not None:
+    def batches_left(self, needed: int | None = None) -> int | None:
+        """How many batches the buffer can still serve, when that is known: after its source has run
+        out; or, before the first fill and given the `needed` batches, at most the batches its text
+        holds when a pass over a finite source (a list, a local `Documents`) counts fewer tokens
+        than that (`text_tokens`, which stops counting there). None while more may come."""
+        if self.loop:
             return None
-        return -(-self.unread // self.out_batch_size)
+        if self._exhausted and self._pending is None:
+            return -(-self.unread // self.out_batch_size)
+        if needed is not None and self._filled == 0 and self._stride is None:
+            tokens = self.text_tokens(limit=needed * self.out_batch_size)
+            return None if tokens is None else -(-tokens // self.out_batch_size)
+        return None
 
     def refresh(self) -> None:
         """Refill every served slot with fresh activations, then reshuffle all unread rows."""

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .buffer import ActivationReader
-from .data import Documents, pack_documents, text_record
+from .data import text_record
 from .distributed import check_shard
 from .nnsight_io import model_id, torch_model
 from .safe_io import FolderLock, atomic_write, atomic_write_json, remove_dead_temporaries, sha256_file
@@ -214,8 +214,8 @@ class ActivationCache:
             "text": m.get("text"),
         }
 
-    def batches_left(self) -> int | None:
-        """Batches left in this pass (None when looping: endless)."""
+    def batches_left(self, needed: int | None = None) -> int | None:
+        """Batches left in this pass (None when looping: endless); `needed` is the buffer's hint."""
         return None if self.loop else max(0, len(self) - self._start_batch - self._served)
 
     def mean_squared_norm(self, site: str | None = None) -> float:
@@ -280,29 +280,8 @@ class ActivationCache:
         return cls(path)
 
 
-def text_tokens(data: Any, reader: ActivationReader) -> int | None:
-    """How many tokens a finite text source gives the reader (packed or truncated as it reads them,
-    before its BOS and high-norm masks), or None for a source that may be endless or read once."""
-    if isinstance(data, Documents):
-        if not data.finite:
-            return None
-    elif not isinstance(data, (list, tuple)):
-        return None
-    items = (
-        pack_documents(iter(data), reader.tokenizer, reader.ctx_len, reader.add_special_tokens) if reader.pack else data
-    )
-    total = 0
-    for item in items:
-        if isinstance(item, str):
-            ids = reader.tokenizer(item, add_special_tokens=reader.add_special_tokens)["input_ids"]
-            total += min(len(ids), reader.ctx_len)
-        else:
-            total += min(len(item), reader.ctx_len)
-    return total
-
-
 def _check_enough_text(path: Path, data: Any, reader: ActivationReader, n_tokens: int) -> None:
-    available = text_tokens(data, reader)
+    available = reader.text_tokens()
     if available is not None and available < n_tokens:
         raise CacheError(_too_little_text(path, n_tokens, available, "holds"))
 

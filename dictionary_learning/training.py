@@ -168,9 +168,8 @@ def log_stats(
     all, or one per trainer; with `activations_split_by_head`, `[B, heads, d]` and head i for
     trainer i). Computing them changes no trainer state, so logging cadence does not affect
     training. The reference's `log_queues` (one per trainer, e.g. for `new_wandb_process`) receive
-    each record; `verbose` prints them."""
-    if transcoder:
-        raise NotImplementedError("transcoder training is not supported yet")
+    each record; `verbose` prints them. `transcoder` is the reference's flag: a transcoder's trainer
+    knows it is one, and logs compare its reconstruction with the output half of the batch."""
     if isinstance(act, list):
         acts = act
     elif activations_split_by_head:
@@ -284,6 +283,9 @@ def trainSAE(
             the same `steps` (a schedule cannot be stretched once under way).
         activations_split_by_head: batches are `[B, n_heads, d]` (HeadActivationBuffer); trainer i
             trains and is logged on head i.
+        transcoder: batches are `[B, 2, d]` (input, output) rows, as `ActivationBuffer(...,
+            io="in_and_out")` reads an MLP, or `(input, output)` pairs; each config becomes a transcoder
+            (`transcoder=True`: the TopK and BatchTopK recipes so far).
         e2e: an `E2EObjective`: end-to-end training with the dictionaries spliced into its model.
             `data` then yields token batches (`TokenBatches`); each is run once through the clean
             model for all trainers, and each trainer's loss becomes the objective's (KL, downstream
@@ -295,8 +297,8 @@ def trainSAE(
         NonFiniteTrainingError: a loss or weight became NaN/Inf (nothing from that step was saved).
     """
     options = dict(locals())  # every argument by name, read by _Run
-    if transcoder:
-        raise NotImplementedError("transcoder training is not supported yet")
+    if transcoder and trainer_configs is not None:
+        trainer_configs = [_as_transcoder(config) for config in trainer_configs]
     _check_run_arguments(steps, norm_factor_batches, backup_steps)
     if save_dir is None and resume_from is not None:
         save_dir = resume_from
@@ -319,6 +321,19 @@ def trainSAE(
             return run.train(data, steps, resume_states, options)
         finally:
             folder.close()
+
+
+def _as_transcoder(config: Any) -> Any:
+    """A config with `transcoder=True` (unless it says otherwise), for a recipe that trains transcoders."""
+    if not isinstance(config, dict):
+        return config  # build_trainer names the problem
+    cls = config.get("trainer")
+    cls = TRAINER_REGISTRY.get(cls) if isinstance(cls, str) else cls
+    if isinstance(cls, type) and "transcoder" not in getattr(cls, "config_keys", lambda: [])():
+        raise ValueError(
+            f"{cls.__name__} does not train transcoders yet: use TopKTrainer or BatchTopKTrainer (transcoder=True)"
+        )
+    return {"transcoder": True, **config}
 
 
 def _check_run_arguments(steps: Any, norm_factor_batches: Any, backup_steps: Any) -> None:
@@ -445,6 +460,8 @@ class _Run:
                 raise ValueError(f"the run was saved with e2e={resume_states[0].get('e2e')}, not {e2e.config}")
             batches = map(e2e.prepare, batches)  # token batch -> clean run, once for all trainers
 
+        if group is None and e2e is None and resume_states is None:
+            _check_enough_batches(data, steps_left, drawn=0)  # a short text can be counted before any fill
         first = next(batches, None)
         if _any_rank(group, first is None):
             raise ValueError(
@@ -531,13 +548,16 @@ class _Run:
         self.folder.save_weights(self.trainers, self.norm_factor)  # ae.pt: the latest weights, loadable anywhere
 
 
-def _check_enough_batches(data, steps_left: int) -> None:
+def _check_enough_batches(data, steps_left: int, drawn: int = 1) -> None:
     """Fail before training when the data is known to hold fewer batches than the steps left (a
-    buffer whose text ran out during its first fill, a cache read once), naming both numbers."""
-    left = data.batches_left() if hasattr(data, "batches_left") else None
+    buffer whose finite text counts short, or ran out during its first fill; a cache read once),
+    naming both numbers. `drawn`: batches already taken from it."""
+    if not hasattr(data, "batches_left"):
+        return
+    left = data.batches_left(steps_left) if drawn == 0 else data.batches_left()
     if left is None:
         return
-    available = left + 1  # the first batch, already taken
+    available = left + drawn
     if available < steps_left:
         size = getattr(data, "out_batch_size", None) or getattr(data, "batch_size", "?")
         raise ValueError(

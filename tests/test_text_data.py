@@ -136,9 +136,15 @@ def test_trainsae_refuses_a_buffer_that_cannot_fill_its_steps_before_training(tm
         return ActivationBuffer(LONG, model, layer, n_ctxs=200, ctx_len=16, out_batch_size=64, **kw)
 
     available = -(-rows // 64)
+    counted = buffer()
     with pytest.raises(ValueError, match=rf"holds {available} batches of 64 activations but 50 steps are asked"):
-        trainSAE(buffer(), [_topk(32, 50)], steps=50, save_dir=tmp_path / "short", progress=False)
+        trainSAE(counted, [_topk(32, 50)], steps=50, save_dir=tmp_path / "short", progress=False)
+    assert counted._filled == 0  # a list is counted first: refused before the model read anything
     assert not list((tmp_path / "short").glob("trainer_*/ae.pt"))  # nothing trained, nothing saved
+    one_shot = ActivationBuffer(iter(LONG), model, layer, n_ctxs=200, ctx_len=16, out_batch_size=64)
+    with pytest.raises(ValueError, match=rf"holds {available} batches of 64 activations but 50 steps are asked"):
+        trainSAE(one_shot, [_topk(32, 50)], steps=50, progress=False)  # a generator: known once it ran out
+    assert one_shot._filled == rows
     trainSAE(buffer(), [_topk(32, available)], steps=available, save_dir=tmp_path / "exact", progress=False)
     config = json.loads((tmp_path / "exact" / "trainer_0" / "config.json").read_text())
     assert config["steps_trained"] == available

@@ -201,7 +201,13 @@ class Dictionary(nn.Module):
     @classmethod
     def matches_state_dict(cls, keys: set[str]) -> bool:
         """Whether a state dict with these keys belongs to this architecture."""
-        return keys == set(cls._expected_keys())
+        expected = set(cls._expected_keys())
+        return expected <= keys <= expected | set(cls._optional_keys())
+
+    @classmethod
+    def _optional_keys(cls) -> tuple[str, ...]:
+        """Keys a variant of the architecture adds (a transcoder's input bias and skip path)."""
+        return ()
 
     @classmethod
     def _expected_keys(cls) -> tuple[str, ...]:
@@ -218,7 +224,7 @@ class Dictionary(nn.Module):
     ) -> Dictionary:
         """Build an instance from a state dict (strict key and shape check; errors name `source`)."""
         missing = set(cls._expected_keys()) - set(state_dict)
-        unexpected = set(state_dict) - set(cls._expected_keys())
+        unexpected = set(state_dict) - set(cls._expected_keys()) - set(cls._optional_keys())
         if missing or unexpected:
             raise CheckpointError(
                 f"{source}: keys do not match {cls.__name__} "

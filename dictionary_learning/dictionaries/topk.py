@@ -48,6 +48,8 @@ class _TopKBase(Dictionary):
     """Shared buffers, bias scaling and the cached Python `k` (read without a device sync)."""
 
     threshold_is_sentinel = True
+    transcoder = False  # set by the dictionaries that can map an input to another output (_LinearTopK)
+    skip_connection = False
 
     def _init_buffers(self, k: int) -> None:
         self.register_buffer("k", torch.tensor(k, dtype=torch.int32))
@@ -70,6 +72,21 @@ class _TopKBase(Dictionary):
     def relu_pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def input_shift(self) -> torch.Tensor:
+        """What the encoder subtracts from its input: `b_dec` for an SAE (the reference's tied
+        pre-encoder bias), a transcoder's own `b_in` (its input and output live in different spaces)."""
+        return self.b_in if self.transcoder else self.b_dec
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A skip transcoder's linear path `x @ W_skip`; 0 for the others."""
+        return x @ self.W_skip if self.skip_connection else 0.0
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        f = self.encode(x)
+        x_hat = self.decode(f) + self.skip(x)
+        return (x_hat, f) if output_features else x_hat
+
     # ---------------------------------------------------------------------- sparse training path
     batch_selection: bool = False  # training keeps the k * B largest of the batch instead of k per row
 
@@ -87,10 +104,10 @@ class _TopKBase(Dictionary):
         self._check_width(x_BD)
         W_FD, b_F = self.encoder_weight_bias()
         with torch.no_grad():
-            pre_BF = torch.addmm(b_F, x_BD - self.b_dec, W_FD.T)
+            pre_BF = torch.addmm(b_F, x_BD - self.input_shift, W_FD.T)
         select = batch_topk_entries if self.batch_selection else row_topk_entries
         rows_N, features_N, offsets_B = select(pre_BF, self._k)
-        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.b_dec)
+        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.input_shift)
         return SparseCode(torch.relu(pre_N), features_N, rows_N, offsets_B, self.dict_size), pre_BF
 
     def decode_selected(self, x_BD, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
@@ -98,7 +115,7 @@ class _TopKBase(Dictionary):
         differentiable in the encoder and decoder rows it reads; `pre_BF` from `encode_sparse`."""
         W_FD, b_F = self.encoder_weight_bias()
         rows_N, features_N, offsets_B = per_row_entries(indices_BK)
-        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.b_dec)
+        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.input_shift)
         values_N = torch.relu(pre_N) * valid_BK.flatten()
         return sparse_decode(SparseCode(values_N, features_N, rows_N, offsets_B, self.dict_size), self.decoder_FD())
 
@@ -135,23 +152,46 @@ class _LinearTopK(_TopKBase):
     )
     bias_names = ("b_dec", "encoder.bias", "threshold")
 
-    def __init__(self, activation_dim: int, dict_size: int, k: int):
+    def __init__(
+        self,
+        activation_dim: int,
+        dict_size: int,
+        k: int,
+        output_dim: int | None = None,
+        transcoder: bool = False,
+        skip_connection: bool = False,
+    ):
         super().__init__()
         check_sizes(activation_dim, dict_size, k)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
+        self.output_dim = output_dim or activation_dim
+        self.transcoder = transcoder or skip_connection or self.output_dim != activation_dim
+        self.skip_connection = skip_connection
         self._init_buffers(k)
-        self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
+        self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
         self.encoder = nn.Linear(activation_dim, dict_size)
         with torch.no_grad():
             self.decoder.weight /= self.decoder.weight.norm(dim=0, keepdim=True)
-            self.encoder.weight.copy_(self.decoder.weight.T)
+            if self.output_dim == activation_dim:
+                self.encoder.weight.copy_(self.decoder.weight.T)
             self.encoder.bias.zero_()
-        self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+        self.b_dec = nn.Parameter(torch.zeros(self.output_dim))
+        if self.transcoder:  # an input bias of its own: not tied to the output bias b_dec
+            self.b_in = nn.Parameter(torch.zeros(activation_dim))
+            self.bias_names = (*type(self).bias_names, "b_in")
+        if skip_connection:  # sparsify's name; zero init: training starts from the plain transcoder
+            self.W_skip = nn.Parameter(torch.zeros(activation_dim, self.output_dim))
+
+    def architecture_config(self) -> dict[str, Any]:
+        config = super().architecture_config()
+        if self.transcoder:
+            config |= {"transcoder": True, "output_dim": self.output_dim, "skip_connection": self.skip_connection}
+        return config
 
     def relu_pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
-        return torch.relu(self.encoder(x_BD - self.b_dec))
+        return torch.relu(self.encoder(x_BD - self.input_shift))
 
     def encoder_weight_bias(self):
         return self.encoder.weight, self.encoder.bias
@@ -164,9 +204,15 @@ class _LinearTopK(_TopKBase):
         return ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias")
 
     @classmethod
+    def _optional_keys(cls):
+        return ("b_in", "W_skip")
+
+    @classmethod
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         dict_size, activation_dim = state_dict["encoder.weight"].shape
-        return cls(activation_dim, dict_size, int(state_dict["k"]))
+        output_dim = state_dict["decoder.weight"].shape[0]
+        transcoder, skip = "b_in" in state_dict, "W_skip" in state_dict
+        return cls(activation_dim, dict_size, int(state_dict["k"]), output_dim, transcoder, skip)
 
     @classmethod
     def from_saelens(cls, weights) -> _LinearTopK:

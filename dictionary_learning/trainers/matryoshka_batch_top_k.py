@@ -50,7 +50,7 @@ class MatryoshkaBatchTopKConfig(BatchTopKConfig):
     positional = (
         "steps activation_dim dict_size k layer lm_name group_fractions group_weights dict_class lr auxk_alpha "
         "warmup_steps decay_start threshold_beta threshold_start_step k_anneal_steps seed device wandb_name "
-        "submodule_name sparse"
+        "submodule_name sparse transcoder output_dim skip_connection"
     )
     group_fractions: list[float] = (1.0,)
     """fraction of the latents in each nested group (sums to 1)"""
@@ -91,6 +91,10 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
         return self.with_auxk(x, code, x_hat_BD, l2, logs)
 
     def dictionary_args(self, cfg: MatryoshkaBatchTopKConfig) -> tuple:
+        if cfg.transcoder:
+            raise ValueError(
+                "MatryoshkaBatchTopKTrainer does not train transcoders yet: use TopKTrainer or BatchTopKTrainer"
+            )
         self.group_fractions = list(cfg.group_fractions)
         self.group_sizes = group_sizes_from_fractions(cfg.dict_size, self.group_fractions)
         n = len(self.group_sizes)

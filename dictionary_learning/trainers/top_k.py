@@ -77,7 +77,8 @@ DEAD_FEATURE_TOKENS = 10_000_000
 class TopKConfig(TrainerConfig):
     positional = (
         "steps activation_dim dict_size k layer lm_name dict_class lr auxk_alpha warmup_steps decay_start "
-        "threshold_beta threshold_start_step k_anneal_steps seed device wandb_name submodule_name sparse"
+        "threshold_beta threshold_start_step k_anneal_steps seed device wandb_name submodule_name sparse "
+        "transcoder output_dim skip_connection"
     )
     k: int
     """latents kept per row"""
@@ -93,9 +94,18 @@ class TopKConfig(TrainerConfig):
     k_anneal_steps: int | None = None
     """steps over which k falls linearly from activation_dim to k (None: fixed k)"""
     wandb_name: str = "AutoEncoderTopK"
+    transcoder: bool = False
+    """train a transcoder: encode the input half of each [B, 2, d] batch (or (input, output) pair)
+    and reconstruct the output half, with an input bias of its own"""
+    output_dim: int | None = None
+    """a transcoder's output width (default: activation_dim)"""
+    skip_connection: bool = False
+    """a transcoder with a learned linear skip path W_skip [d_in, d_out] from input to output (zero init)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if (self.skip_connection or self.output_dim not in (None, self.activation_dim)) and not self.transcoder:
+            raise ValueError("skip_connection and output_dim are transcoder options: set transcoder=True")
         if self.k_anneal_steps is not None and not 0 < self.k_anneal_steps < self.steps:
             raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be > 0 and < steps={self.steps}")
 
@@ -118,14 +128,19 @@ class TopKTrainer(RecipeTrainer):
 
     @recipe_loss
     def loss(self, x, step):
-        """`mean_b ||x - x_hat||^2 + auxk_alpha * AuxK` (AuxK: Gao et al. 2024, appendix A.2)."""
-        x_BD = x.reshape(-1, x.shape[-1])
+        """`mean_b ||y - x_hat||^2 + auxk_alpha * AuxK` (AuxK: Gao et al. 2024, appendix A.2), where
+        y = x for an SAE; a transcoder encodes the input half and y is the output half, and a skip
+        transcoder adds `x_in @ W_skip` to x_hat."""
+        x_in, y = self.input_and_target(x)
+        x_BD, y_BD = x_in.reshape(-1, x_in.shape[-1]), y.reshape(-1, y.shape[-1])
         code = self.training_code(x_BD)
-        x_hat_BD = code.decode()
-        l2 = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
-        return self.with_auxk(x, code, x_hat_BD, l2, {"l2_loss": l2, "mse_loss": l2})
+        x_hat_BD = code.decode() + self.ae.skip(x_BD)
+        l2 = (y_BD - x_hat_BD).pow(2).sum(-1).mean()
+        return self.with_auxk(y, code, x_hat_BD, l2, {"l2_loss": l2, "mse_loss": l2})
 
     def dictionary_args(self, cfg: TopKConfig) -> tuple:
+        if cfg.transcoder:
+            return cfg.activation_dim, cfg.dict_size, cfg.k, cfg.output_dim, True, cfg.skip_connection
         return cfg.activation_dim, cfg.dict_size, cfg.k
 
     def setup(self, cfg: TopKConfig) -> None:
@@ -162,7 +177,8 @@ class TopKTrainer(RecipeTrainer):
 
     def _prepare(self, step, x):
         if step == 0 and self.steps_done == 0:
-            rows = distributed.gather_rows(x.reshape(-1, x.shape[-1]))  # every replica's rows
+            _, y = self.input_and_target(x)  # b_dec starts at the geometric median of what is reconstructed
+            rows = distributed.gather_rows(y.reshape(-1, y.shape[-1]))  # every replica's rows
             self.ae.b_dec.data.copy_(geometric_median(rows).to(self.ae.b_dec.dtype))
         if self.k_anneal_steps:
             self.ae.set_k(self.annealed_k(step))
@@ -186,13 +202,13 @@ class TopKTrainer(RecipeTrainer):
         return TrainingCode(self.ae, x_BD, f, pre, fired_F, kept)
 
     def with_auxk(self, x, code: TrainingCode, x_hat_BD, recon, logs) -> StepOutput:
-        """The step's output: `recon + auxk_alpha * AuxK` of the residual `x - x_hat`, the dead-latent
-        counters and the threshold's input for `_commit`."""
+        """The step's output: `recon + auxk_alpha * AuxK` of the residual `x - x_hat` (x: what is
+        reconstructed, a transcoder's output), the dead-latent counters and the threshold's input."""
         counter_F, n_rows = tokens_since_fired(self.num_tokens_since_fired, code.fired_F, code.x_BD.shape[0])
         dead_F = counter_F >= DEAD_FEATURE_TOKENS
         # Until DEAD_FEATURE_TOKENS tokens have been seen no latent can be dead: skip AuxK (no sync needed).
         if self.auxk_alpha > 0 and self.tokens_seen + n_rows >= DEAD_FEATURE_TOKENS:
-            residual = (code.x_BD - x_hat_BD).detach()
+            residual = (x.reshape(-1, x.shape[-1]) - x_hat_BD).detach()
             auxk, raw = auxk_loss(residual, code.pre, dead_F, self.top_k_aux, code.decode_dead)
         else:
             auxk = raw = torch.zeros((), device=x.device)
@@ -205,7 +221,7 @@ class TopKTrainer(RecipeTrainer):
             "pre_norm_auxk_loss": raw,
         }
         commit = {"counter_F": counter_F, "kept": code.kept, "tokens": n_rows}
-        return StepOutput(loss, x_hat_BD.view_as(x), code.f, logs, commit)
+        return StepOutput(loss, x_hat_BD.view_as(x), code.f, logs, commit, target=x)
 
     def _commit(self, out, step):
         self.num_tokens_since_fired = out.commit["counter_F"]

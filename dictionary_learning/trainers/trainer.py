@@ -336,6 +336,7 @@ class StepOutput:
     f: torch.Tensor | SparseCode  # `[..., F]` or, on a sparse path, the kept entries of `[B, F]`
     losses: dict[str, Any]
     commit: dict[str, Any] = field(default_factory=dict)
+    target: torch.Tensor | None = None  # what x_hat reconstructs when it is not x (a transcoder's output)
 
 
 def jsonable(value: Any) -> Any:
@@ -364,14 +365,15 @@ def recipe_loss(forward: Callable[[Any, torch.Tensor, int | None], StepOutput]) 
 
     @functools.wraps(forward)
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **kwargs: Any):
-        x = x.to(self.device)
+        x = _to_device(x, self.device)
         if not logging:
             return forward(self, x, step).loss
         with torch.no_grad():
             out = forward(self, x, step)
         losses = {k: float(v) for k, v in out.losses.items()}
         f = out.f.to_dense() if isinstance(out.f, SparseCode) else out.f
-        return LossLog(x, out.x_hat, f.view(*x.shape[:-1], -1), losses)
+        target = out.target if out.target is not None else x
+        return LossLog(target, out.x_hat, f.view(*target.shape[:-1], -1), losses)
 
     del loss.__wrapped__  # its signature is the wrapper's: the reference's, not the body's (x, step)
     loss.step_output = forward
@@ -456,7 +458,7 @@ class SAETrainer:
 
         `extra_loss(out) -> (loss, logs)` replaces the trainer's loss by another built from its
         forward output (e2e training); its logs are kept in `extra_logs` for logging."""
-        x = activations.to(self.device)
+        x = _to_device(activations, self.device)  # a tensor, or a transcoder's (input, output) pair
         self._prepare(step, x)
         out = self.step_output(x, step)
         loss = out.loss
@@ -464,7 +466,8 @@ class SAETrainer:
             loss, self.extra_logs = extra_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(self.ae.parameters(), x.numel() // x.shape[-1])
+        x_in = self.input_and_target(x)[0] if hasattr(self, "input_and_target") else x
+        distributed.average_gradients(self.ae.parameters(), x_in.numel() // x_in.shape[-1])
         self.optimizer.step()  # ConstrainedAdam: the decoder-norm constraint and clipping are its job
         self.scheduler.step()
         self._commit(out, step)
@@ -519,6 +522,22 @@ class RecipeTrainer(SAETrainer):
     def dictionary_args(self, cfg: TrainerConfig) -> tuple:
         """Positional arguments of the dictionary's constructor."""
         return cfg.activation_dim, cfg.dict_size
+
+    def input_and_target(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the dictionary encodes and what it reconstructs: `(x, x)` for an SAE; for a
+        transcoder the input and output halves of `[..., 2, d]` rows (the buffer's io="in_and_out"),
+        or the two tensors of an `(input, output)` pair (widths may differ)."""
+        if not getattr(self, "transcoder", False):
+            return x, x
+        if isinstance(x, (tuple, list)) and len(x) == 2:
+            return x[0], x[1]
+        if not isinstance(x, torch.Tensor) or x.ndim < 3 or x.shape[-2] != 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"a transcoder trains on [batch, 2, d] rows (input, output) or (input, output) pairs, got {shape}: "
+                f'read the site with io="in_and_out"'
+            )
+        return x[..., 0, :], x[..., 1, :]
 
     def setup(self, cfg: TrainerConfig) -> None:
         """Build the optimizer, the schedule and the recipe's state."""

@@ -1,0 +1,157 @@
+"""Transcoders (issue 20, first part): the TopK family encodes an input and reconstructs another
+output, with an input bias of its own and an optional linear skip path. Planted data: input =
+codes @ A, output = codes @ B (+ a linear map of the input for the skip test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import LEARN_TOPK, grads
+
+from dictionary_learning import load_dictionary, trainSAE
+from dictionary_learning.dictionaries import AutoEncoderTopK, BatchTopKSAE
+from dictionary_learning.trainers import BatchTopKTrainer, MatryoshkaBatchTopKTrainer, TopKTrainer
+
+D_IN, D_OUT, N_FEATURES = 32, 24, 48
+# Twice the planted count: a transcoder's encoder starts with no relation to the input directions
+# (an SAE's starts as its decoder's transpose), and 64 latents found 40-41 of the 48 in 1,000 steps.
+TRANSCODER = dict(LEARN_TOPK, dict_size=96)
+
+
+class PlantedMap:
+    """Input `codes @ A` and output `codes @ B (+ input @ M)`: the same sparse codes seen twice."""
+
+    def __init__(self, d_out: int = D_IN, linear: float = 0.0, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.A = torch.nn.functional.normalize(torch.randn(N_FEATURES, D_IN, generator=gen), dim=1)
+        self.B = torch.nn.functional.normalize(torch.randn(N_FEATURES, d_out, generator=gen), dim=1)
+        self.M = linear * torch.randn(D_IN, d_out, generator=gen) / D_IN**0.5
+        self.seed = seed
+
+    def pairs(self, n: int, batch_size: int = 256, seed: int | None = None):
+        gen = torch.Generator().manual_seed(self.seed + 1 if seed is None else seed)
+        for _ in range(n):
+            codes = (torch.rand(batch_size, N_FEATURES, generator=gen) < 0.06) * (
+                0.5 + torch.rand(batch_size, N_FEATURES, generator=gen)
+            )
+            x_in = codes @ self.A
+            yield x_in, codes @ self.B + x_in @ self.M
+
+    def stacked(self, n: int, **kwargs):
+        return (torch.stack([x, y], dim=1) for x, y in self.pairs(n, **kwargs))
+
+    def recovered(self, decoder_FD: torch.Tensor, threshold: float = 0.9) -> int:
+        W = torch.nn.functional.normalize(decoder_FD.detach().float(), dim=1)
+        return int(((self.B @ W.T).max(dim=1).values > threshold).sum())
+
+
+def fve(y, y_hat):
+    return float(1 - (y - y_hat).var(0).sum() / y.var(0).sum())
+
+
+@pytest.mark.parametrize("cls", [TopKTrainer, BatchTopKTrainer])
+def test_a_transcoder_recovers_the_planted_output_directions(cls):
+    data = PlantedMap()
+    trainer = cls(steps=1000, transcoder=True, **TRANSCODER)
+    assert trainer.ae.transcoder and hasattr(trainer.ae, "b_in")
+    for step, batch in enumerate(data.stacked(1000)):
+        trainer.update(step, batch)
+    assert data.recovered(trainer.ae.decoder_FD()) >= 0.9 * N_FEATURES
+    x, y = next(data.pairs(1, 2048, seed=99))
+    with torch.no_grad():
+        assert fve(y, trainer.ae(x)) > 0.85
+    log = trainer.loss(torch.stack([x, y], 1), step=1000, logging=True)
+    assert log.x.shape == y.shape and torch.equal(log.x, y)  # logs compare with the output
+
+
+def test_a_transcoder_maps_between_widths_given_as_pairs():
+    data = PlantedMap(d_out=D_OUT)
+    trainer = TopKTrainer(steps=1000, transcoder=True, output_dim=D_OUT, **TRANSCODER)
+    assert trainer.ae.decoder_FD().shape == (96, D_OUT) and trainer.ae.encoder.weight.shape == (96, D_IN)
+    for step, pair in enumerate(data.pairs(1000)):
+        trainer.update(step, pair)
+    assert data.recovered(trainer.ae.decoder_FD()) >= 0.9 * N_FEATURES
+
+
+def test_the_skip_connection_learns_the_linear_part():
+    data = PlantedMap(linear=1.0)
+    x, y = next(data.pairs(1, 2048, seed=99))
+    scores = {}
+    for skip in (False, True):
+        trainer = TopKTrainer(steps=800, transcoder=True, skip_connection=skip, **dict(LEARN_TOPK, k=3))
+        for step, batch in enumerate(data.stacked(800)):
+            trainer.update(step, batch)
+        with torch.no_grad():
+            scores[skip] = fve(y, trainer.ae(x))
+    assert scores[True] > scores[False] + 0.05, scores  # the linear part no longer costs latents
+    assert trainer.ae.W_skip.abs().sum() > 0
+
+
+def test_the_sparse_and_dense_paths_give_the_same_gradients():
+    batch = next(PlantedMap(linear=0.5).stacked(1, batch_size=64))
+    common = dict(steps=100, activation_dim=D_IN, dict_size=96, k=6, seed=3, device="cpu", warmup_steps=0)
+    sparse = TopKTrainer(**common, transcoder=True, skip_connection=True, sparse=True)
+    dense = TopKTrainer(**common, transcoder=True, skip_connection=True, sparse=False)
+    dense.ae.load_state_dict(sparse.ae.state_dict())
+    (out_s, g_s), (out_d, g_d) = grads(sparse, batch), grads(dense, batch)
+    torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-6, atol=1e-7)
+    assert set(g_s) == set(g_d) >= {"b_in", "W_skip"}
+    for name in g_s:
+        torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("cls", [AutoEncoderTopK, BatchTopKSAE])
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_transcoder_files_round_trip(tmp_path, cls, safetensors):
+    ae = cls(D_IN, 64, 4, D_OUT, True, True)
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.normal_()
+    ae.save_pretrained(tmp_path / "t", safetensors=safetensors)
+    loaded, config = load_dictionary(tmp_path / "t")
+    assert type(loaded) is cls and loaded.transcoder and loaded.skip_connection and loaded.output_dim == D_OUT
+    for key, value in ae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    x = torch.randn(5, D_IN)
+    torch.testing.assert_close(loaded(x), ae(x))
+    assert config["trainer"]["transcoder"] and config["trainer"]["output_dim"] == D_OUT
+
+
+def test_trainsae_trains_transcoders_saves_and_resumes_exactly(tmp_path):
+    data = PlantedMap(linear=0.5)
+    configs = [
+        dict(trainer=TopKTrainer, **dict(LEARN_TOPK, warmup_steps=5, threshold_start_step=5)),
+        dict(
+            trainer=BatchTopKTrainer, skip_connection=True, **dict(LEARN_TOPK, warmup_steps=5, threshold_start_step=5)
+        ),
+    ]
+    full = trainSAE(data.stacked(40), configs, 40, save_dir=tmp_path / "full", transcoder=True, progress=False,
+                    normalize_activations=True)  # fmt: skip
+    config = json.loads((tmp_path / "full" / "trainer_1" / "config.json").read_text())
+    assert config["trainer"]["transcoder"] and config["trainer"]["skip_connection"]
+    loaded, _ = load_dictionary(tmp_path / "full" / "trainer_1")
+    x, _ = next(data.pairs(1, 16, seed=5))
+    torch.testing.assert_close(loaded(x), full[1](x))  # the normalisation is folded into the saved file
+    trainSAE(data.stacked(20), configs, 40, save_dir=tmp_path / "half", transcoder=True, progress=False,
+             normalize_activations=True, backup_steps=10)  # fmt: skip
+    resumed = trainSAE(data.stacked(40), None, 40, resume_from=tmp_path / "half", progress=False)
+    for a, b in zip(full, resumed):
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_transcoder_errors_are_named():
+    with pytest.raises(ValueError, match="skip_connection and output_dim are transcoder options"):
+        TopKTrainer(steps=10, skip_connection=True, **dict(LEARN_TOPK, warmup_steps=1, threshold_start_step=1))
+    trainer = TopKTrainer(steps=10, transcoder=True, **dict(LEARN_TOPK, warmup_steps=1, threshold_start_step=1))
+    with pytest.raises(ValueError, match=r'a transcoder trains on \[batch, 2, d\] rows .* io="in_and_out"'):
+        trainer.update(0, torch.randn(8, D_IN))
+    with pytest.raises(ValueError, match="MatryoshkaBatchTopKTrainer does not train transcoders yet"):
+        MatryoshkaBatchTopKTrainer(
+            steps=10, transcoder=True, **dict(LEARN_TOPK, warmup_steps=1, threshold_start_step=1)
+        )
+    with pytest.raises(ValueError, match="StandardTrainer does not train transcoders yet"):
+        trainSAE(PlantedMap().stacked(2), [dict(trainer="StandardTrainer", activation_dim=D_IN, dict_size=64)], 2,
+                 transcoder=True, progress=False)  # fmt: skip
