@@ -351,7 +351,10 @@ class ActivationBuffer(ActivationReader):
         kept = self._order[self._ptr :]
         n_new = 0
         first_fill = self._filled == 0  # the long one: a bar after 2 s; later refills are brief
-        bar = tqdm(total=free.numel(), desc="filling the activation buffer", unit="tok", delay=2, leave=False,
+        total = free.numel()
+        if first_fill and not self.loop:  # a finite text shorter than the buffer: the bar ends where it will
+            total = min(total, self.text_tokens(limit=total) or total)
+        bar = tqdm(total=total, desc="filling the activation buffer", unit="tok", delay=2, leave=False,
                    disable=not first_fill)  # fmt: skip
         while n_new < free.numel():
             acts = self._pending if self._pending is not None else self.next_activations()

@@ -155,3 +155,24 @@ def test_transcoder_errors_are_named():
     with pytest.raises(ValueError, match="StandardTrainer does not train transcoders yet"):
         trainSAE(PlantedMap().stacked(2), [dict(trainer="StandardTrainer", activation_dim=D_IN, dict_size=64)], 2,
                  transcoder=True, progress=False)  # fmt: skip
+
+
+def test_an_mlp_transcoder_from_the_buffer_of_a_tiny_model(tmp_path):
+    import tiny_models
+
+    from dictionary_learning.buffer import ActivationBuffer
+
+    model = tiny_models.llama()
+    texts = [" ".join(tiny_models.SENTENCES[i : i + 5]) for i in range(0, 35, 2)]
+    buffer = ActivationBuffer(texts, model, model.model.layers[1].mlp, io="in_and_out", n_ctxs=64, ctx_len=16,
+                              out_batch_size=32, loop=True)  # fmt: skip
+    config = dict(trainer=TopKTrainer, activation_dim=32, dict_size=64, k=4, warmup_steps=2, threshold_start_step=2,
+                  skip_connection=True, seed=0)  # fmt: skip
+    (ae,) = trainSAE(buffer, [config], 30, transcoder=True, save_dir=tmp_path / "run", progress=False,
+                     normalize_activations=True, log_steps=5)  # fmt: skip
+    pairs = next(buffer)
+    assert pairs.shape == (32, 2, 32)
+    loaded, config = load_dictionary(tmp_path / "run" / "trainer_0")
+    torch.testing.assert_close(loaded(pairs[:, 0]), ae(pairs[:, 0]))
+    assert config["site"]["module"] == "model.layers.1.mlp" and config["site"]["io"] == "in_to_out"
+    assert config["trainer"]["transcoder"] and config["steps_trained"] == 30
