@@ -548,14 +548,13 @@ def _print_eval_table(rows, text: dict) -> None:
         f"{'clean CE':>8s} {'CE diff [95% CI]':>24s} {'% CE rec. [95% CI]':>24s} {'tokens':>8s}"
     )
     for folder, site, m in rows:
-        ci = m["intervals"]
-        diff = f"{ci['ce_diff']:.3f} [{ci['ce_diff_lo']:.3f}, {ci['ce_diff_hi']:.3f}]"
-        lo, hi = 100 * ci["frac_recovered_lo"], 100 * ci["frac_recovered_hi"]
-        rec = f"{100 * ci['frac_recovered']:.1f} [{lo:.1f}, {hi:.1f}]"
+        diff = f"{m['ce_diff_pooled']:.3f} [{m['ce_diff_lo']:.3f}, {m['ce_diff_hi']:.3f}]"
+        lo, hi = 100 * m["frac_recovered_lo"], 100 * m["frac_recovered_hi"]
+        rec = f"{100 * m['frac_recovered_pooled']:.1f} [{lo:.1f}, {hi:.1f}]"
         print(
             f"{str(folder)[-40:]:40s} {site[-22:]:22s} {100 * m['frac_variance_explained']:12.1f} {m['l1_loss']:8.1f} "
-            f"{m['l0']:8.1f} {100 * m['frac_alive']:8.1f} {ci['ce_clean']:8.3f} {diff:>24s} {rec:>24s} "
-            f"{ci['n_tokens']:8d}"
+            f"{m['l0']:8.1f} {100 * m['frac_alive']:8.1f} {m['ce_clean_pooled']:8.3f} {diff:>24s} {rec:>24s} "
+            f"{m['n_tokens']:8d}"
         )
     print(f"text: the {text['part']} part of {text['source']}")
 

@@ -201,6 +201,20 @@ def loss_recovered_metrics(
     return losses, x_real, x_hat / scale, f
 
 
+INTERVAL_NAMES = ("ce_clean", "ce_zero", "ce_diff", "kl_div", "frac_recovered")
+
+
+def flat_intervals(intervals: dict[str, float]) -> dict[str, float]:
+    """`loss_intervals` output as `evaluate` adds it: counts as they are, each statistic as
+    `<name>_pooled` with its `<name>_lo` / `<name>_hi` (the plain names keep the reference's
+    per-batch means)."""
+    out = {"n_tokens": intervals["n_tokens"], "n_sequences": intervals["n_sequences"]}
+    for name in INTERVAL_NAMES:
+        out |= {f"{name}_pooled": intervals[name], f"{name}_lo": intervals[f"{name}_lo"],
+                f"{name}_hi": intervals[f"{name}_hi"]}  # fmt: skip
+    return out
+
+
 class RunningMetrics:
     """A dictionary's metrics pooled over every token of many batches (exact, not a mean of
     per-batch means): fraction of variance explained from running sums, L0, L1, the fraction of
@@ -268,8 +282,10 @@ def evaluate(
             of the model with x replaced by x_hat, and with x replaced by zeros (padding ignored);
         frac_recovered = (loss_reconstructed - loss_zero) / (loss_original - loss_zero);
         kl_div = mean KL(clean || spliced) of the next-token distributions (kl_div_zero for zeros);
-        intervals = `loss_intervals` of those tokens: the scored token count, clean CE, CE
-            difference, KL and loss recovered pooled over all tokens, with 95 % bootstrap bounds.
+        n_tokens, n_sequences, and `<name>_pooled`, `<name>_lo`, `<name>_hi` for ce_clean, ce_zero,
+            ce_diff, kl_div and frac_recovered: `loss_intervals` of those tokens (pooled over all
+            of them, with 95 % bootstrap bounds over sequences); every value is a float, as the
+            reference's callers expect (`{k: float(v) for k, v in evaluate(...).items()}`).
     Otherwise `activations` is any iterator of `[B, D]` batches and only reconstruction metrics
     are computed. `normalize_batch` rescales x to mean norm sqrt(D) before the dictionary (and
     back after). `tracer_args` is accepted for the reference's signature and ignored.
@@ -313,7 +329,7 @@ def evaluate(
     results = {key: value / n_batches for key, value in totals.items()}
     if "loss_original" in results:
         results["frac_recovered"] = frac_recovered(results)
-        results["intervals"] = loss_intervals(rows)
+        results |= flat_intervals(loss_intervals(rows))
     results["frac_alive"] = float(alive.float().mean())
     return results
 

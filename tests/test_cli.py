@@ -319,9 +319,9 @@ def test_eval_json_has_the_interval_and_token_count(tmp_path, tiny, capsys):
     capsys.readouterr()
     main(["eval", str(folder), *tiny, "--batch-texts", "3", "--n-batches", "2", "--json"])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    ci = record["intervals"]
-    assert record["site"] == "model.layers.1.mlp" and ci["n_sequences"] == 6 and ci["n_tokens"] > 50
-    assert ci["ce_diff_lo"] <= ci["ce_diff"] <= ci["ce_diff_hi"] and record["text"]["part"] == "held_out"
+    assert record["site"] == "model.layers.1.mlp" and record["n_sequences"] == 6 and record["n_tokens"] > 50
+    assert record["ce_diff_lo"] <= record["ce_diff_pooled"] <= record["ce_diff_hi"]
+    assert record["text"]["part"] == "held_out"
     wide = tmp_path / "dictionaries" / "tiny" / "mlp_out_layer0" / "10_32768"
     AutoEncoder(48, 64).save_pretrained(wide)
     with pytest.raises(SystemExit, match=r"reads width 48, but model.layers.0.mlp of .* has width 32"):

@@ -39,6 +39,8 @@ def test_loss_recovered_matches_evaluate_and_is_exact_for_identity():
 
     buffer = ActivationBuffer(iter(texts), model, site, n_ctxs=8, ctx_len=16, refresh_batch_size=8, pack=False)
     metrics = evaluate(ae, buffer, max_len=16, batch_size=8)
+    assert {k: float(v) for k, v in metrics.items()}  # every value a number, as the reference's callers expect
+    assert metrics["ce_diff_lo"] <= metrics["ce_diff_pooled"] <= metrics["ce_diff_hi"]
     expected = (metrics["loss_original"], metrics["loss_reconstructed"], metrics["loss_zero"])
     assert [float(v) for v in triple] == pytest.approx(expected, rel=1e-5)
 
