@@ -83,8 +83,8 @@ def test_logit_lens_matches_the_unembedding(setup):
     model, ae, reader, _ = setup
     promoted, suppressed = logit_lens_tokens(ae, model, reader.tokenizer, k=3)
     hf = model._module
-    direction = (ae.decoder_FD()[5] * hf.model.norm.weight).detach()
-    logits = hf.lm_head.weight @ direction
+    with torch.no_grad():
+        logits = hf.lm_head.weight @ (ae.decoder_FD()[5] * hf.model.norm.weight)
     assert promoted[5][0][1] == pytest.approx(float(logits.max()), rel=1e-4)
     assert suppressed[5][0][1] == pytest.approx(float(logits.min()), rel=1e-4)
     assert promoted[5][0][0] == reader.tokenizer.decode([int(logits.argmax())])
