@@ -382,7 +382,7 @@ def cmd_train(args) -> None:
         _check_out(out, args.overwrite)
     data, sites, lm_name, e2e = _data_for_training(args)
     configs = _per_site(configs, sites, lm_name, args.device)
-    for note in fit_schedules(configs, args.steps):  # the same on --resume, so the configs agree
+    for note in dict.fromkeys(fit_schedules(configs, args.steps)):  # the same on --resume, so the configs agree
         if not args.resume:
             print(f"note: a {args.steps}-step run: {note} (set them to choose)", file=sys.stderr)
     trainSAE(
