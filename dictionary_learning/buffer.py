@@ -137,6 +137,7 @@ class ActivationReader:
     def shard(self, rank: int, world_size: int) -> None:
         """Read only documents rank, rank + world_size, ... of the data stream (data-parallel training)."""
         self._stride = (rank, world_size)
+        self._counted_tokens = None  # a share of the source counts differently
         self.data = self._open()
 
     def text_tokens(self, limit: int | None = None) -> int | None:
@@ -149,14 +150,17 @@ class ActivationReader:
                 return None
         elif not isinstance(self.source, (list, tuple)):
             return None
-        total = 0
-        for item in self._open():
-            if isinstance(item, str):
-                item = self.tokenizer(item, add_special_tokens=self.add_special_tokens)["input_ids"]
-            total += min(len(item), self.ctx_len)
-            if limit is not None and total > limit:
-                return None
-        return total
+        counted = getattr(self, "_counted_tokens", None)  # a whole pass already counted: not again
+        if counted is None:
+            counted = 0
+            for item in self._open():
+                if isinstance(item, str):
+                    item = self.tokenizer(item, add_special_tokens=self.add_special_tokens)["input_ids"]
+                counted += min(len(item), self.ctx_len)
+                if limit is not None and counted > limit:
+                    return None
+            self._counted_tokens = counted
+        return None if limit is not None and counted > limit else counted
 
     def text_batch(self, batch_size: int | None = None) -> list:
         """The next `batch_size` items of the data stream (the reference's API, used by evaluate)."""
