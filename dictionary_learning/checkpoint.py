@@ -105,7 +105,7 @@ def _choose_class(config: dict, state_dict: dict[str, torch.Tensor], source: str
 
 def _check_against_config(ae: Dictionary, config: dict, source: str) -> None:
     trainer = config.get("trainer") or {}
-    for key in ("activation_dim", "dict_size"):
+    for key in ("activation_dim", "dict_size", "output_dim"):
         expected = trainer.get(key)
         if expected is not None and int(expected) != getattr(ae, key):
             raise CheckpointError(
@@ -149,6 +149,8 @@ def load_dictionary(
     if weights.bias_scale != 1.0:
         ae.scale_biases(weights.bias_scale)
     _check_against_config(ae, config, weights.source)
+    if (config.get("trainer") or {}).get("transcoder"):  # a same-width JumpReLU transcoder's keys are an SAE's
+        ae.transcoder = True
     if dtype is not None or device is not None:
         ae = ae.to(device=device, dtype=dtype)
     return ae, config

@@ -285,7 +285,7 @@ def trainSAE(
             trains and is logged on head i.
         transcoder: batches are `[B, 2, d]` (input, output) rows, as `ActivationBuffer(...,
             io="in_and_out")` reads an MLP, or `(input, output)` pairs; each config becomes a transcoder
-            (`transcoder=True`: the TopK and BatchTopK recipes so far).
+            (`transcoder=True`: the TopK, BatchTopK, Standard, StandardAprilUpdate and JumpReLU recipes).
         e2e: an `E2EObjective`: end-to-end training with the dictionaries spliced into its model.
             `data` then yields token batches (`TokenBatches`); each is run once through the clean
             model for all trainers, and each trainer's loss becomes the objective's (KL, downstream
@@ -331,7 +331,8 @@ def _as_transcoder(config: Any) -> Any:
     cls = TRAINER_REGISTRY.get(cls) if isinstance(cls, str) else cls
     if isinstance(cls, type) and "transcoder" not in getattr(cls, "config_keys", lambda: [])():
         raise ValueError(
-            f"{cls.__name__} does not train transcoders yet: use TopKTrainer or BatchTopKTrainer (transcoder=True)"
+            f"{cls.__name__} does not train transcoders: use TopKTrainer, BatchTopKTrainer, StandardTrainer, "
+            "StandardTrainerAprilUpdate or JumpReluTrainer"
         )
     return {"transcoder": True, **config}
 

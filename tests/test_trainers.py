@@ -146,8 +146,8 @@ def test_positional_arguments_follow_the_reference_order():
 
 
 def test_constructor_calls_that_do_not_fit_fail_like_python_calls():
-    with pytest.raises(TypeError, match="takes at most 17 positional arguments"):
-        StandardTrainer(*range(18))
+    with pytest.raises(TypeError, match="takes at most 20 positional arguments"):
+        StandardTrainer(*range(21))
     with pytest.raises(TypeError, match="multiple values for argument 'steps'"):
         StandardTrainer(100, steps=100, activation_dim=D, dict_size=F)
     with pytest.raises(TypeError, match="missing required argument: k"):

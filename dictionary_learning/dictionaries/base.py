@@ -110,6 +110,48 @@ class Dictionary(nn.Module):
     bias_names: ClassVar[tuple[str, ...]] = ()
     # TopK-style classes keep threshold = -1 as "not yet estimated"; a negative one is never scaled.
     threshold_is_sentinel: ClassVar[bool] = False
+    # Whether the class can be built as a transcoder (`_init_transcoder`); instances say if they are one.
+    can_transcode: ClassVar[bool] = False
+    transcoder: bool = False
+    skip_connection: bool = False
+
+    @property
+    def output_dim(self) -> int:
+        """Width of what `decode` returns: `activation_dim`, unless a transcoder maps to another width."""
+        return self.__dict__.get("_output_dim") or self.activation_dim
+
+    @output_dim.setter
+    def output_dim(self, value: int) -> None:
+        self.__dict__["_output_dim"] = value
+
+    def _init_transcoder(
+        self, activation_dim: int, output_dim: int | None, transcoder: bool, skip_connection: bool, input_bias: bool
+    ) -> None:
+        """Make this dictionary a transcoder when asked (or implied by a skip path or another output
+        width): it then encodes an input and reconstructs another output. `input_bias`: the class
+        subtracts a bias before encoding, which gets a parameter `b_in` of its own (an SAE ties it to
+        the output bias, but a transcoder's input and output live in different spaces). A skip
+        transcoder adds `x @ W_skip` (`[d_in, d_out]`, zero init: training starts from the plain
+        transcoder; sparsify's name)."""
+        if output_dim is not None:
+            check_sizes(output_dim, 1)
+        self.output_dim = output_dim or activation_dim
+        self.transcoder = bool(transcoder or skip_connection or self.output_dim != activation_dim)
+        self.skip_connection = bool(skip_connection)
+        if self.transcoder and input_bias:
+            self.b_in = nn.Parameter(torch.zeros(activation_dim))
+            self.bias_names = (*type(self).bias_names, "b_in")
+        if self.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(activation_dim, self.output_dim))
+
+    @staticmethod
+    def _transcoder_kwargs(state_dict: dict[str, torch.Tensor], output_dim: int) -> dict[str, Any]:
+        """The transcoder arguments of a state dict's shapes and optional keys (`_from_state_dict_shapes`)."""
+        return {"output_dim": output_dim, "transcoder": "b_in" in state_dict, "skip_connection": "W_skip" in state_dict}
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A skip transcoder's linear path `x @ W_skip`; 0 for the others."""
+        return x @ self.W_skip if self.skip_connection else 0.0
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -124,7 +166,7 @@ class Dictionary(nn.Module):
 
     def forward(self, x: torch.Tensor, output_features: bool = False):
         f = self.encode(x)
-        x_hat = self.decode(f)
+        x_hat = self.decode(f) + self.skip(x)
         return (x_hat, f) if output_features else x_hat
 
     # ----------------------------------------------------------------------------------------- checks
@@ -191,7 +233,10 @@ class Dictionary(nn.Module):
     # ------------------------------------------------------------------------- construction & I/O
     def architecture_config(self) -> dict[str, Any]:
         """The constructor facts a loader needs, in config.json's `trainer` section vocabulary."""
-        return {"dict_class": type(self).__name__, "activation_dim": self.activation_dim, "dict_size": self.dict_size}
+        config = {"dict_class": type(self).__name__, "activation_dim": self.activation_dim, "dict_size": self.dict_size}
+        if self.transcoder:
+            config |= {"transcoder": True, "output_dim": self.output_dim, "skip_connection": self.skip_connection}
+        return config
 
     @classmethod
     def _from_state_dict_shapes(cls, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> Dictionary:
@@ -207,7 +252,7 @@ class Dictionary(nn.Module):
     @classmethod
     def _optional_keys(cls) -> tuple[str, ...]:
         """Keys a variant of the architecture adds (a transcoder's input bias and skip path)."""
-        return ()
+        return ("b_in", "W_skip") if cls.can_transcode else ()
 
     @classmethod
     def _expected_keys(cls) -> tuple[str, ...]:

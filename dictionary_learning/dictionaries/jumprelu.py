@@ -74,31 +74,57 @@ class JumpReluAutoEncoder(Dictionary):
 
     The threshold is stored directly (not as a log), so `scale_biases` can scale it with the biases.
     `apply_b_dec_to_input` (not saved) subtracts `b_dec` before encoding, for SAELens-trained weights.
+    As a transcoder (`output_dim`, `transcoder`, `skip_connection`, see `_init_transcoder`) the
+    decoder writes `output_dim` wide; the encoder has no pre-encoder bias to tie (b_enc absorbs it).
     """
 
     layout = FeatureLayout(decoder=("W_dec", 0), encoder=("W_enc", 1), feature_biases=(("b_enc", 0), ("threshold", 0)))
     bias_names = ("b_enc", "b_dec", "threshold")
+    can_transcode = True
 
-    def __init__(self, activation_dim: int, dict_size: int, device: torch.device | str | None = "cpu"):
+    def __init__(
+        self,
+        activation_dim: int,
+        dict_size: int,
+        device: torch.device | str | None = "cpu",
+        output_dim: int | None = None,
+        transcoder: bool = False,
+        skip_connection: bool = False,
+    ):
         super().__init__()
         check_sizes(activation_dim, dict_size)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
+        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection, input_bias=False)
+        d_out = self.output_dim
         self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size, device=device))
         self.b_enc = nn.Parameter(torch.zeros(dict_size, device=device))
-        self.W_dec = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(dict_size, activation_dim, device=device)))
-        self.b_dec = nn.Parameter(torch.zeros(activation_dim, device=device))
+        self.W_dec = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(dict_size, d_out, device=device)))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device))
         # 0.001 as in the reference: a small positive start so every feature can fire at first.
         self.threshold = nn.Parameter(torch.full((dict_size,), 0.001, device=device))
         self.apply_b_dec_to_input = False
+        if self.skip_connection:
+            self.W_skip.data = self.W_skip.data.to(device)
         with torch.no_grad():
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-            self.W_enc.copy_(self.W_dec.T)
+            if d_out == activation_dim:
+                self.W_enc.copy_(self.W_dec.T)
+            else:
+                W_FD = nn.init.kaiming_uniform_(torch.empty(dict_size, activation_dim, device=device))
+                self.W_enc.copy_((W_FD / W_FD.norm(dim=1, keepdim=True)).T)
+
+    def _input(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: `x`, or `x - b_dec` with SAELens's `apply_b_dec_to_input`."""
+        if self.apply_b_dec_to_input:
+            if self.transcoder:
+                raise ValueError("apply_b_dec_to_input subtracts the output bias from the input: not for a transcoder")
+            return x_BD - self.b_dec
+        return x_BD
 
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
-        if self.apply_b_dec_to_input:
-            x_BD = x_BD - self.b_dec
+        x_BD = self._input(x_BD)
         return x_BD @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor, output_pre_jump: bool = False):
@@ -116,7 +142,9 @@ class JumpReluAutoEncoder(Dictionary):
     @classmethod
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         activation_dim, dict_size = state_dict["W_enc"].shape
-        return cls(activation_dim, dict_size, device="cpu")
+        transcoding = cls._transcoder_kwargs(state_dict, state_dict["W_dec"].shape[1])
+        transcoding["transcoder"] |= transcoding["output_dim"] != activation_dim or "W_skip" in state_dict
+        return cls(activation_dim, dict_size, "cpu", **transcoding)
 
     @classmethod
     def from_pretrained(
@@ -179,8 +207,7 @@ class JumpReluAutoEncoder(Dictionary):
         kernel of width `bandwidth`) and a fused backward (`jumprelu_dictionary`)."""
         x = x_BD.reshape(-1, x_BD.shape[-1]).to(self.W_enc.dtype)
         self._check_width(x)
-        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
         f, l0, x_hat = jumprelu_dictionary(
-            x_in, self.W_enc.T, self.b_enc, self.threshold, self.W_dec, self.b_dec, bandwidth, max_density
+            self._input(x), self.W_enc.T, self.b_enc, self.threshold, self.W_dec, self.b_dec, bandwidth, max_density
         )
-        return x, f, l0, x_hat
+        return x, f, l0, x_hat + self.skip(x)

@@ -24,7 +24,8 @@ def _encode_decode(ae, x_BD, b_in_D, b_out_D, max_density):
     ae._check_width(x_BD)
     x2 = x_BD.reshape(-1, ae.activation_dim)
     f, x_hat = relu_dictionary(x2, ae.encoder.weight, ae.encoder.bias, ae.decoder.weight, b_in_D, b_out_D, max_density)
-    return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view_as(x_BD)
+    x_hat = x_hat + ae.skip(x2)
+    return (f if isinstance(f, SparseCode) else f.view(*x_BD.shape[:-1], -1)), x_hat.view(*x_BD.shape[:-1], -1)
 
 
 def _copy_saelens_weights(ae, weights, b_dec_D: torch.Tensor):
@@ -104,33 +105,54 @@ class AutoEncoder(Dictionary):
 
     Init as Anthropic's April-2024 update: decoder columns of norm 0.1, encoder = decoder transpose;
     the encoder bias keeps PyTorch's default Linear init, as in the reference.
+
+    As a transcoder (`transcoder=True`, `output_dim`, `skip_connection`; see `_init_transcoder`)
+    `bias` is the output bias and the input has its own `b_in`.
     """
 
     layout = FeatureLayout(
         decoder=("decoder.weight", 1), encoder=("encoder.weight", 0), feature_biases=(("encoder.bias", 0),)
     )
     bias_names = ("bias", "encoder.bias")
+    can_transcode = True
 
-    def __init__(self, activation_dim: int, dict_size: int):
+    def __init__(
+        self,
+        activation_dim: int,
+        dict_size: int,
+        output_dim: int | None = None,
+        transcoder: bool = False,
+        skip_connection: bool = False,
+    ):
         super().__init__()
         check_sizes(activation_dim, dict_size)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
-        self.bias = nn.Parameter(torch.zeros(activation_dim))
+        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection, input_bias=True)
+        self.bias = nn.Parameter(torch.zeros(self.output_dim))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
-        self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
-        w_DF = _tied_init_columns(activation_dim, dict_size, 0.1)
+        self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
+        w_DF = _tied_init_columns(self.output_dim, dict_size, 0.1)
         self.decoder.weight = nn.Parameter(w_DF.clone())
-        self.encoder.weight = nn.Parameter(w_DF.T.clone())
+        if self.output_dim == activation_dim:
+            self.encoder.weight = nn.Parameter(w_DF.T.clone())
+        else:
+            self.encoder.weight = nn.Parameter(_tied_init_columns(activation_dim, dict_size, 0.1).T.clone())
+
+    @property
+    def input_shift(self) -> torch.Tensor:
+        """What the encoder subtracts: the shared `bias` of an SAE, a transcoder's own `b_in`."""
+        return self.b_in if self.transcoder else self.bias
 
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
-        return self.encoder(x_BD - self.bias)
+        return self.encoder(x_BD - self.input_shift)
 
     def encode_decode(self, x_BD: torch.Tensor, max_density: float = 0.0):
-        """`(encode(x), decode(encode(x)))` for training, with a cheaper fused backward; with
-        `max_density > 0` the features may come as a `SparseCode` (see `relu_dictionary`)."""
-        return _encode_decode(self, x_BD, self.bias, self.bias, max_density)
+        """`(encode(x), decode(encode(x)))` for training (plus a skip transcoder's linear path), with a
+        cheaper fused backward; with `max_density > 0` the features may come as a `SparseCode` (see
+        `relu_dictionary`)."""
+        return _encode_decode(self, x_BD, self.input_shift, self.bias, max_density)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., D] -> [..., F]
         return torch.relu(self.pre_activations(x))
@@ -170,7 +192,7 @@ class AutoEncoder(Dictionary):
     @classmethod
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         dict_size, activation_dim = state_dict["encoder.weight"].shape
-        return cls(activation_dim, dict_size)
+        return cls(activation_dim, dict_size, **cls._transcoder_kwargs(state_dict, state_dict["decoder.weight"].shape[0]))
 
     @classmethod
     def from_state_dict(cls, state_dict, dtype=None, device=None, source="state dict", normalize_decoder=True):

@@ -48,8 +48,6 @@ class _TopKBase(Dictionary):
     """Shared buffers, bias scaling and the cached Python `k` (read without a device sync)."""
 
     threshold_is_sentinel = True
-    transcoder = False  # set by the dictionaries that can map an input to another output (_LinearTopK)
-    skip_connection = False
 
     def _init_buffers(self, k: int) -> None:
         self.register_buffer("k", torch.tensor(k, dtype=torch.int32))
@@ -77,15 +75,6 @@ class _TopKBase(Dictionary):
         """What the encoder subtracts from its input: `b_dec` for an SAE (the reference's tied
         pre-encoder bias), a transcoder's own `b_in` (its input and output live in different spaces)."""
         return self.b_in if self.transcoder else self.b_dec
-
-    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
-        """A skip transcoder's linear path `x @ W_skip`; 0 for the others."""
-        return x @ self.W_skip if self.skip_connection else 0.0
-
-    def forward(self, x: torch.Tensor, output_features: bool = False):
-        f = self.encode(x)
-        x_hat = self.decode(f) + self.skip(x)
-        return (x_hat, f) if output_features else x_hat
 
     # ---------------------------------------------------------------------- sparse training path
     batch_selection: bool = False  # training keeps the k * B largest of the batch instead of k per row
@@ -151,6 +140,7 @@ class _LinearTopK(_TopKBase):
         decoder=("decoder.weight", 1), encoder=("encoder.weight", 0), feature_biases=(("encoder.bias", 0),)
     )
     bias_names = ("b_dec", "encoder.bias", "threshold")
+    can_transcode = True
 
     def __init__(
         self,
@@ -165,9 +155,7 @@ class _LinearTopK(_TopKBase):
         check_sizes(activation_dim, dict_size, k)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
-        self.output_dim = output_dim or activation_dim
-        self.transcoder = transcoder or skip_connection or self.output_dim != activation_dim
-        self.skip_connection = skip_connection
+        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection, input_bias=True)
         self._init_buffers(k)
         self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
         self.encoder = nn.Linear(activation_dim, dict_size)
@@ -177,17 +165,6 @@ class _LinearTopK(_TopKBase):
                 self.encoder.weight.copy_(self.decoder.weight.T)
             self.encoder.bias.zero_()
         self.b_dec = nn.Parameter(torch.zeros(self.output_dim))
-        if self.transcoder:  # an input bias of its own: not tied to the output bias b_dec
-            self.b_in = nn.Parameter(torch.zeros(activation_dim))
-            self.bias_names = (*type(self).bias_names, "b_in")
-        if skip_connection:  # sparsify's name; zero init: training starts from the plain transcoder
-            self.W_skip = nn.Parameter(torch.zeros(activation_dim, self.output_dim))
-
-    def architecture_config(self) -> dict[str, Any]:
-        config = super().architecture_config()
-        if self.transcoder:
-            config |= {"transcoder": True, "output_dim": self.output_dim, "skip_connection": self.skip_connection}
-        return config
 
     def relu_pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
@@ -204,15 +181,10 @@ class _LinearTopK(_TopKBase):
         return ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias")
 
     @classmethod
-    def _optional_keys(cls):
-        return ("b_in", "W_skip")
-
-    @classmethod
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         dict_size, activation_dim = state_dict["encoder.weight"].shape
-        output_dim = state_dict["decoder.weight"].shape[0]
-        transcoder, skip = "b_in" in state_dict, "W_skip" in state_dict
-        return cls(activation_dim, dict_size, int(state_dict["k"]), output_dim, transcoder, skip)
+        transcoding = cls._transcoder_kwargs(state_dict, state_dict["decoder.weight"].shape[0])
+        return cls(activation_dim, dict_size, int(state_dict["k"]), **transcoding)
 
     @classmethod
     def from_saelens(cls, weights) -> _LinearTopK:

@@ -9,7 +9,7 @@ import torch
 from ..config import DEBUG  # noqa: F401 (the reference re-exports these names here)
 from ..dictionaries import GatedAutoEncoder
 from ..ops import row_sums
-from .standard import StandardConfig, reconstruction_terms
+from .standard import ResampledL1Config, reconstruction_terms
 from .trainer import (  # noqa: F401
     ConstrainedAdam,
     PenalisedTrainer,
@@ -23,7 +23,7 @@ from .trainer import (  # noqa: F401
 
 
 @dataclass(frozen=True, kw_only=True)
-class GatedSAEConfig(StandardConfig):
+class GatedSAEConfig(ResampledL1Config):
     # resample_steps is ours (the reference's Gated trainer cannot resample): last, before sparse.
     positional = (
         "steps activation_dim dict_size layer lm_name dict_class lr l1_penalty warmup_steps "

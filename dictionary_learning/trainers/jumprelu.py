@@ -23,6 +23,7 @@ from .trainer import (  # noqa: F401
     RecipeTrainer,
     SAETrainer,
     StepOutput,
+    TranscoderConfig,
     adam,
     get_lr_schedule,
     get_sparsity_warmup_fn,
@@ -37,10 +38,11 @@ SPARSITY_LOSSES = ("target_l0", "l0")
 
 
 @dataclass(frozen=True, kw_only=True)
-class JumpReluConfig(PenalisedConfig):
+class JumpReluConfig(PenalisedConfig, TranscoderConfig):
     positional = (
         "steps activation_dim dict_size layer lm_name dict_class seed lr bandwidth sparsity_penalty warmup_steps "
-        "sparsity_warmup_steps decay_start target_l0 device wandb_name submodule_name sparsity_loss sparse"
+        "sparsity_warmup_steps decay_start target_l0 device wandb_name submodule_name sparsity_loss sparse "
+        "transcoder output_dim skip_connection"
     )
     dict_class: type | str = JumpReluAutoEncoder
     lr: float = 7e-5
@@ -75,9 +77,12 @@ class JumpReluTrainer(RecipeTrainer):
     def loss(self, x, step):
         """`mean_b ||x - x_hat||^2 + s(t) * penalty`, penalty = `sparsity_penalty * (L0 / target_l0 - 1)^2`
         (the reference's target-L0 form, the default) or `sparsity_penalty * L0` (the paper's, with
-        `sparsity_loss="l0"`); L0 = mean_b ||f||_0 with the step function's straight-through estimator."""
-        x, f, l0, x_hat = self.ae.training_forward(x, self.bandwidth, self.max_density)
-        recon = (x - x_hat).pow(2).sum(-1).mean()
+        `sparsity_loss="l0"`); L0 = mean_b ||f||_0 with the step function's straight-through estimator.
+        A transcoder encodes the input half and x is its output half."""
+        x_in, y = self.input_and_target(x)
+        x, f, l0, x_hat = self.ae.training_forward(x_in, self.bandwidth, self.max_density)
+        y = y.reshape(-1, y.shape[-1]).to(x_hat.dtype)
+        recon = (y - x_hat).pow(2).sum(-1).mean()
         if self.sparsity_loss == "target_l0":
             penalty = self.sparsity_coefficient * (l0 / self.target_l0 - 1).pow(2)
         else:
@@ -93,7 +98,7 @@ class JumpReluTrainer(RecipeTrainer):
             "loss": loss,
             "dead_features": (counter_F > DEAD_FEATURE_TOKENS).sum(),
         }
-        return StepOutput(loss, x_hat, f, logs, {"counter_F": counter_F})
+        return StepOutput(loss, x_hat, f, logs, {"counter_F": counter_F}, target=y)
 
     def setup(self, cfg: JumpReluConfig) -> None:
         self.sparsity_coefficient = cfg.sparsity_penalty

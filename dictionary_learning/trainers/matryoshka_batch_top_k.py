@@ -93,7 +93,8 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
     def dictionary_args(self, cfg: MatryoshkaBatchTopKConfig) -> tuple:
         if cfg.transcoder:
             raise ValueError(
-                "MatryoshkaBatchTopKTrainer does not train transcoders yet: use TopKTrainer or BatchTopKTrainer"
+                "MatryoshkaBatchTopKTrainer does not train transcoders: use TopKTrainer, BatchTopKTrainer, "
+                "StandardTrainer or JumpReluTrainer"
             )
         self.group_fractions = list(cfg.group_fractions)
         self.group_sizes = group_sizes_from_fractions(cfg.dict_size, self.group_fractions)

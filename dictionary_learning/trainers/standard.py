@@ -14,6 +14,7 @@ from .trainer import (  # noqa: F401
     PenalisedConfig,
     PenalisedTrainer,
     SAETrainer,
+    TranscoderConfig,
     StepOutput,
     get_lr_schedule,
     get_sparsity_warmup_fn,
@@ -30,11 +31,9 @@ def reconstruction_terms(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> tuple[to
 
 
 @dataclass(frozen=True, kw_only=True)
-class StandardTrainerAprilUpdateConfig(PenalisedConfig):
-    positional = (
-        "steps activation_dim dict_size layer lm_name dict_class lr l1_penalty warmup_steps "
-        "sparsity_warmup_steps decay_start seed device wandb_name submodule_name sparse"
-    )
+class L1Config(PenalisedConfig):
+    """The fields of the L1 recipes (Standard, its April update, Gated)."""
+
     dict_class: type | str = AutoEncoder
     lr: float = 1e-3
     l1_penalty: float = 1e-1
@@ -43,14 +42,28 @@ class StandardTrainerAprilUpdateConfig(PenalisedConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StandardConfig(StandardTrainerAprilUpdateConfig):
-    positional = (
-        "steps activation_dim dict_size layer lm_name dict_class lr l1_penalty warmup_steps "
-        "sparsity_warmup_steps decay_start resample_steps seed device wandb_name submodule_name sparse"
-    )
+class ResampledL1Config(L1Config):
     resample_steps: int | None = None
     """resample latents that did not fire for half of each such period (None: never)"""
     wandb_name: str = "StandardTrainer"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StandardTrainerAprilUpdateConfig(L1Config, TranscoderConfig):
+    positional = (
+        "steps activation_dim dict_size layer lm_name dict_class lr l1_penalty warmup_steps "
+        "sparsity_warmup_steps decay_start seed device wandb_name submodule_name sparse "
+        "transcoder output_dim skip_connection"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StandardConfig(ResampledL1Config, TranscoderConfig):
+    positional = (
+        "steps activation_dim dict_size layer lm_name dict_class lr l1_penalty warmup_steps "
+        "sparsity_warmup_steps decay_start resample_steps seed device wandb_name submodule_name sparse "
+        "transcoder output_dim skip_connection"
+    )
 
 
 @register_trainer
@@ -62,12 +75,15 @@ class StandardTrainer(PenalisedTrainer):
 
     @recipe_loss
     def loss(self, x, step):
-        """`mean_b ||x - x_hat||^2 + l1_penalty * s(t) * mean_b ||f||_1`, s(t) the sparsity warm-up."""
+        """`mean_b ||y - x_hat||^2 + l1_penalty * s(t) * mean_b ||f||_1`, s(t) the sparsity warm-up,
+        y = x for an SAE, the output half for a transcoder (which encodes the input half)."""
+        x, y = self.input_and_target(x)
         f, x_hat = self.ae.encode_decode(x, self.max_density)
-        mse, l2 = reconstruction_terms(x, x_hat)
+        mse, l2 = reconstruction_terms(y, x_hat)
         l1 = row_sums(f).mean()  # = mean L1 norm: ReLU features are non-negative (and sum's backward is free)
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * l1
-        return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": l1, "loss": loss})
+        logs = {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": l1, "loss": loss}
+        return StepOutput(loss, x_hat, f, logs, target=y)
 
 
 @register_trainer
@@ -83,9 +99,12 @@ class StandardTrainerAprilUpdate(PenalisedTrainer):
 
     @recipe_loss
     def loss(self, x, step):
-        """`mean_b ||x - x_hat||^2 + l1_penalty * s(t) * mean_b sum_i |f_i| ||W_dec[:, i]||`."""
+        """`mean_b ||y - x_hat||^2 + l1_penalty * s(t) * mean_b sum_i |f_i| ||W_dec[:, i]||` (y as in
+        `StandardTrainer.loss`)."""
+        x, y = self.input_and_target(x)
         f, x_hat = self.ae.encode_decode(x, self.max_density)
-        mse, l2 = reconstruction_terms(x, x_hat)
+        mse, l2 = reconstruction_terms(y, x_hat)
         l1 = row_sums(f, self.ae.decoder_FD().norm(dim=-1)).mean()
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * l1
-        return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": l1, "loss": loss})
+        logs = {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": l1, "loss": loss}
+        return StepOutput(loss, x_hat, f, logs, target=y)

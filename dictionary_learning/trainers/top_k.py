@@ -26,6 +26,7 @@ from .trainer import (  # noqa: F401
     SAETrainer,
     StepOutput,
     TrainerConfig,
+    TranscoderConfig,
     adam,
     default_topk_lr,
     get_lr_schedule,
@@ -74,7 +75,7 @@ DEAD_FEATURE_TOKENS = 10_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
-class TopKConfig(TrainerConfig):
+class TopKConfig(TranscoderConfig):
     positional = (
         "steps activation_dim dict_size k layer lm_name dict_class lr auxk_alpha warmup_steps decay_start "
         "threshold_beta threshold_start_step k_anneal_steps seed device wandb_name submodule_name sparse "
@@ -94,18 +95,9 @@ class TopKConfig(TrainerConfig):
     k_anneal_steps: int | None = None
     """steps over which k falls linearly from activation_dim to k (None: fixed k)"""
     wandb_name: str = "AutoEncoderTopK"
-    transcoder: bool = False
-    """train a transcoder: encode the input half of each [B, 2, d] batch (or (input, output) pair)
-    and reconstruct the output half, with an input bias of its own"""
-    output_dim: int | None = None
-    """a transcoder's output width (default: activation_dim)"""
-    skip_connection: bool = False
-    """a transcoder with a learned linear skip path W_skip [d_in, d_out] from input to output (zero init)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.skip_connection or self.output_dim not in (None, self.activation_dim)) and not self.transcoder:
-            raise ValueError("skip_connection and output_dim are transcoder options: set transcoder=True")
         if self.k_anneal_steps is not None and not 0 < self.k_anneal_steps < self.steps:
             raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be > 0 and < steps={self.steps}")
 
@@ -139,8 +131,6 @@ class TopKTrainer(RecipeTrainer):
         return self.with_auxk(y, code, x_hat_BD, l2, {"l2_loss": l2, "mse_loss": l2})
 
     def dictionary_args(self, cfg: TopKConfig) -> tuple:
-        if cfg.transcoder:
-            return cfg.activation_dim, cfg.dict_size, cfg.k, cfg.output_dim, True, cfg.skip_connection
         return cfg.activation_dim, cfg.dict_size, cfg.k
 
     def setup(self, cfg: TopKConfig) -> None:

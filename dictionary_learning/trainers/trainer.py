@@ -294,6 +294,24 @@ class TrainerConfig:
         return _field_docs(cls)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TranscoderConfig(TrainerConfig):
+    """The transcoder fields of the recipes that train transcoders (TopK, BatchTopK, Standard, JumpReLU)."""
+
+    transcoder: bool = False
+    """train a transcoder: encode the input half of each [B, 2, d] batch (or (input, output) pair)
+    and reconstruct the output half, with an input bias of its own"""
+    output_dim: int | None = None
+    """a transcoder's output width (default: activation_dim)"""
+    skip_connection: bool = False
+    """a transcoder with a learned linear skip path W_skip [d_in, d_out] from input to output (zero init)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.skip_connection or self.output_dim not in (None, self.activation_dim)) and not self.transcoder:
+            raise ValueError("skip_connection and output_dim are transcoder options: set transcoder=True")
+
+
 @functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
@@ -516,12 +534,20 @@ class RecipeTrainer(SAETrainer):
                 torch.cuda.manual_seed_all(cfg.seed)
         self.device = resolve_device(cfg.device)
         dict_class = DICTIONARY_REGISTRY[cfg.dict_class] if isinstance(cfg.dict_class, str) else cfg.dict_class
-        self.ae = dict_class(*self.dictionary_args(cfg)).to(self.device)
+        self.ae = dict_class(*self.dictionary_args(cfg), **self._transcoder_args(cfg, dict_class)).to(self.device)
         self.setup(cfg)
 
     def dictionary_args(self, cfg: TrainerConfig) -> tuple:
         """Positional arguments of the dictionary's constructor."""
         return cfg.activation_dim, cfg.dict_size
+
+    def _transcoder_args(self, cfg: TrainerConfig, dict_class: type) -> dict[str, Any]:
+        """The dictionary's transcoder keywords (none for an SAE)."""
+        if not getattr(cfg, "transcoder", False):
+            return {}
+        if not getattr(dict_class, "can_transcode", False):
+            raise ValueError(f"{dict_class.__name__} cannot be a transcoder: keep the recipe's default dict_class")
+        return {"output_dim": cfg.output_dim, "transcoder": True, "skip_connection": cfg.skip_connection}
 
     def input_and_target(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """What the dictionary encodes and what it reconstructs: `(x, x)` for an SAE; for a
@@ -597,7 +623,11 @@ def default_topk_lr(dict_size: int) -> float:
 # ------------------------------------------------------------------------------------- resampling
 @torch.no_grad()
 def resample_dead_features(
-    ae: Dictionary, optimizer: torch.optim.Optimizer, dead_F: torch.Tensor, x_BD: torch.Tensor
+    ae: Dictionary,
+    optimizer: torch.optim.Optimizer,
+    dead_F: torch.Tensor,
+    x_BD: torch.Tensor,
+    y_BD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-initialise dead features from badly reconstructed inputs (Bricken et al. 2023, "Towards
     Monosemanticity", neuron resampling); returns the indices of the resampled features.
@@ -606,18 +636,22 @@ def resample_dead_features(
     reconstruction error ||x - x_hat||. Each dead feature f (the first min(#dead, B) by index)
     gets decoder direction v/||v|| and encoder direction v * 0.2 * (mean encoder norm of alive
     features); its feature-indexed biases and its Adam moments are zeroed. Works for any
-    architecture through its `FeatureLayout`.
+    architecture through its `FeatureLayout`. A transcoder's target `y_BD` (its output) gives the
+    error and the decoder directions; the encoder directions come from the inputs of the same rows.
     """
     dead_idx = dead_F.nonzero().squeeze(1)
     if dead_idx.numel() == 0:
         return dead_idx
     x_BD = x_BD.reshape(-1, x_BD.shape[-1]).to(ae.decoder_FD().device)
+    y_BD = x_BD if y_BD is None else y_BD.reshape(-1, y_BD.shape[-1]).to(x_BD.device)
     # All-zero inputs would give a zero direction: never draw them.
-    err_B = (x_BD - ae(x_BD)).norm(dim=-1).float() * (x_BD.norm(dim=-1) > 0)
+    nonzero_B = (x_BD.norm(dim=-1) > 0) & (y_BD.norm(dim=-1) > 0)
+    err_B = (y_BD - ae(x_BD)).norm(dim=-1).float() * nonzero_B
     if not bool(err_B.sum() > 0):
-        err_B = (x_BD.norm(dim=-1) > 0).float() if bool((x_BD != 0).any()) else torch.ones_like(err_B)
+        err_B = nonzero_B.float() if bool(nonzero_B.any()) else torch.ones_like(err_B)
     n = min(dead_idx.numel(), x_BD.shape[0])
-    v_ND = x_BD[torch.multinomial(err_B, n, replacement=False)]
+    rows = torch.multinomial(err_B, n, replacement=False)
+    v_ND, u_ND = x_BD[rows], y_BD[rows]
     dead_idx = dead_idx[:n]
 
     encoder_FD = ae.encoder_FD()
@@ -625,7 +659,7 @@ def resample_dead_features(
     alive_norm = encoder_FD[alive_F].norm(dim=-1).mean() if bool(alive_F.any()) else torch.tensor(1.0)
     encoder_FD[dead_idx] = (v_ND * alive_norm * 0.2).to(encoder_FD.dtype)
     decoder_FD = ae.decoder_FD()
-    decoder_FD[dead_idx] = (v_ND / v_ND.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(decoder_FD.dtype)
+    decoder_FD[dead_idx] = (u_ND / u_ND.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(decoder_FD.dtype)
     for name, dim in ae.layout.feature_biases:
         feature_first(ae.get_parameter(name).data, dim)[dead_idx] = 0.0
 
@@ -685,7 +719,7 @@ class PenalisedTrainer(RecipeTrainer):
     def _after_step(self, step: int, x: torch.Tensor) -> None:
         if self.resample_steps is not None and step % self.resample_steps == 0:
             dead_F = self.steps_since_active > self.resample_steps / 2
-            resampled = resample_dead_features(self.ae, self.optimizer, dead_F, x)
+            resampled = resample_dead_features(self.ae, self.optimizer, dead_F, *self.input_and_target(x))
             distributed.broadcast_trainer_state(self)  # replicas drew different rows: keep rank 0's
             self.steps_since_active[resampled] = 0
             self.resampled_features += resampled.numel()
