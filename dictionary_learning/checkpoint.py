@@ -69,7 +69,7 @@ def infer_dictionary_class(state_dict: dict[str, torch.Tensor], source: str = "s
     keys = set(state_dict)
     if not keys:
         raise CheckpointError(f"{source} holds an empty state dict and config.json names no dict_class")
-    matches = [cls for cls in DICTIONARY_REGISTRY.values() if cls.matches_state_dict(keys)]
+    matches = [cls for cls in DICTIONARY_REGISTRY.values() if cls.matches_state_dict(keys, state_dict)]
     if not matches:
         raise CheckpointError(
             f"{source}: keys {sorted(keys)} match no known dictionary architecture ({', '.join(DICTIONARY_REGISTRY)})"
@@ -93,7 +93,7 @@ def _choose_class(config: dict, state_dict: dict[str, torch.Tensor], source: str
         raise CheckpointError(
             f"{source}: config.json names dict_class {name!r}, which is not one of {', '.join(DICTIONARY_REGISTRY)}"
         )
-    if cls.matches_state_dict(set(state_dict)):
+    if cls.matches_state_dict(set(state_dict), state_dict):
         return cls
     # The reference's StandardTrainer records "AutoEncoder" whatever class it trained (its bug 12).
     inferred = infer_dictionary_class(state_dict, source)

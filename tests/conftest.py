@@ -24,6 +24,8 @@ def make_dictionary(name: str, seed: int = 0):
     kwargs = {"k": K} if "TopK" in name else {}
     if name == "MatryoshkaBatchTopKSAE":
         kwargs["group_sizes"] = GROUP_SIZES
+    if "CrossCoder" in name:
+        kwargs["num_layers"] = 1  # one site: [B, D] rows in and out, like an SAE (tests/test_crosscoders.py: more)
     ae = cls(D, F, **kwargs)
     with torch.no_grad():
         for name_, t in list(ae.named_parameters()) + list(ae.named_buffers()):

@@ -86,6 +86,9 @@ LEARNING_CONFIGS = {
     # The first group must reconstruct alone, so it needs room for the 48 planted features.
     "MatryoshkaBatchTopKTrainer": (dict(LEARN_TOPK, group_fractions=[0.75, 0.25]), 1000),
     "JumpReluTrainer": (dict(LEARN_PENALISED, lr=3e-3, target_l0=4), 1000),
+    # One site: a crosscoder is then an SAE (two sites and model diffing: tests/test_crosscoders.py).
+    "CrossCoderTrainer": (dict(LEARN_PENALISED, num_layers=1, lr=3e-3, l1_penalty=0.3), 1000),
+    "BatchTopKCrossCoderTrainer": (dict(LEARN_TOPK, num_layers=1), 1000),
 }
 
 

@@ -130,8 +130,8 @@ def test_unknown_architecture(tmp_path):
 
 
 def test_unknown_dict_class_in_config(tmp_path):
-    save_dictionary(make_dictionary("AutoEncoder"), tmp_path, config={"trainer": {"dict_class": "CrossCoder"}})
-    with pytest.raises(CheckpointError, match="dict_class 'CrossCoder'"):
+    save_dictionary(make_dictionary("AutoEncoder"), tmp_path, config={"trainer": {"dict_class": "HyperCoder"}})
+    with pytest.raises(CheckpointError, match="dict_class 'HyperCoder'"):
         load_dictionary(tmp_path)
 
 

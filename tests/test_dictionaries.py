@@ -47,6 +47,14 @@ REFERENCE_STATE_DICTS = {
     "IdentityDict": [],
 }
 REFERENCE_STATE_DICTS["BatchTopKSAE"] = REFERENCE_STATE_DICTS["AutoEncoderTopK"]
+# The crosscoder fork's layout (one site here, as conftest builds them).
+REFERENCE_STATE_DICTS["CrossCoder"] = [
+    ("encoder.weight", [1, D, F]),
+    ("encoder.bias", [F]),
+    ("decoder.weight", [1, F, D]),
+    ("decoder.bias", [1, D]),
+]
+REFERENCE_STATE_DICTS["BatchTopKCrossCoder"] = [("k", []), ("threshold", []), *REFERENCE_STATE_DICTS["CrossCoder"]]
 SPECIAL_DTYPES = {"k": torch.int32, "threshold": torch.float32, "group_sizes": torch.int64}
 
 
@@ -86,7 +94,7 @@ def test_forward_equals_decode_of_encode(dict_name):
         assert x_hat.shape == (5, D)
         assert f.shape == (5, ae.dict_size)
         torch.testing.assert_close(ae(x), x_hat)
-        torch.testing.assert_close(ae.decode(ae.encode(x)), x_hat)
+        torch.testing.assert_close(ae.decode(ae.encode(x)).reshape(x_hat.shape), x_hat)  # a crosscoder's: [5, 1, D]
         if dict_name != "AutoEncoderNew":  # its forward reports features scaled by decoder norms
             torch.testing.assert_close(ae.encode(x), f)
 

@@ -390,6 +390,8 @@ def test_trainsae_accepts_all_trainers_at_once():
         "BatchTopKSAE",
         "MatryoshkaBatchTopKSAE",
         "JumpReluAutoEncoder",
+        "CrossCoder",
+        "BatchTopKCrossCoder",
     ]
 
 

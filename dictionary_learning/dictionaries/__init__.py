@@ -1,6 +1,7 @@
 """Dictionary architectures; importing this package registers every one of them."""
 
 from .base import DICTIONARY_REGISTRY, Dictionary, FeatureLayout, register_dictionary
+from .crosscoder import BatchTopKCrossCoder, CrossCoder, relative_decoder_norms
 from .gated import GatedAutoEncoder
 from .identity import IdentityDict
 from .jumprelu import JumpReluAutoEncoder
@@ -12,7 +13,9 @@ __all__ = [
     "AutoEncoder",
     "AutoEncoderNew",
     "AutoEncoderTopK",
+    "BatchTopKCrossCoder",
     "BatchTopKSAE",
+    "CrossCoder",
     "Dictionary",
     "FeatureLayout",
     "GatedAutoEncoder",
@@ -20,4 +23,5 @@ __all__ = [
     "JumpReluAutoEncoder",
     "MatryoshkaBatchTopKSAE",
     "register_dictionary",
+    "relative_decoder_norms",
 ]

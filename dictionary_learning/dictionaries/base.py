@@ -244,10 +244,16 @@ class Dictionary(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def matches_state_dict(cls, keys: set[str]) -> bool:
-        """Whether a state dict with these keys belongs to this architecture."""
+    def matches_state_dict(cls, keys: set[str], state_dict: dict[str, torch.Tensor] | None = None) -> bool:
+        """Whether a state dict with these keys (and, when given, these tensors) belongs to this architecture."""
         expected = set(cls._expected_keys())
-        return expected <= keys <= expected | set(cls._optional_keys())
+        fits = expected <= keys <= expected | set(cls._optional_keys())
+        return fits and (state_dict is None or cls._shapes_fit(state_dict))
+
+    @classmethod
+    def _shapes_fit(cls, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Whether the tensors' ranks are this architecture's (told apart where two share their keys)."""
+        return all(t.ndim <= 2 for t in state_dict.values() if isinstance(t, torch.Tensor))
 
     @classmethod
     def _optional_keys(cls) -> tuple[str, ...]:

@@ -44,7 +44,7 @@ def apply_threshold(a_BF: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor
     return a_BF * (a_BF > threshold)
 
 
-class _TopKBase(Dictionary):
+class TopKBase(Dictionary):
     """Shared buffers, bias scaling and the cached Python `k` (read without a device sync)."""
 
     threshold_is_sentinel = True
@@ -83,6 +83,11 @@ class _TopKBase(Dictionary):
         """(W_enc as `[F, D]`, b_enc `[F]`): pre-activations are `(x - b_dec) @ W.T + b`."""
         raise NotImplementedError
 
+    def selection_weights(self) -> torch.Tensor | None:
+        """Per-latent weights `[F]` of the pre-activations when choosing which latents to keep (a
+        crosscoder's decoder norms); None: the pre-activations themselves."""
+        return None
+
     def encode_sparse(self, x_BD: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
         """Training-time code as a `SparseCode` (k per row, or k * B per batch for BatchTopK-style
         dictionaries), and the `[B, F]` pre-activations (before ReLU, without autograd).
@@ -92,10 +97,13 @@ class _TopKBase(Dictionary):
         """
         self._check_width(x_BD)
         W_FD, b_F = self.encoder_weight_bias()
+        shift = self.input_shift
         with torch.no_grad():
-            pre_BF = torch.addmm(b_F, x_BD - self.input_shift, W_FD.T)
+            pre_BF = torch.addmm(b_F, x_BD if shift is None else x_BD - shift, W_FD.T)
+            weights_F = self.selection_weights()
+            ranked_BF = pre_BF if weights_F is None else torch.relu(pre_BF) * weights_F
         select = batch_topk_entries if self.batch_selection else row_topk_entries
-        rows_N, features_N, offsets_B = select(pre_BF, self._k)
+        rows_N, features_N, offsets_B = select(ranked_BF, self._k)
         pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.input_shift)
         return SparseCode(torch.relu(pre_N), features_N, rows_N, offsets_B, self.dict_size), pre_BF
 
@@ -133,7 +141,7 @@ class _TopKBase(Dictionary):
         return {"architecture": "jumprelu"}, state
 
 
-class _LinearTopK(_TopKBase):
+class _LinearTopK(TopKBase):
     """nn.Linear layout shared by AutoEncoderTopK and BatchTopKSAE (keys b_dec, k, threshold, decoder, encoder)."""
 
     layout = FeatureLayout(
@@ -257,7 +265,7 @@ class BatchTopKSAE(_LinearTopK):
 
 
 @register_dictionary
-class MatryoshkaBatchTopKSAE(_TopKBase):
+class MatryoshkaBatchTopKSAE(TopKBase):
     """BatchTopK SAE whose features form nested groups; each prefix of groups is trained to reconstruct.
 
     Bussmann et al. 2025 ("Learning Multi-Level Features with Matryoshka SAEs"). `active_groups`

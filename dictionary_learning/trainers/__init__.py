@@ -1,6 +1,7 @@
 """Training recipes. Each registers itself in TRAINER_REGISTRY (the list trainSAE and the CLI read)."""
 
 from .batch_top_k import BatchTopKSAE, BatchTopKTrainer
+from .crosscoder import BatchTopKCrossCoderTrainer, CrossCoderTrainer
 from .gated_anneal import GatedAnnealTrainer
 from .gdm import GatedSAETrainer
 from .jumprelu import JumpReluTrainer
@@ -13,9 +14,11 @@ from .trainer import TRAINER_REGISTRY, ConstrainedAdam, SAETrainer, register_tra
 __all__ = [
     "TRAINER_REGISTRY",
     "AutoEncoderTopK",
+    "BatchTopKCrossCoderTrainer",
     "BatchTopKSAE",
     "BatchTopKTrainer",
     "ConstrainedAdam",
+    "CrossCoderTrainer",
     "GatedAnnealTrainer",
     "GatedSAETrainer",
     "JumpReluTrainer",

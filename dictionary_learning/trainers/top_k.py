@@ -55,7 +55,9 @@ class TrainingCode:
 
     def decode(self) -> torch.Tensor:
         """`f @ W_dec + b_dec`; on the sparse path from the kept latents' decoder rows only."""
-        return self.ae.decode_sparse(self.f) if isinstance(self.f, SparseCode) else self.ae.decode(self.f)
+        if isinstance(self.f, SparseCode):
+            return self.ae.decode_sparse(self.f)
+        return self.ae.decode(self.f).reshape(self.x_BD.shape[0], -1)  # a crosscoder's [B, L, D] as rows
 
     def decode_dead(self, indices_BK: torch.Tensor, valid_BK: torch.Tensor) -> torch.Tensor:
         """AuxK's reconstruction from the pre-activations at `indices_BK` (zeroed where not valid)."""

@@ -1,0 +1,136 @@
+"""Crosscoders: one sparse code for L stacked sites `[B, L, D]`. Planted data: site l = codes @ W_l,
+with latents that write only to site 0 (a "base model" latent), only to site 1 (a "fine-tuned"
+latent) or to both; the relative decoder norm must tell them apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import grads
+
+from dictionary_learning import load_dictionary, trainSAE
+from dictionary_learning.dictionaries import AutoEncoderNew, BatchTopKCrossCoder, CrossCoder, relative_decoder_norms
+from dictionary_learning.sparse import SparseCode
+from dictionary_learning.trainers import BatchTopKCrossCoderTrainer, CrossCoderTrainer
+
+N, D, L = 48, 32, 2
+ONLY_0, ONLY_1, SHARED = slice(0, 16), slice(16, 32), slice(32, 48)
+COMMON = dict(activation_dim=D, dict_size=96, num_layers=L, warmup_steps=20, seed=0, device="cpu")
+RECIPES = {
+    CrossCoderTrainer: dict(COMMON, lr=3e-3, l1_penalty=0.3, sparsity_warmup_steps=50),
+    BatchTopKCrossCoderTrainer: dict(COMMON, k=4, threshold_start_step=50),
+}
+
+
+class PlantedSites:
+    def __init__(self, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        W = torch.nn.functional.normalize(torch.randn(L, N, D, generator=gen), dim=-1)
+        W[1, ONLY_0] = 0
+        W[0, ONLY_1] = 0
+        self.W_LND = W
+
+    def batches(self, n: int, batch_size: int = 256, seed: int = 1):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            codes = (torch.rand(batch_size, N, generator=gen) < 0.06) * (0.5 + torch.rand(batch_size, N, generator=gen))
+            yield torch.einsum("bn,lnd->bld", codes, self.W_LND)
+
+    def best_latents(self, ae) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per planted latent: the cosine of the closest learned latent (over all sites) and its index."""
+        learned = torch.nn.functional.normalize(ae.decoder_FD().detach(), dim=-1)
+        planted = torch.nn.functional.normalize(self.W_LND.transpose(0, 1).reshape(N, -1), dim=-1)
+        return (planted @ learned.T).max(dim=1)
+
+
+@pytest.mark.parametrize("cls", list(RECIPES))
+def test_a_crosscoder_recovers_planted_latents_and_tells_the_sites_apart(cls):
+    data = PlantedSites()
+    trainer = cls(steps=1000, **RECIPES[cls])
+    for step, batch in enumerate(data.batches(1000)):
+        trainer.update(step, batch)
+    cosine, index = data.best_latents(trainer.ae)
+    assert int((cosine > 0.9).sum()) >= 0.9 * N, cosine
+    relative = relative_decoder_norms(trainer.ae)[index]
+    assert relative[ONLY_0].max() < 0.1 and relative[ONLY_1].min() > 0.85  # which model a latent belongs to
+    assert ((relative[SHARED] - 0.5).abs() < 0.15).float().mean() > 0.9
+    x = next(data.batches(1, 2048, seed=9))
+    with torch.no_grad():
+        x_hat, f = trainer.ae(x, output_features=True)
+    assert x_hat.shape == x.shape and f.shape == (2048, 96)
+    assert 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum() > 0.95
+    log = trainer.loss(x, step=1000, logging=True)
+    assert log.x.shape == (2048, L * D) and log.losses["loss"] > 0
+
+
+@pytest.mark.parametrize("cls", list(RECIPES))
+def test_crosscoder_sparse_and_dense_paths_give_the_same_gradients(cls):
+    batch = next(PlantedSites().batches(1, batch_size=64))
+    config = dict(RECIPES[cls], steps=100, warmup_steps=0)
+    config |= {"sparsity_warmup_steps": 0} if cls is CrossCoderTrainer else {}
+    sparse, dense = cls(**config, sparse=True), cls(**config, sparse=False)
+    if cls is CrossCoderTrainer:
+        with torch.no_grad():
+            sparse.ae.encoder.bias.fill_(-0.5)  # few latents fire: the sparse path is taken
+    dense.ae.load_state_dict(sparse.ae.state_dict())
+    (out_s, g_s), (out_d, g_d) = grads(sparse, batch), grads(dense, batch)
+    assert isinstance(out_s.f, SparseCode) and isinstance(out_d.f, torch.Tensor)
+    torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-5, atol=1e-6)
+    for name in g_s:
+        torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("make", [lambda: CrossCoder(D, 64, 3), lambda: BatchTopKCrossCoder(D, 64, 3, 5)])
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_crosscoder_files_round_trip_and_are_not_mistaken_for_saes(tmp_path, make, safetensors):
+    ae = make()
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.normal_()
+        if isinstance(ae, BatchTopKCrossCoder):
+            ae.threshold.fill_(0.7)
+    ae.save_pretrained(tmp_path / "c", safetensors=safetensors)
+    loaded, config = load_dictionary(tmp_path / "c")
+    assert type(loaded) is type(ae) and loaded.num_layers == 3 and config["trainer"]["num_layers"] == 3
+    x = torch.randn(7, 3, D)
+    torch.testing.assert_close(loaded(x), ae(x))
+    torch.testing.assert_close(loaded(x.flatten(1)), ae(x).flatten(1))  # flat rows in, flat rows out
+    (tmp_path / "c" / "config.json").unlink()  # the class is then read from the keys and shapes
+    assert type(load_dictionary(tmp_path / "c")[0]) is type(ae)
+    sae = AutoEncoderNew(D, 64)  # the same keys as a CrossCoder, 2-D weights
+    sae.save_pretrained(tmp_path / "s")
+    (tmp_path / "s" / "config.json").unlink()
+    assert type(load_dictionary(tmp_path / "s")[0]) is AutoEncoderNew
+
+
+def test_trainsae_trains_crosscoders_and_resumes_exactly(tmp_path):
+    data = PlantedSites()
+    configs = [
+        dict(trainer=CrossCoderTrainer, **dict(RECIPES[CrossCoderTrainer], warmup_steps=5, sparsity_warmup_steps=5)),
+        dict(trainer=BatchTopKCrossCoderTrainer, **dict(RECIPES[BatchTopKCrossCoderTrainer], warmup_steps=5,
+                                                         threshold_start_step=5)),
+    ]  # fmt: skip
+    full = trainSAE(data.batches(40), configs, 40, save_dir=tmp_path / "full", progress=False,
+                    normalize_activations=True)  # fmt: skip
+    loaded, config = load_dictionary(tmp_path / "full" / "trainer_1")
+    x = next(data.batches(1, 16, seed=5))
+    torch.testing.assert_close(loaded(x), full[1](x))  # the normalisation is folded into the saved file
+    assert config["trainer"]["num_layers"] == L and float(loaded.threshold) > 0
+    trainSAE(data.batches(20), configs, 40, save_dir=tmp_path / "half", progress=False, normalize_activations=True,
+             backup_steps=10)  # fmt: skip
+    resumed = trainSAE(data.batches(40), None, 40, resume_from=tmp_path / "half", progress=False)
+    for a, b in zip(full, resumed):
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_crosscoder_errors_are_named():
+    trainer = CrossCoderTrainer(steps=10, **dict(RECIPES[CrossCoderTrainer], warmup_steps=1, sparsity_warmup_steps=1))
+    with pytest.raises(ValueError, match=r"\[batch, num_layers=2, activation_dim=32\] batches, got \(8, 32\)"):
+        trainer.update(0, torch.randn(8, D))
+    with pytest.raises(ValueError, match="reads \\[batch, num_layers=2, activation_dim=32\\] activations"):
+        trainer.ae.encode(torch.randn(8, 3, D))
+    with pytest.raises(ValueError, match="transcoder=True does not apply"):
+        BatchTopKCrossCoderTrainer(steps=10, transcoder=True, **RECIPES[BatchTopKCrossCoderTrainer])
+    with pytest.raises(ValueError, match="num_layers must be a positive integer"):
+        CrossCoder(D, 64, 0)
