@@ -10,7 +10,7 @@ Importing the package touches neither the network nor nnsight.
 """
 
 from ._version import __version__ as __version__
-from .buffer import ActivationBuffer
+from .buffer import ActivationBuffer, PairedActivationBuffer
 from .checkpoint import CheckpointError, get_nested_folders, load_dictionary, save_dictionary
 from .dictionaries import (
     DICTIONARY_REGISTRY,
@@ -49,6 +49,7 @@ __all__ = [
     "JumpReluAutoEncoder",
     "MatryoshkaBatchTopKSAE",
     "NonFiniteTrainingError",
+    "PairedActivationBuffer",
     "TRAINER_REGISTRY",
     "TrainingInterrupted",
     "get_nested_folders",

@@ -257,6 +257,8 @@ class ActivationBuffer(ActivationReader):
         loop: start the source again when it ends (it must be readable twice: a list, or a
             `Documents` such as `default_texts()`); without it, trainSAE refuses to start when a
             short source cannot fill its steps.
+        stack_sites: with several sites of one width, serve `[B, n_sites, d]` tensors (the sites
+            in the order given) instead of dicts: a crosscoder's batches.
     """
 
     def __init__(
@@ -278,6 +280,7 @@ class ActivationBuffer(ActivationReader):
         seed: int | None = None,
         pack: bool = True,
         loop: bool = False,
+        stack_sites: bool = False,
     ):
         check_positive_ints(n_ctxs=n_ctxs, out_batch_size=out_batch_size)
         if loop and iter(data) is data:
@@ -299,12 +302,17 @@ class ActivationBuffer(ActivationReader):
             pack,
         )
         self.loop = loop
+        if stack_sites and (not self.multi or len(set(self.widths)) > 1):
+            raise ValueError(
+                f"stack_sites=True stacks several sites of one width, got sites {self.names} of widths {self.widths}"
+            )
+        self.stack_sites = stack_sites
         self.n_ctxs, self.out_batch_size = int(n_ctxs), int(out_batch_size)
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.dtype = dtype or next(self._torch_module().parameters()).dtype
         self.capacity = self.n_ctxs * self.ctx_len
-        row_shape = (2,) if self.io == "in_to_out" else ()
+        row_shape = self._row_shape()
         self.storage = [
             torch.empty(self.capacity, *row_shape, d, dtype=self.dtype, device=self.device) for d in self.widths
         ]
@@ -327,7 +335,13 @@ class ActivationBuffer(ActivationReader):
             self._ptr += idx.numel()
             idx = idx.to(self.device)
             batch = [store[idx] for store in self.storage]
+        if self.stack_sites:
+            return torch.stack(batch, dim=1)
         return dict(zip(self.names, batch)) if self.multi else batch[0]
+
+    def _row_shape(self) -> tuple[int, ...]:
+        """Shape of one stored row besides its width: `(2,)` for io="in_to_out" (input, output)."""
+        return (2,) if self.io == "in_to_out" else ()
 
     @property
     def unread(self) -> int:
@@ -396,6 +410,7 @@ class ActivationBuffer(ActivationReader):
             "loop": self.loop,
             "remove_bos": self.remove_bos,
             "text": text_record(self.source),
+            "stack_sites": self.stack_sites,
         }
 
     def close(self) -> None:
@@ -403,6 +418,58 @@ class ActivationBuffer(ActivationReader):
         self.storage = []
         self._order = torch.empty(0, dtype=torch.long)
         self._ptr = 0
+
+
+class PairedActivationBuffer(ActivationBuffer):
+    """The same site of two models run on the same tokens, served as `[B, 2, d]` rows (`model`'s
+    activations first, `other_model`'s second): a crosscoder's batches for model diffing, e.g. a
+    base model and its fine-tuned version. The models must share a tokenizer (the same vocabulary);
+    a position is kept only where both keep it. `other_submodule` defaults to the same module path.
+    The other arguments are ActivationBuffer's (one submodule; io "out" or "in")."""
+
+    def __init__(self, data: Iterable, model, other_model, submodule, other_submodule=None, **kwargs: Any):
+        if isinstance(submodule, (list, tuple, dict)) or kwargs.get("stack_sites"):
+            raise ValueError("PairedActivationBuffer reads one site of each model: give one submodule")
+        if kwargs.get("io", "out") not in ("in", "out"):
+            raise ValueError(f"PairedActivationBuffer reads io='in' or 'out', got {kwargs['io']!r}")
+        super().__init__(data, model, submodule, **kwargs)
+        self.other = ActivationReader(
+            [],
+            other_model,
+            other_submodule if other_submodule is not None else self.sites[0].name,
+            io=self.io,
+            ctx_len=self.ctx_len,
+            remove_bos=self.remove_bos,
+            add_special_tokens=self.add_special_tokens,
+            max_activation_norm_multiple=self.max_activation_norm_multiple,
+        )
+        if self.other.widths != self.widths:
+            raise ValueError(f"the two sites have widths {self.widths} and {self.other.widths}: a crosscoder needs one")
+        if self.tokenizer.get_vocab() != self.other.tokenizer.get_vocab():
+            raise ValueError(
+                "the two models' tokenizers differ: the same tokens would mean different text; pair models that "
+                "share a tokenizer (a base model and its fine-tune)"
+            )
+
+    def _row_shape(self) -> tuple[int, ...]:
+        return (2,)
+
+    def read(self, tokens: dict[str, torch.Tensor], return_ids: bool = False) -> list[torch.Tensor]:
+        device, other_device = self._device(), self.other._device()
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        (a,) = self._read_raw(ids, mask)
+        (b,) = self.other._read_raw(ids.to(other_device), mask.to(other_device))
+        b = b.to(a.device, a.dtype)
+        keep = self.keep_mask(ids, mask, [a, b])
+        kept = [torch.stack([a[keep], b[keep]], dim=1)]
+        return kept + [ids[keep]] if return_ids else kept
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return super().config | {
+            "paired_model": model_id(self.other.model),
+            "modules": {"model": self.sites[0].name, "other_model": self.other.sites[0].name},
+        }
 
 
 def check_positive_ints(**values: Any) -> None:

@@ -117,6 +117,9 @@ def site_record(buffer: dict | None, trainer: SAETrainer, key: str | int | None)
     modules = buffer.get("modules") or {}
     module = modules.get(key) if isinstance(key, str) else next(iter(modules.values()), None)
     layer = layer_of(module) if module else None
+    if buffer.get("stack_sites") or buffer.get("paired_model"):  # a crosscoder's sites: all of them, in order
+        module = list(modules.values())
+        layer = [layer_of(m) for m in module]
     return {
         "model": buffer.get("model") or trainer.config.get("lm_name"),
         "module": module,

@@ -134,3 +134,56 @@ def test_crosscoder_errors_are_named():
         BatchTopKCrossCoderTrainer(steps=10, transcoder=True, **RECIPES[BatchTopKCrossCoderTrainer])
     with pytest.raises(ValueError, match="num_layers must be a positive integer"):
         CrossCoder(D, 64, 0)
+
+
+# ------------------------------------------------------------------- real activations of tiny models
+def _texts():
+    import tiny_models
+
+    return [" ".join(tiny_models.SENTENCES[i : i + 5]) for i in range(0, 35, 2)]
+
+
+def test_two_layers_of_one_model_train_a_crosscoder(tmp_path):
+    import tiny_models
+
+    from dictionary_learning import ActivationBuffer
+
+    model = tiny_models.llama()
+    layers = [model.model.layers[0], model.model.layers[1]]
+    buffer = ActivationBuffer(_texts(), model, layers, n_ctxs=64, ctx_len=16, out_batch_size=32, loop=True,
+                              stack_sites=True)  # fmt: skip
+    batch = next(buffer)
+    assert batch.shape == (32, 2, 32)
+    config = dict(trainer=BatchTopKCrossCoderTrainer, activation_dim=32, dict_size=64, num_layers=2, k=4,
+                  warmup_steps=2, threshold_start_step=2, seed=0)  # fmt: skip
+    trainSAE(buffer, [config], 20, save_dir=tmp_path / "run", progress=False)
+    _, saved = load_dictionary(tmp_path / "run" / "trainer_0")
+    assert saved["site"]["module"] == ["model.layers.0", "model.layers.1"] and saved["site"]["layer"] == [0, 1]
+    with pytest.raises(ValueError, match="stack_sites=True stacks several sites of one width"):
+        ActivationBuffer(_texts(), model, layers[0], n_ctxs=64, ctx_len=16, stack_sites=True)
+
+
+def test_the_paired_buffer_reads_two_models_on_the_same_tokens(tmp_path):
+    import tiny_models
+
+    from dictionary_learning import PairedActivationBuffer
+    from dictionary_learning.buffer import ActivationReader
+
+    base, tuned = tiny_models.llama(seed=0), tiny_models.llama(seed=1)
+    buffer = PairedActivationBuffer(_texts(), base, tuned, "model.layers.1", n_ctxs=64, ctx_len=16,
+                                    out_batch_size=32, loop=True, remove_bos=True)  # fmt: skip
+    tokens = buffer.tokenize(_texts()[:3])
+    (pairs,) = buffer.read(tokens)
+    alone = [ActivationReader([], m, "model.layers.1", ctx_len=16, remove_bos=True).read(tokens)[0] for m in (base, tuned)]
+    torch.testing.assert_close(pairs[:, 0], alone[0])
+    torch.testing.assert_close(pairs[:, 1], alone[1])
+    assert not torch.allclose(pairs[:, 0], pairs[:, 1])  # different weights, different activations
+    assert next(buffer).shape == (32, 2, 32)
+    config = dict(trainer=CrossCoderTrainer, activation_dim=32, dict_size=64, num_layers=2, warmup_steps=2,
+                  sparsity_warmup_steps=2, seed=0)  # fmt: skip
+    (ae,) = trainSAE(buffer, [config], 20, save_dir=tmp_path / "diff", progress=False)
+    assert relative_decoder_norms(ae).shape == (64,)
+    _, saved = load_dictionary(tmp_path / "diff" / "trainer_0")
+    assert saved["buffer"]["paired_model"] and saved["site"]["module"] == ["model.layers.1", "model.layers.1"]
+    with pytest.raises(ValueError, match="PairedActivationBuffer reads one site of each model"):
+        PairedActivationBuffer(_texts(), base, tuned, ["model.layers.0", "model.layers.1"], ctx_len=16)
