@@ -47,6 +47,17 @@ def reconstruction_metrics(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, f_BF: tor
     }
 
 
+def per_site_fve(x_BLD: torch.Tensor, x_hat_BLD: torch.Tensor) -> dict[str, float]:
+    """A crosscoder's `frac_variance_explained_site_<l>` for each of its sites (`[B, L, D]`
+    batches); nothing for `[B, D]` batches."""
+    if x_BLD.ndim != 3 or x_hat_BLD.shape != x_BLD.shape:
+        return {}
+    return {
+        f"frac_variance_explained_site_{site}": float(frac_variance_explained(x_BLD[:, site], x_hat_BLD[:, site]))
+        for site in range(x_BLD.shape[1])
+    }
+
+
 def _batch_scale(x: torch.Tensor, normalize: bool):
     """The factor that gives the batch mean norm sqrt(D) (the reference's `normalize_batch`), or 1."""
     return x.shape[-1] ** 0.5 / x.norm(dim=-1).mean() if normalize else 1.0
@@ -160,10 +171,15 @@ def baseline(reader, tokens: dict[str, torch.Tensor], io: str = "out") -> dict:
     site = reader.sites[0].name
     device = model_device(reader.model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-    clean, saved = run_model(reader.model, ids, mask, read=[site], io=io)
+    if io == "in_to_out":  # a transcoder: its input, and the output it replaces (zero-ablated)
+        clean, saved = run_model(reader.model, ids, mask, read=[(site, "in"), (site, "out")])
+        x, y = saved[(site, "in")], saved[(site, "out")]
+        io = "out"
+    else:
+        clean, saved = run_model(reader.model, ids, mask, read=[site], io=io)
+        x = y = saved[site]
     zeroed, _ = run_model(reader.model, ids, mask, replace={site: torch.zeros_like}, io=io)
-    x = saved[site]
-    return {"ids": ids, "mask": mask, "clean": clean, "zeroed": zeroed, "x": x}
+    return {"ids": ids, "mask": mask, "clean": clean, "zeroed": zeroed, "x": x, "y": y}
 
 
 @torch.no_grad()
@@ -180,12 +196,14 @@ def loss_recovered_metrics(
     Returns `(losses, x, x_hat, f)`: CE of the clean, spliced and zero-ablated model, the KL of the
     spliced and zero-ablated models from the clean one (and under "rows" their per-sequence sums,
     for `loss_intervals`), and the site's activations at the real positions with their
-    reconstruction, all from the same tokens. `base` reuses `baseline(...)`.
+    reconstruction, all from the same tokens. `base` reuses `baseline(...)`. A transcoder
+    (`dictionary.transcoder`) reads the site's input and replaces its output; x is then that output.
     """
     from .splice import run_model
 
-    base = base or baseline(reader, tokens, io)
-    ids, mask, x = base["ids"], base["mask"], base["x"]
+    transcoder = getattr(dictionary, "transcoder", False)
+    base = base or baseline(reader, tokens, "in_to_out" if transcoder else io)
+    ids, mask, x, y = base["ids"], base["mask"], base["x"], base["y"]
     dict_device = device_of(dictionary, ids.device)
 
     def reconstruct(h):
@@ -193,12 +211,16 @@ def loss_recovered_metrics(
         x_hat = dictionary((h * scale).to(dict_device, torch.float32)) / scale
         return x_hat.to(h.device, h.dtype)
 
-    spliced, _ = run_model(reader.model, ids, mask, replace={reader.sites[0].name: reconstruct}, io=io)
+    site = reader.sites[0].name
+    if transcoder:
+        spliced, _ = run_model(reader.model, ids, mask, transcode={site: reconstruct})
+    else:
+        spliced, _ = run_model(reader.model, ids, mask, replace={site: reconstruct}, io=io)
     losses = _losses(base, spliced)
     x_real = x[mask.bool()].to(dict_device, torch.float32)
     scale = _batch_scale(x_real, normalize_batch)
     x_hat, f = dictionary(x_real * scale, output_features=True)
-    return losses, x_real, x_hat / scale, f
+    return losses, y[mask.bool()].to(dict_device, torch.float32), x_hat / scale, f
 
 
 INTERVAL_NAMES = ("ce_clean", "ce_zero", "ce_diff", "kl_div", "frac_recovered")
@@ -286,14 +308,19 @@ def evaluate(
             ce_diff, kl_div and frac_recovered: `loss_intervals` of those tokens (pooled over all
             of them, with 95 % bootstrap bounds over sequences); every value is a float, as the
             reference's callers expect (`{k: float(v) for k, v in evaluate(...).items()}`).
-    Otherwise `activations` is any iterator of `[B, D]` batches and only reconstruction metrics
-    are computed. `normalize_batch` rescales x to mean norm sqrt(D) before the dictionary (and
+    A transcoder (`dictionary.transcoder`) reads the site's input and replaces its output: its
+    metrics compare with that output, and the spliced run has the module's output replaced.
+    Otherwise `activations` is any iterator of `[B, D]` batches (`[B, 2, D]` input/output pairs for
+    a transcoder, `[B, L, D]` for a crosscoder, which adds `frac_variance_explained_site_<l>`) and
+    only reconstruction metrics are computed. `normalize_batch` rescales x to mean norm sqrt(D) before the dictionary (and
     back after). `tracer_args` is accepted for the reference's signature and ignored.
     """
     if n_batches < 1:
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")
     dictionary = dictionary.to(device)
-    knows_model = hasattr(activations, "model") and hasattr(activations, "sites")
+    # A crosscoder is evaluated on its stacked batches (reconstruction and per-site FVE; splicing
+    # it into the model at every site is not implemented).
+    knows_model = hasattr(activations, "model") and hasattr(activations, "sites") and not hasattr(dictionary, "num_layers")
     if knows_model and activations.widths[0] != dictionary.activation_dim:
         raise ValueError(
             f"the dictionary expects width {dictionary.activation_dim} but {activations.names[0]} has "
@@ -318,9 +345,12 @@ def evaluate(
                 x = next(activations).to(device).float()
             except StopIteration:
                 raise StopIteration("the activations ran out before n_batches batches: lower n_batches") from None
-            scale = _batch_scale(x, normalize_batch)
-            x_hat, f = dictionary(x * scale, output_features=True)
-            x_hat, losses = x_hat / scale, {}
+            x_in, x = (x[..., 0, :], x[..., 1, :]) if getattr(dictionary, "transcoder", False) else (x, x)
+            scale = _batch_scale(x_in, normalize_batch)
+            x_hat, f = dictionary(x_in * scale, output_features=True)
+            x_hat, losses = x_hat / scale, per_site_fve(x, x_hat)
+        if x.ndim == 3 and hasattr(dictionary, "num_layers"):  # a crosscoder's sites as one row
+            x, x_hat = x.flatten(1), x_hat.flatten(1)
         metrics = reconstruction_metrics(x, x_hat, f) | losses
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value

@@ -65,6 +65,7 @@ class _Hooked:
     replace: Replacement | None = None
     read: bool = False
     stop: bool = False
+    from_input: Replacement | None = None  # a transcoder: the output becomes fn(the module's first input)
 
 
 def _install(root: nn.Module, name: str, io: str, spec: _Hooked, saved: dict):
@@ -95,13 +96,17 @@ def _install(root: nn.Module, name: str, io: str, spec: _Hooked, saved: dict):
 
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    def hook(mod, args, output):
-        hidden = apply(hidden_of(output))
+    def hook(mod, args, kwargs, output):
+        value = hidden_of(output)
+        if spec.from_input is not None:
+            new = spec.from_input(args[0] if args else next(iter(kwargs.values())))
+            value = new.to(value.dtype).reshape(value.shape)
+        hidden = apply(value)
         if spec.stop:
             raise _Stop
         return _with_hidden(output, hidden)
 
-    return module.register_forward_hook(hook)
+    return module.register_forward_hook(hook, with_kwargs=True)
 
 
 def run_model(
@@ -112,9 +117,11 @@ def run_model(
     read: Sequence[str | tuple[str, str]] = (),
     io: str = "out",
     logits: bool = True,
+    transcode: Mapping[str, Replacement] | None = None,
 ) -> tuple[torch.Tensor | None, dict]:
     """One forward pass with the values at `replace`'s sites (their output, or with io="in" their
-    first input) replaced by `fn(value)`.
+    first input) replaced by `fn(value)`, and the outputs of `transcode`'s sites replaced by
+    `fn(their first input)` (a transcoder standing in for an MLP).
 
     Returns `(logits or None, {entry: value})` for each entry of `read`: a site name (read with
     `io`) or a `(name, "in" | "out")` pair; values at replaced sites are read after replacement.
@@ -126,6 +133,8 @@ def run_model(
     root = root_module(model)
     read_keys = {entry: entry if isinstance(entry, tuple) else (entry, io) for entry in read}
     specs: dict[tuple[str, str], _Hooked] = {(name, io): _Hooked(replace=fn) for name, fn in (replace or {}).items()}
+    for name, fn in (transcode or {}).items():
+        specs.setdefault((name, "out"), _Hooked()).from_input = fn
     for key in read_keys.values():
         specs.setdefault(key, _Hooked()).read = True
     if not logits:

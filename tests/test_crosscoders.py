@@ -187,3 +187,17 @@ def test_the_paired_buffer_reads_two_models_on_the_same_tokens(tmp_path):
     assert saved["buffer"]["paired_model"] and saved["site"]["module"] == ["model.layers.1", "model.layers.1"]
     with pytest.raises(ValueError, match="PairedActivationBuffer reads one site of each model"):
         PairedActivationBuffer(_texts(), base, tuned, ["model.layers.0", "model.layers.1"], ctx_len=16)
+
+
+def test_evaluate_reports_each_site_of_a_crosscoder():
+    from dictionary_learning.evaluation import evaluate, frac_variance_explained
+
+    ae = CrossCoder(D, 64, 2)
+    x = next(PlantedSites().batches(1, 512))
+    result = evaluate(ae, iter([x]), progress=False)
+    with torch.no_grad():
+        x_hat = ae(x)
+    for site in range(2):
+        expected = float(frac_variance_explained(x[:, site], x_hat[:, site]))
+        assert result[f"frac_variance_explained_site_{site}"] == pytest.approx(expected, abs=1e-5)
+    assert result["frac_variance_explained"] == pytest.approx(float(frac_variance_explained(x.flatten(1), x_hat.flatten(1))), abs=1e-5)

@@ -228,3 +228,39 @@ def test_an_mlp_transcoder_from_the_buffer_of_a_tiny_model(tmp_path):
     torch.testing.assert_close(loaded(pairs[:, 0]), ae(pairs[:, 0]))
     assert config["site"]["module"] == "model.layers.1.mlp" and config["site"]["io"] == "in_to_out"
     assert config["trainer"]["transcoder"] and config["steps_trained"] == 30
+
+
+def test_evaluate_splices_a_transcoder_in_place_of_the_mlp_output():
+    import tiny_models
+
+    from dictionary_learning.buffer import ActivationBuffer
+    from dictionary_learning.evaluation import _masked_ce, evaluate, loss_recovered_metrics
+    from dictionary_learning.splice import run_model
+
+    model = tiny_models.llama()
+    texts = [" ".join(tiny_models.SENTENCES[i : i + 5]) for i in range(0, 35, 2)]
+    mlp = "model.layers.1.mlp"
+    buffer = ActivationBuffer(texts, model, mlp, io="in_and_out", n_ctxs=64, ctx_len=16, loop=True)
+    ae = AutoEncoderTopK(32, 64, 8, transcoder=True, skip_connection=True)
+    with torch.no_grad():
+        ae.W_skip.normal_(0, 0.1)
+    tokens = buffer.tokenize(texts[:4])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    losses, y, y_hat, f = loss_recovered_metrics(ae, buffer, tokens)
+    # the spliced run is the model whose MLP output is the transcoder of the MLP's input
+    with torch.no_grad():
+        by_hand, _ = run_model(model, ids, mask, transcode={mlp: lambda h: ae(h.float())})
+    clean, outputs = run_model(model, ids, mask, read=[(mlp, "in"), (mlp, "out")])
+    assert losses["loss_reconstructed"] == pytest.approx(float(_masked_ce(by_hand, ids, mask)), rel=1e-5)
+    assert losses["loss_original"] == pytest.approx(float(_masked_ce(clean, ids, mask)), rel=1e-5)
+    # and the reconstruction metrics compare with the MLP's output, not its input
+    torch.testing.assert_close(y, outputs[(mlp, "out")][mask.bool()])
+    with torch.no_grad():
+        torch.testing.assert_close(y_hat, ae(outputs[(mlp, "in")][mask.bool()]))
+    result = evaluate(ae, buffer, max_len=16, batch_size=4, progress=False)
+    assert result["n_tokens"] > 0 and result["loss_reconstructed"] != result["loss_original"]
+    x_in, out = next(buffer).unbind(1)
+    with torch.no_grad():
+        fve_out = float(1 - (out - ae(x_in)).var(0).sum() / out.var(0).sum())
+    pairs = iter([torch.stack([x_in, out], 1)])
+    assert evaluate(ae, pairs, progress=False)["frac_variance_explained"] == pytest.approx(fve_out, abs=1e-5)
