@@ -5,6 +5,8 @@ and the reference's one-batch `loss_recovered`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tqdm.auto import tqdm
 
@@ -223,6 +225,56 @@ def loss_recovered_metrics(
     return losses, y[mask.bool()].to(dict_device, torch.float32), x_hat / scale, f
 
 
+def crosscoder_sites(reader) -> list[tuple[Any, str]]:
+    """`(model, module name)` of each site a crosscoder reads, in its order: the stacked sites of
+    one model, or the same site of the two models of a `PairedActivationBuffer`."""
+    sites = [(reader.model, site.name) for site in reader.sites]
+    other = getattr(reader, "other", None)
+    return sites + [(other.model, other.sites[0].name)] if other is not None else sites
+
+
+@torch.no_grad()
+def crosscoder_loss_metrics(dictionary, reader, tokens: dict[str, torch.Tensor], io: str = "out"):
+    """A crosscoder spliced in at each of its sites in turn, on one token batch.
+
+    The code is computed from every site's clean activations; site l's activations are then
+    replaced by the reconstruction `x_hat[l]` (the rest of that model runs clean). Returns
+    `(losses, x [N, L, D], x_hat, f)` with `loss_original_site_<l>`, `loss_reconstructed_site_<l>`,
+    `loss_zero_site_<l>`, `kl_div_site_<l>` and `frac_recovered_site_<l>` (for a paired buffer,
+    site 0 is in the first model and site 1 in the second)."""
+    from .nnsight_io import model_device
+    from .splice import run_model
+
+    sites = crosscoder_sites(reader)
+    clean: dict[int, tuple] = {}
+    for model, _ in sites:
+        if id(model) not in clean:
+            device = model_device(model)
+            ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            names = [name for m, name in sites if m is model]
+            clean[id(model)] = (ids, mask, *run_model(model, ids, mask, read=names, io=io))
+    acts = [clean[id(model)][3][name] for model, name in sites]
+    first = acts[0]
+    x = torch.stack([a.to(first.device) for a in acts], dim=2)  # [B, T, L, D]
+    dict_device = device_of(dictionary, first.device)
+    x_hat_all = dictionary(x.to(dict_device, torch.float32))
+    losses: dict[str, float] = {}
+    for site, (model, name) in enumerate(sites):
+        ids, mask, logits, _ = clean[id(model)]
+        zeroed, _ = run_model(model, ids, mask, replace={name: torch.zeros_like}, io=io)
+        spliced, _ = run_model(
+            model, ids, mask, replace={name: lambda h, s=site: x_hat_all[..., s, :].to(h.device, h.dtype)}, io=io
+        )
+        terms = _losses({"ids": ids, "mask": mask, "clean": logits, "zeroed": zeroed}, spliced)
+        terms["frac_recovered"] = frac_recovered(terms)
+        losses |= {f"{key}_site_{site}": value for key, value in terms.items() if key not in ("rows", "kl_div_zero")}
+    real = tokens["attention_mask"].bool().to(x.device)
+    x_real = x[real].to(dict_device, torch.float32)
+    x_hat, f = dictionary(x_real, output_features=True)
+    return losses, x_real, x_hat, f
+
+
+LOSS_NAMES = ("loss_original", "loss_reconstructed", "loss_zero")
 INTERVAL_NAMES = ("ce_clean", "ce_zero", "ce_diff", "kl_div", "frac_recovered")
 
 
@@ -318,9 +370,8 @@ def evaluate(
     if n_batches < 1:
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")
     dictionary = dictionary.to(device)
-    # A crosscoder is evaluated on its stacked batches (reconstruction and per-site FVE; splicing
-    # it into the model at every site is not implemented).
-    knows_model = hasattr(activations, "model") and hasattr(activations, "sites") and not hasattr(dictionary, "num_layers")
+    knows_model = hasattr(activations, "model") and hasattr(activations, "sites")
+    crosscoder = hasattr(dictionary, "num_layers")
     if knows_model and activations.widths[0] != dictionary.activation_dim:
         raise ValueError(
             f"the dictionary expects width {dictionary.activation_dim} but {activations.names[0]} has "
@@ -338,8 +389,12 @@ def evaluate(
                 ) from None
             tokens = activations.tokenize(items)
             tokens = {k: v[:, :max_len] for k, v in tokens.items()}
-            losses, x, x_hat, f = loss_recovered_metrics(dictionary, activations, tokens, io, normalize_batch)
-            rows.append(losses.pop("rows"))
+            if crosscoder:
+                losses, x, x_hat, f = crosscoder_loss_metrics(dictionary, activations, tokens, activations.io)
+                losses |= per_site_fve(x, x_hat)
+            else:
+                losses, x, x_hat, f = loss_recovered_metrics(dictionary, activations, tokens, io, normalize_batch)
+                rows.append(losses.pop("rows"))
         else:
             try:
                 x = next(activations).to(device).float()
@@ -349,7 +404,7 @@ def evaluate(
             scale = _batch_scale(x_in, normalize_batch)
             x_hat, f = dictionary(x_in * scale, output_features=True)
             x_hat, losses = x_hat / scale, per_site_fve(x, x_hat)
-        if x.ndim == 3 and hasattr(dictionary, "num_layers"):  # a crosscoder's sites as one row
+        if x.ndim == 3 and crosscoder:  # a crosscoder's sites as one row
             x, x_hat = x.flatten(1), x_hat.flatten(1)
         metrics = reconstruction_metrics(x, x_hat, f) | losses
         for key, value in metrics.items():
@@ -360,6 +415,9 @@ def evaluate(
     if "loss_original" in results:
         results["frac_recovered"] = frac_recovered(results)
         results |= flat_intervals(loss_intervals(rows))
+    for key in [k for k in results if k.startswith("frac_recovered_site_")]:  # from the mean losses
+        site = key.rsplit("_", 1)[1]
+        results[key] = frac_recovered({name: results[f"{name}_site_{site}"] for name in LOSS_NAMES})
     results["frac_alive"] = float(alive.float().mean())
     return results
 

@@ -201,3 +201,34 @@ def test_evaluate_reports_each_site_of_a_crosscoder():
         expected = float(frac_variance_explained(x[:, site], x_hat[:, site]))
         assert result[f"frac_variance_explained_site_{site}"] == pytest.approx(expected, abs=1e-5)
     assert result["frac_variance_explained"] == pytest.approx(float(frac_variance_explained(x.flatten(1), x_hat.flatten(1))), abs=1e-5)
+
+
+def test_evaluate_splices_a_crosscoder_at_each_site_of_each_model():
+    import tiny_models
+
+    from dictionary_learning import ActivationBuffer, PairedActivationBuffer
+    from dictionary_learning.evaluation import _masked_ce, crosscoder_loss_metrics, evaluate
+    from dictionary_learning.splice import run_model
+
+    base, tuned = tiny_models.llama(seed=0), tiny_models.llama(seed=1)
+    paired = PairedActivationBuffer(_texts(), base, tuned, "model.layers.0", n_ctxs=64, ctx_len=16, loop=True)
+    ae = CrossCoder(32, 64, 2)
+    tokens = paired.tokenize(_texts()[:4])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    losses, x, x_hat, f = crosscoder_loss_metrics(ae, paired, tokens)
+    assert x.shape[1:] == (2, 32) and f.shape[1] == 64
+    # site 1 lives in the second model: its spliced run replaces that model's layer 0 output
+    _, acts = run_model(base, ids, mask, read=["model.layers.0"])
+    _, acts_tuned = run_model(tuned, ids, mask, read=["model.layers.0"])
+    with torch.no_grad():
+        stacked_hat = ae(torch.stack([acts["model.layers.0"], acts_tuned["model.layers.0"]], dim=2))
+        logits, _ = run_model(tuned, ids, mask, replace={"model.layers.0": lambda h: stacked_hat[..., 1, :]})
+    assert losses["loss_reconstructed_site_1"] == pytest.approx(float(_masked_ce(logits, ids, mask)), rel=1e-5)
+    result = evaluate(ae, paired, max_len=16, batch_size=4, progress=False)
+    for site in (0, 1):
+        for key in ("loss_original", "loss_reconstructed", "loss_zero", "frac_recovered", "frac_variance_explained"):
+            assert f"{key}_site_{site}" in result
+    stacked = ActivationBuffer(_texts(), base, ["model.layers.0", "model.layers.1"], n_ctxs=64, ctx_len=16,
+                               loop=True, stack_sites=True)  # fmt: skip
+    result = evaluate(ae, stacked, max_len=16, batch_size=4, progress=False)
+    assert result["loss_original_site_0"] == pytest.approx(result["loss_original_site_1"])  # one model
