@@ -67,6 +67,7 @@ class ActivationCache:
         loop: start another epoch (a new order) instead of stopping after one.
         sites: names of the sites to serve (default all); one site gives tensors, several dicts.
         dtype: cast served batches (e.g. to float32 from a bfloat16 cache).
+        stack_sites: serve several sites of one width as `[B, n_sites, d]` (a crosscoder's batches).
         expected_model / expected_sites: raise CacheError unless the cache matches them; the model
             as its id (`model_id`), or as the model itself, which also compares the fingerprint of
             its weights and tokenizer (`model_fingerprint`) when the cache records one.
@@ -87,6 +88,7 @@ class ActivationCache:
         dtype: torch.dtype | None = None,
         expected_model: Any = None,
         expected_sites: list[str] | None = None,
+        stack_sites: bool = False,
     ):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -105,6 +107,10 @@ class ActivationCache:
         unknown = [s for s in self.sites if s not in names]
         if unknown:
             raise CacheError(f"{self.path} has no site {unknown}; it holds {names}")
+        widths = {s["name"]: s["d"] for s in self.manifest["sites"]}
+        if stack_sites and (len(self.sites) < 2 or len({widths[s] for s in self.sites}) > 1):
+            raise CacheError(f"stack_sites=True stacks several sites of one width; {self.path} serves {self.sites}")
+        self.stack_sites = stack_sites
         self.batch_size, self.shuffle, self.seed, self.loop = int(batch_size), shuffle, seed, loop
         self.device, self.dtype = torch.device(device), dtype
         self.n_tokens = self.manifest["n_tokens"]
@@ -142,7 +148,10 @@ class ActivationCache:
             batch = {name: torch.cat([p[name] for p in parts]) for name in self.sites}
             batch = {k: v.to(self.device, self.dtype) if self.dtype else v.to(self.device) for k, v in batch.items()}
             self._served += 1
-            yield batch if len(self.sites) > 1 else batch[self.sites[0]]
+            if self.stack_sites:
+                yield torch.stack([batch[name] for name in self.sites], dim=1)
+            else:
+                yield batch if len(self.sites) > 1 else batch[self.sites[0]]
 
     def _rows(self, start: int, end: int) -> list[dict[str, torch.Tensor]]:
         """Rows [start, end) of the endless stream: epoch after epoch, each a shuffled pass over all shards."""
@@ -212,6 +221,7 @@ class ActivationCache:
             "packed": m.get("packed", False),
             "remove_bos": m.get("remove_bos", False),
             "text": m.get("text"),
+            "stack_sites": self.stack_sites,
         }
 
     def batches_left(self, needed: int | None = None) -> int | None:

@@ -232,3 +232,24 @@ def test_evaluate_splices_a_crosscoder_at_each_site_of_each_model():
                                loop=True, stack_sites=True)  # fmt: skip
     result = evaluate(ae, stacked, max_len=16, batch_size=4, progress=False)
     assert result["loss_original_site_0"] == pytest.approx(result["loss_original_site_1"])  # one model
+
+
+def test_caches_serve_transcoder_pairs_and_stacked_sites(tmp_path):
+    import tiny_models
+
+    from dictionary_learning.cache import ActivationCache, CacheError
+
+    model = tiny_models.llama()
+    ActivationCache.build(tmp_path / "mlp", model, "model.layers.1.mlp", _texts(), 200, io="in_and_out", ctx_len=16,
+                          progress=False)  # fmt: skip
+    assert next(iter(ActivationCache(tmp_path / "mlp", batch_size=32))).shape == (32, 2, 32)
+    ActivationCache.build(tmp_path / "two", model, ["model.layers.0", "model.layers.1"], _texts(), 200, ctx_len=16,
+                          progress=False)  # fmt: skip
+    stacked = ActivationCache(tmp_path / "two", batch_size=32, stack_sites=True, loop=True)
+    assert next(iter(stacked)).shape == (32, 2, 32)
+    config = dict(trainer=BatchTopKCrossCoderTrainer, activation_dim=32, dict_size=64, num_layers=2, k=4,
+                  warmup_steps=2, threshold_start_step=2, seed=0)  # fmt: skip
+    trainSAE(stacked, [config], 10, save_dir=tmp_path / "run", progress=False)
+    assert load_dictionary(tmp_path / "run" / "trainer_0")[1]["site"]["layer"] == [0, 1]
+    with pytest.raises(CacheError, match="stack_sites=True stacks several sites"):
+        ActivationCache(tmp_path / "mlp", stack_sites=True)
