@@ -97,6 +97,13 @@ def _load_model(args):
     return load_model(args.model, device=args.device) if args.model else load_default_model(device=args.device)
 
 
+def _load_named_model(name: str, device: str):
+    """A model by the id config.json records (the offline default's id loads the bundled model)."""
+    from .models import DEFAULT_MODEL_NAME, load_default_model, load_model
+
+    return load_default_model(device=device) if name == DEFAULT_MODEL_NAME else load_model(name, device=device)
+
+
 def _documents(args):
     """The text source as a `Documents`, restricted to --part; fails at once when it holds no text."""
     from .data import Documents, hf_dataset_to_generator, jsonl_to_generator, text_files_to_generator
@@ -309,6 +316,8 @@ def _data_for_training(args):
         from .e2e import E2EObjective, TokenBatches
         from .models import get_submodule
 
+        if args.transcoder or args.crosscoder:
+            raise SystemExit("error: --e2e trains SAEs: drop --transcoder/--crosscoder")
         if args.cache or not args.layer or len(args.layer) != 1:
             raise SystemExit("error: --e2e trains through the model: give one --layer (and --site), not --cache")
         docs = _documents(args)
@@ -324,9 +333,16 @@ def _data_for_training(args):
         )
         data = TokenBatches(docs, model, batch_size=args.lm_batch_size, ctx_len=args.ctx_len, pack=not args.no_pack)
         return data, {None: (e2e.activation_dim, args.layer[0])}, model_id(model), e2e
+    if args.transcoder and args.crosscoder:
+        raise SystemExit("error: --transcoder and --crosscoder train different dictionaries: choose one")
+    if args.paired_model and not args.crosscoder:
+        raise SystemExit("error: --paired-model reads two models for a crosscoder: add --crosscoder")
     if args.cache:
-        data = ActivationCache(args.cache, batch_size=args.batch_size, loop=args.loop)
+        data = ActivationCache(args.cache, batch_size=args.batch_size, loop=args.loop, stack_sites=args.crosscoder)
         config = data.config
+        if args.crosscoder:
+            layers = [layer_of(module or "") for module in config["modules"].values()]
+            return data, {None: (config["d_submodule"][0], layers)}, config["model"], None
         widths = config["d_submodule"] if len(data.sites) > 1 else [config["d_submodule"]]
         given = args.layer[0] if args.layer and len(args.layer) == 1 else None
         sites = {
@@ -337,10 +353,8 @@ def _data_for_training(args):
     layers = _layers(args)
     docs = _documents(args)
     model = _load_model(args)
-    data = ActivationBuffer(
-        docs,
-        model,
-        _sites(model, layers, args.site or "resid"),
+    site = args.site or ("mlp" if args.transcoder else "resid")
+    reading = dict(
         n_ctxs=args.n_ctxs,
         refresh_batch_size=args.lm_batch_size,
         out_batch_size=args.batch_size,
@@ -348,8 +362,31 @@ def _data_for_training(args):
         loop=args.loop,
         **_reading(args),
     )
+    if args.crosscoder:
+        return _crosscoder_data(args, docs, model, layers, site, reading)
+    io = "in_and_out" if args.transcoder else "out"
+    data = ActivationBuffer(docs, model, _sites(model, layers, site), io=io, **reading)
     widths = data.widths
     return data, {name: (w, layer) for name, w, layer in zip(data.names, widths, layers)}, model_id(model), None
+
+
+def _crosscoder_data(args, docs, model, layers: list[int], site: str, reading: dict):
+    """A crosscoder's buffer: the --layer sites of one model stacked, or one site of two models."""
+    from .buffer import ActivationBuffer, PairedActivationBuffer
+    from .models import get_submodule
+    from .nnsight_io import model_id
+
+    if args.paired_model:
+        if len(layers) != 1:
+            raise SystemExit("error: --paired-model reads one site of each model: give one --layer")
+        other = _load_named_model(args.paired_model, args.device)
+        data = PairedActivationBuffer(docs, model, other, get_submodule(model, layers[0], site), **reading)
+        return data, {None: (data.widths[0], [layers[0], layers[0]])}, model_id(model), None
+    if len(layers) < 2:
+        raise SystemExit("error: a crosscoder reads several sites: give --layer with two or more layers, or --paired-model")
+    sites = [get_submodule(model, layer, site) for layer in layers]
+    data = ActivationBuffer(docs, model, sites, stack_sites=True, **reading)
+    return data, {None: (data.widths[0], layers)}, model_id(model), None
 
 
 def _per_site(configs: list[dict], sites: dict, lm_name: str, device: str) -> list[dict]:
@@ -367,7 +404,10 @@ def _per_site(configs: list[dict], sites: dict, lm_name: str, device: str) -> li
             filled.setdefault("activation_dim", width)
             filled.setdefault("dict_size", 4 * width)
             filled.setdefault("lm_name", lm_name)
-            filled.setdefault("layer", layer)
+            if isinstance(layer, list):  # a crosscoder: one dictionary over every site
+                filled.setdefault("num_layers", len(layer))
+            else:
+                filled.setdefault("layer", layer)
             filled.setdefault("device", device)
             out.append(filled)
     return out
@@ -398,6 +438,7 @@ def cmd_train(args) -> None:
         e2e=e2e,
         parallel=args.parallel,
         overwrite=args.overwrite and not args.resume,
+        transcoder=args.transcoder,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"saved {len(configs)} dictionaries under {out}/trainer_*")
@@ -503,7 +544,7 @@ def _check_asked_site(folder, site: dict, asked: str, args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .buffer import ActivationReader
+    from .buffer import ActivationReader, PairedActivationBuffer
     from .checkpoint import load_dictionary
     from .evaluation import evaluate
 
@@ -516,10 +557,16 @@ def cmd_eval(args) -> None:
         dictionaries.append((folder, ae, config, recorded_site(folder, config)))
     model, docs, plan = _eval_plan(args, dictionaries)
     rows = []
-    for folder, ae, site, io in plan:
-        reader = ActivationReader(
-            docs, model, site, io=io, ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, pack=not args.no_pack
-        )
+    for (folder, ae, site, io), (_, _, config, _) in zip(plan, dictionaries):
+        paired = (config.get("buffer") or {}).get("paired_model")
+        if paired:  # a model-diffing crosscoder: the same tokens through both models
+            reader = PairedActivationBuffer(docs, model, _load_named_model(paired, args.device), site[0],
+                                            other_submodule=site[-1], io=io, ctx_len=args.ctx_len,
+                                            refresh_batch_size=args.batch_texts, n_ctxs=args.batch_texts,
+                                            pack=not args.no_pack)  # fmt: skip
+        else:
+            reader = ActivationReader(docs, model, site, io=io, ctx_len=args.ctx_len,
+                                      refresh_batch_size=args.batch_texts, pack=not args.no_pack)  # fmt: skip
         _check_width(folder, reader, ae, model)
         metrics = evaluate(
             ae, reader, max_len=args.ctx_len, batch_size=args.batch_texts, n_batches=args.n_batches, device=args.device
@@ -548,6 +595,9 @@ def _print_eval_table(rows, text: dict) -> None:
         f"{'clean CE':>8s} {'CE diff [95% CI]':>24s} {'% CE rec. [95% CI]':>24s} {'tokens':>8s}"
     )
     for folder, site, m in rows:
+        if "ce_diff_pooled" not in m:  # a crosscoder: one line per site
+            _print_crosscoder_rows(folder, m)
+            continue
         diff = f"{m['ce_diff_pooled']:.3f} [{m['ce_diff_lo']:.3f}, {m['ce_diff_hi']:.3f}]"
         lo, hi = 100 * m["frac_recovered_lo"], 100 * m["frac_recovered_hi"]
         rec = f"{100 * m['frac_recovered_pooled']:.1f} [{lo:.1f}, {hi:.1f}]"
@@ -557,6 +607,20 @@ def _print_eval_table(rows, text: dict) -> None:
             f"{m['n_tokens']:8d}"
         )
     print(f"text: the {text['part']} part of {text['source']}")
+
+
+def _print_crosscoder_rows(folder, m: dict) -> None:
+    """A crosscoder's sites, each spliced in alone (no bootstrap intervals: the means over tokens)."""
+    site = 0
+    while f"loss_original_site_{site}" in m:
+        name = f"site {site}"
+        diff = m[f"loss_reconstructed_site_{site}"] - m[f"loss_original_site_{site}"]
+        print(
+            f"{str(folder)[-40:]:40s} {name:22s} {100 * m[f'frac_variance_explained_site_{site}']:12.1f} "
+            f"{m['l1_loss']:8.1f} {m['l0']:8.1f} {100 * m['frac_alive']:8.1f} {m[f'loss_original_site_{site}']:8.3f} "
+            f"{diff:24.3f} {100 * m[f'frac_recovered_site_{site}']:24.1f} {'':>8s}"
+        )
+        site += 1
 
 
 def cmd_features(args) -> None:
@@ -698,6 +762,23 @@ def _add_train_command(sub) -> None:
         help="an option for every trainer, e.g. --set lr=3e-4 (values parsed as JSON when possible)",
     )
     p.add_argument("--config", help="JSON or YAML file: a trainer config, a list of them, or {'trainers': [...]}")
+    kind = p.add_argument_group("transcoders and crosscoders")
+    kind.add_argument(
+        "--transcoder",
+        action="store_true",
+        help="train transcoders: read the site's input and output (default site: mlp) and reconstruct the "
+        "output from the input (TopK, BatchTopK, Standard, StandardAprilUpdate, JumpReLU; skip_connection=true "
+        "adds a linear skip path)",
+    )
+    kind.add_argument(
+        "--crosscoder",
+        action="store_true",
+        help="train crosscoders (CrossCoderTrainer, BatchTopKCrossCoderTrainer) on the --layer sites stacked as "
+        "[B, L, d], or with --paired-model on one site of two models",
+    )
+    kind.add_argument(
+        "--paired-model", help="with --crosscoder: a second model (e.g. the fine-tuned one) read on the same tokens"
+    )
     p.add_argument("--cache", help="train from this activation cache instead of running the model")
     p.add_argument("--steps", type=positive_int, required=True, help="optimisation steps")
     p.add_argument(

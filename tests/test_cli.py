@@ -355,3 +355,44 @@ def test_eval_notes_a_user_lm_name_that_differs_but_evaluates(tmp_path, tiny, ca
     main(["eval", str(folder), *tiny, "--site", "mlp", "--layer", "1", "--batch-texts", "2", "--n-batches", "1"])
     captured = capsys.readouterr()
     assert "names lm_name 'my-llama'" in captured.err and "model.layers.1.mlp" in captured.out
+
+
+def test_train_and_eval_transcoders_and_crosscoders(tmp_path, tiny, capsys):
+    common = [*tiny, "--set", "dict_size=64", "--steps", "6", "--batch-size", "16", "--n-ctxs", "8"]
+    main(["train", *common, "--layer", "1", "--transcoder", "--trainer", "TopKTrainer:k=4,skip_connection=false,true",
+          "--trainer", "JumpReluTrainer", "--out", str(tmp_path / "tc")])  # fmt: skip
+    configs = [load_dictionary(tmp_path / "tc" / f"trainer_{i}") for i in range(3)]
+    assert [c["site"]["module"] for _, c in configs] == ["model.layers.1.mlp"] * 3
+    assert [c["site"]["io"] for _, c in configs] == ["in_to_out"] * 3
+    assert all(ae.transcoder for ae, _ in configs) and [ae.skip_connection for ae, _ in configs] == [False, True, False]
+    main(["train", *common, "--layer", "0", "1", "--crosscoder", "--trainer", "BatchTopKCrossCoderTrainer:k=4",
+          "--out", str(tmp_path / "cc")])  # fmt: skip
+    ae, config = load_dictionary(tmp_path / "cc" / "trainer_0")
+    assert type(ae).__name__ == "BatchTopKCrossCoder" and ae.num_layers == 2 and config["site"]["layer"] == [0, 1]
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "tc" / "trainer_1"), str(tmp_path / "cc" / "trainer_0"), *tiny, "--n-batches", "1",
+          "--batch-texts", "4", "--json"])  # fmt: skip
+    transcoder, crosscoder = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert transcoder["site"] == "model.layers.1.mlp" and transcoder["n_tokens"] > 0
+    assert {"frac_recovered_site_0", "frac_recovered_site_1", "frac_variance_explained_site_1"} <= set(crosscoder)
+    main(["eval", str(tmp_path / "cc" / "trainer_0"), *tiny, "--n-batches", "1", "--batch-texts", "4"])
+    table = capsys.readouterr().out
+    assert "site 0" in table and "site 1" in table
+    with pytest.raises(SystemExit, match="a crosscoder reads several sites"):
+        main(["train", *common, "--layer", "0", "--crosscoder", "--trainer", "CrossCoderTrainer",
+              "--out", str(tmp_path / "x")])  # fmt: skip
+
+
+def test_a_paired_model_crosscoder_from_the_cli(tmp_path, tiny, capsys):
+    other = tiny_models.llama(seed=1)
+    other._module.save_pretrained(tmp_path / "tuned")
+    other.tokenizer.save_pretrained(tmp_path / "tuned")
+    main(["train", *tiny, "--layer", "1", "--crosscoder", "--paired-model", str(tmp_path / "tuned"),
+          "--trainer", "CrossCoderTrainer", "--set", "dict_size=64", "--steps", "6", "--batch-size", "16",
+          "--n-ctxs", "8", "--out", str(tmp_path / "diff")])  # fmt: skip
+    ae, config = load_dictionary(tmp_path / "diff" / "trainer_0")
+    assert config["buffer"]["paired_model"] == str(tmp_path / "tuned") and ae.num_layers == 2
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "diff" / "trainer_0"), *tiny, "--n-batches", "1", "--batch-texts", "4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss_original_site_0"] != result["loss_original_site_1"]  # two different models
