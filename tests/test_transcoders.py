@@ -5,6 +5,7 @@ Planted data: input = codes @ A, output = codes @ B (+ a linear map of the input
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -264,3 +265,86 @@ def test_evaluate_splices_a_transcoder_in_place_of_the_mlp_output():
         fve_out = float(1 - (out - ae(x_in)).var(0).sum() / out.var(0).sum())
     pairs = iter([torch.stack([x_in, out], 1)])
     assert evaluate(ae, pairs, progress=False)["frac_variance_explained"] == pytest.approx(fve_out, abs=1e-5)
+
+
+def _random_transcoder(make, skip: bool):
+    torch.manual_seed(0)
+    ae = make(skip)
+    with torch.no_grad():
+        for name, t in ae.state_dict().items():
+            if t.is_floating_point() and t.dim() > 0:
+                t.copy_(torch.randn_like(t) * 0.5)
+        if hasattr(ae, "threshold"):
+            ae.threshold.copy_(torch.full_like(ae.threshold, 0.2))
+    return ae
+
+
+SAELENS_TRANSCODERS = {
+    "AutoEncoder": (lambda skip: AutoEncoder(D_IN, 64, D_OUT, True, skip), AutoEncoder, "transcoder"),
+    "JumpReluAutoEncoder": (
+        lambda skip: JumpReluAutoEncoder(D_IN, 64, "cpu", D_OUT, True, skip),
+        JumpReluAutoEncoder,
+        "jumprelu_transcoder",
+    ),
+    "BatchTopKSAE": (lambda skip: BatchTopKSAE(D_IN, 64, 4, D_OUT, True, skip), JumpReluAutoEncoder, "jumprelu_transcoder"),
+}
+
+
+@pytest.mark.parametrize("name", list(SAELENS_TRANSCODERS))
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoders_export_to_saelens_and_back(tmp_path, name, skip):
+    from dictionary_learning.interop import load_saelens, save_saelens
+
+    make, back_class, arch = SAELENS_TRANSCODERS[name]
+    ae = _random_transcoder(make, skip)
+    save_saelens(ae, tmp_path / "sl", metadata={"hook_name": "blocks.1.hook_mlp_in"})
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["architecture"] == (arch.replace("transcoder", "skip_transcoder") if skip else arch)
+    assert cfg["d_out"] == D_OUT and cfg["apply_b_dec_to_input"] is False
+    back, _ = load_saelens(tmp_path / "sl")
+    assert type(back) is back_class and back.transcoder and back.skip_connection == skip
+    x = torch.randn(32, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ae(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back.encode(x), ae.encode(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_topk_transcoder_has_no_saelens_equivalent(tmp_path):
+    from dictionary_learning.interop import save_saelens
+
+    with pytest.raises(ValueError, match="SAELens has no 'topk' transcoder"):
+        save_saelens(AutoEncoderTopK(D_IN, 64, 4, D_OUT, True), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DL_SAELENS_PYTHON"), reason="set DL_SAELENS_PYTHON to a venv with sae-lens")
+def test_real_sae_lens_loads_our_transcoders(tmp_path):
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    from dictionary_learning.interop import save_saelens
+
+    x, expected = torch.randn(16, D_IN), {}
+    for name, (make, _, _) in SAELENS_TRANSCODERS.items():
+        for skip in (False, True):
+            ae = _random_transcoder(make, skip)
+            folder = tmp_path / f"{name}_{skip}"
+            save_saelens(ae, folder)
+            save_file({"x": x}, str(folder / "input.safetensors"))
+            with torch.no_grad():
+                expected[str(folder)] = ae(x)
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import json, sys, torch\nfrom safetensors.torch import load_file\nfrom sae_lens import SAE\nout = {}\n"
+        "for folder in sys.argv[1:]:\n    x = load_file(folder + '/input.safetensors')['x']\n"
+        "    with torch.no_grad():\n        sae = SAE.load_from_disk(folder)\n"
+        "        out[folder] = [type(sae).__name__, sae(x).tolist()]\nprint(json.dumps(out))\n"
+    )
+    run = subprocess.run([os.environ["DL_SAELENS_PYTHON"], str(script), *expected], capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for folder, want in expected.items():
+        assert "Transcoder" in got[folder][0], got[folder][0]
+        torch.testing.assert_close(torch.tensor(got[folder][1]), want, rtol=1e-5, atol=1e-5, msg=folder)

@@ -92,6 +92,18 @@ class SaelensWeights:
         return self.W_enc.shape[1]
 
     @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def transcoder(self) -> bool:
+        return self.arch.endswith("transcoder")
+
+    def transcoder_kwargs(self) -> dict[str, Any]:
+        """Our constructors' transcoder arguments for SAELens's transcoder architectures."""
+        return {"output_dim": self.d_out, "transcoder": True, "skip_connection": "W_skip" in self.extra}
+
+    @property
     def shift_F(self) -> torch.Tensor:
         """What a class that always subtracts b_dec must add to its encoder bias when SAELens did not."""
         return torch.zeros(self.d_sae) if self.subtracts_b_dec else self.b_dec @ self.W_enc
@@ -343,7 +355,29 @@ class Dictionary(nn.Module):
         """(SAELens config fields, SAELens state dict) describing this dictionary exactly."""
         fields, state = self.to_saelens()
         base = {"d_in": self.activation_dim, "d_sae": self.dict_size, "apply_b_dec_to_input": True}
+        if self.transcoder:
+            base, (fields, state) = base | {"d_out": self.output_dim}, self._saelens_transcoder(fields, state)
         return base | fields, {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+    def _saelens_transcoder(self, fields: dict[str, Any], state: dict[str, torch.Tensor]):
+        """SAELens's transcoder architectures: "transcoder" (ReLU, from our Standard) and
+        "jumprelu_transcoder" (from JumpReLU, or BatchTopK's threshold inference), "skip_" variants
+        with `W_skip [d_out, d_in]`. SAELens's transcoders subtract nothing from their input: our
+        input bias `b_in` is folded into `b_enc`."""
+        names = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
+        arch = names.get(fields["architecture"])
+        if arch is None:
+            raise ValueError(
+                f"SAELens has no {fields['architecture']!r} transcoder: export a Standard, JumpReLU or BatchTopK "
+                f"transcoder (a {type(self).__name__} transcoder has no SAELens equivalent)"
+            )
+        state = dict(state)
+        if hasattr(self, "b_in"):
+            state["b_enc"] = state["b_enc"] - self.b_in @ state["W_enc"]
+        if self.skip_connection:
+            state["W_skip"] = self.W_skip.T
+            arch = arch.replace("transcoder", "skip_transcoder")
+        return {**fields, "architecture": arch, "apply_b_dec_to_input": False}, state
 
     def save_saelens(self, folder: str | Path, metadata: dict | None = None) -> Path:
         """Write a SAELens folder (`cfg.json` + `sae_weights.safetensors`) that

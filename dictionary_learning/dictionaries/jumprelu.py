@@ -182,8 +182,17 @@ class JumpReluAutoEncoder(Dictionary):
     saelens_architecture = "jumprelu"
 
     @classmethod
+    def claims_saelens(cls, weights) -> bool:
+        return super().claims_saelens(weights) or weights.arch in ("jumprelu_transcoder", "jumprelu_skip_transcoder")
+
+    @classmethod
     def from_saelens(cls, weights) -> JumpReluAutoEncoder:
-        ae = cls(weights.d_in, weights.d_sae)
+        if weights.transcoder:
+            ae = cls(weights.d_in, weights.d_sae, "cpu", **weights.transcoder_kwargs())
+            if "W_skip" in weights.extra:
+                ae.W_skip.copy_(weights.extra["W_skip"].T)
+        else:
+            ae = cls(weights.d_in, weights.d_sae)
         ae.W_enc.copy_(weights.W_enc)
         ae.W_dec.copy_(weights.W_dec)
         ae.b_dec.copy_(weights.b_dec)

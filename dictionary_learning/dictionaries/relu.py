@@ -210,10 +210,16 @@ class AutoEncoder(Dictionary):
 
     @classmethod
     def claims_saelens(cls, weights) -> bool:
-        return super().claims_saelens(weights) and weights.subtracts_b_dec
+        transcoder = weights.arch in ("transcoder", "skip_transcoder")
+        return transcoder or super().claims_saelens(weights) and weights.subtracts_b_dec
 
     @classmethod
     def from_saelens(cls, weights) -> AutoEncoder:
+        if weights.transcoder:  # b_in stays 0: SAELens's transcoders subtract nothing from their input
+            ae = cls(weights.d_in, weights.d_sae, **weights.transcoder_kwargs())
+            if "W_skip" in weights.extra:
+                ae.W_skip.copy_(weights.extra["W_skip"].T)
+            return _copy_saelens_weights(ae, weights, ae.bias)
         ae = cls(weights.d_in, weights.d_sae)
         return _copy_saelens_weights(ae, weights, ae.bias)
 

@@ -24,6 +24,11 @@ SAELENS_ARCHITECTURES = {
     "jumprelu": ("b_enc", "threshold"),
     "topk": ("b_enc",),
     "batchtopk": ("b_enc", "topk_threshold"),
+    # transcoders (SAELens's Transcoder classes): W_dec is [d_sae, d_out], the skip ones add W_skip [d_out, d_in]
+    "transcoder": ("b_enc",),
+    "skip_transcoder": ("b_enc",),
+    "jumprelu_transcoder": ("b_enc", "threshold"),
+    "jumprelu_skip_transcoder": ("b_enc", "threshold"),
 }
 
 
@@ -58,13 +63,17 @@ def parse_saelens(cfg: dict, state: dict[str, torch.Tensor], source: str = "SAEL
     if cfg.get("activation_fn", "relu") not in ("relu", None):
         raise CheckpointError(f"{source}: activation_fn={cfg['activation_fn']!r} is not supported (only 'relu')")
     D, F = int(require_field(cfg, "d_in", source)), int(require_field(cfg, "d_sae", source))
+    transcoder = arch.endswith("transcoder")
+    D_out = int(require_field(cfg, "d_out", source)) if transcoder else D
     W_enc = checked_tensor(state, "W_enc", (D, F), source)
-    W_dec = checked_tensor(state, "W_dec", (F, D), source)
-    b_dec = checked_tensor(state, "b_dec", (D,), source)
+    W_dec = checked_tensor(state, "W_dec", (F, D_out), source)
+    b_dec = checked_tensor(state, "b_dec", (D_out,), source)
     extra = {
         name: checked_tensor(state, name, () if name == "topk_threshold" else (F,), source)
         for name in SAELENS_ARCHITECTURES[arch]
     }
+    if "skip" in arch:
+        extra["W_skip"] = checked_tensor(state, "W_skip", (D_out, D), source)
     return SaelensWeights(
         arch=arch,
         cfg=cfg,
@@ -73,7 +82,7 @@ def parse_saelens(cfg: dict, state: dict[str, torch.Tensor], source: str = "SAEL
         W_dec=W_dec,
         b_dec=b_dec,
         extra=extra,
-        subtracts_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+        subtracts_b_dec=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
     )
 
 
