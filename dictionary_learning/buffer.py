@@ -472,6 +472,14 @@ class PairedActivationBuffer(ActivationBuffer):
         }
 
 
+def reader_sites(reader) -> list[tuple[Any, Site]]:
+    """`(model, site)` of every site a reader reads, in order: its own, then a paired buffer's other
+    model's (a crosscoder's sites)."""
+    sites = [(reader.model, site) for site in reader.sites]
+    other = getattr(reader, "other", None)
+    return sites + [(other.model, other.sites[0])] if other is not None else sites
+
+
 def check_positive_ints(**values: Any) -> None:
     """Raise a ValueError naming the first argument that is not a positive integer (3e4 is accepted)."""
     for name, value in values.items():

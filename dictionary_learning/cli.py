@@ -544,7 +544,6 @@ def _check_asked_site(folder, site: dict, asked: str, args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .buffer import ActivationReader, PairedActivationBuffer
     from .checkpoint import load_dictionary
     from .evaluation import evaluate
 
@@ -558,15 +557,7 @@ def cmd_eval(args) -> None:
     model, docs, plan = _eval_plan(args, dictionaries)
     rows = []
     for (folder, ae, site, io), (_, _, config, _) in zip(plan, dictionaries):
-        paired = (config.get("buffer") or {}).get("paired_model")
-        if paired:  # a model-diffing crosscoder: the same tokens through both models
-            reader = PairedActivationBuffer(docs, model, _load_named_model(paired, args.device), site[0],
-                                            other_submodule=site[-1], io=io, ctx_len=args.ctx_len,
-                                            refresh_batch_size=args.batch_texts, n_ctxs=args.batch_texts,
-                                            pack=not args.no_pack)  # fmt: skip
-        else:
-            reader = ActivationReader(docs, model, site, io=io, ctx_len=args.ctx_len,
-                                      refresh_batch_size=args.batch_texts, pack=not args.no_pack)  # fmt: skip
+        reader = _reader(args, docs, model, config, site, io)
         _check_width(folder, reader, ae, model)
         metrics = evaluate(
             ae, reader, max_len=args.ctx_len, batch_size=args.batch_texts, n_batches=args.n_batches, device=args.device
@@ -576,6 +567,21 @@ def cmd_eval(args) -> None:
             print(json.dumps({"dictionary": str(folder), "site": reader.names[0], "text": docs.record, **metrics}))
     if not args.json:
         _print_eval_table(rows, docs.record)
+
+
+def _reader(args, docs, model, config: dict, site, io: str):
+    """What `eval` and `features` read: the recorded site(s); for a model-diffing crosscoder the
+    same tokens through both recorded models (`PairedActivationBuffer`)."""
+    from .buffer import ActivationReader, PairedActivationBuffer
+
+    paired = (config.get("buffer") or {}).get("paired_model")
+    if paired:
+        other = _load_named_model(paired, args.device)
+        return PairedActivationBuffer(docs, model, other, site[0], other_submodule=site[-1], io=io, ctx_len=args.ctx_len,
+                                      refresh_batch_size=args.batch_texts, n_ctxs=args.batch_texts,
+                                      pack=not args.no_pack)  # fmt: skip
+    return ActivationReader(docs, model, site, io=io, ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts,
+                            pack=not args.no_pack)  # fmt: skip
 
 
 def _check_width(folder, reader, ae, model) -> None:
@@ -624,7 +630,6 @@ def _print_crosscoder_rows(folder, m: dict) -> None:
 
 
 def cmd_features(args) -> None:
-    from .buffer import ActivationReader
     from .checkpoint import load_dictionary
     from .dashboard import collect_feature_stats, write_dashboard
     from .nnsight_io import model_id
@@ -635,7 +640,7 @@ def cmd_features(args) -> None:
     ae, config = load_dictionary(folder, device=args.device)
     model, docs, plan = _eval_plan(args, [(folder, ae, config, recorded_site(folder, config))])
     _, _, site, io = plan[0]
-    reader = ActivationReader(docs, model, site, io=io, ctx_len=args.ctx_len, pack=not args.no_pack)
+    reader = _reader(args, docs, model, config, site, io)
     _check_width(folder, reader, ae, model)
     stats = collect_feature_stats(ae, reader, reader.data, batch_size=args.batch_texts, max_contexts=args.contexts)
     recipe = (config.get("trainer") or {}).get("trainer_class", type(ae).__name__)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .dictionaries.base import device_of
+from .dictionaries.crosscoder import relative_decoder_norms
 from .interp import feature_activations
 from .nnsight_io import torch_model
 
@@ -40,6 +41,7 @@ class FeatureStats:
     pieces: dict[int, str]  # token id -> its text
     promoted: list[list[tuple[str, float]]] = field(default_factory=list)  # per feature: top unembedding tokens
     suppressed: list[list[tuple[str, float]]] = field(default_factory=list)
+    relative_norms: torch.Tensor | None = None  # a two-site crosscoder's relative decoder norm per feature
 
     def __post_init__(self) -> None:
         # the entries grouped by feature, so each feature's slice is found without a scan
@@ -90,6 +92,8 @@ def collect_feature_stats(
     pieces = {int(i): tokenizer.decode([int(i)]) for i in ids.unique()}
     stats = FeatureStats(ids, torch.cat(lengths), rows, positions, features, values, dictionary.dict_size, pieces)
     stats.promoted, stats.suppressed = logit_lens_tokens(dictionary, reader.model, tokenizer, top_tokens)
+    if getattr(dictionary, "num_layers", None) == 2:
+        stats.relative_norms = relative_decoder_norms(dictionary).detach().float().cpu()
     return stats
 
 
@@ -106,7 +110,10 @@ def logit_lens_tokens(dictionary, model, tokenizer, k: int = 10):
     base = getattr(hf, "base_model", hf)
     norm = getattr(base, "norm", None) or getattr(base, "final_layer_norm", None) or getattr(base, "ln_f", None)
     scale = norm.weight.detach().float() if getattr(norm, "weight", None) is not None else 1.0
-    decoder_FD = dictionary.decoder_FD() if hasattr(dictionary, "decoder_FD") else _decoder_rows(dictionary)
+    if hasattr(dictionary, "num_layers"):  # a crosscoder: what it writes to its last site
+        decoder_FD = dictionary.decoder.weight[-1]
+    else:
+        decoder_FD = dictionary.decoder_FD() if hasattr(dictionary, "decoder_FD") else _decoder_rows(dictionary)
     W_U = head.weight.detach().float().to(device_of(dictionary))
     directions_FD = decoder_FD.float() * (scale.to(W_U.device) if torch.is_tensor(scale) else scale)
     tops, bottoms = [], []
@@ -296,7 +303,7 @@ def feature_page(stats: FeatureStats, feature: int, title: str = "", before: int
     body = f"""<p><a href="index.html">&larr; all features</a></p>
 <h1>{html.escape(heading)}</h1>
 <div class="meta">density {100 * density:.3f} % ({values.numel():,} of {stats.n_tokens:,} tokens) &middot;
-max activation {scale if values.numel() else 0:.3f}{flag}</div>
+max activation {scale if values.numel() else 0:.3f}{flag}{_relative_norm_note(stats, feature)}</div>
 <div class="grid"><div>
 <div class="card"><h2>Activation histogram (non-zero values)</h2>{_histogram_svg(values)}</div>
 {lens}</div>
@@ -306,6 +313,16 @@ for its value. One example per context, repeated text left out.</p>
 <table>{example_rows(top_examples(stats, feature))}</table></div>
 <div class="card">{quantiles or "<p>never fired on these tokens</p>"}</div></div></div>"""
     return _page(heading, body)
+
+
+def _relative_norm_note(stats: FeatureStats, feature: int) -> str:
+    """A crosscoder feature's relative decoder norm, said in words (0: site 0 only, 1: site 1 only)."""
+    if stats.relative_norms is None:
+        return ""
+    r = float(stats.relative_norms[feature])
+    where = "site 0 only" if r < 0.1 else "site 1 only" if r > 0.9 else "mostly site 0" if r < 0.4 else (
+        "mostly site 1" if r > 0.6 else "both sites")  # fmt: skip
+    return f" &middot; relative decoder norm {r:.2f} (writes to {where})"
 
 
 def index_page(stats: FeatureStats, title: str = "", linked: set[int] | None = None) -> str:
@@ -321,16 +338,18 @@ def index_page(stats: FeatureStats, title: str = "", linked: set[int] | None = N
         tokens = " ".join(f"<code>{_token_html(t)}</code>" for t, _ in stats.promoted[f][:5]) if stats.promoted else ""
         log_density = f"{math.log10(float(density[f])):.2f}" if density[f] > 0 else "dead"
         flag = '<span class="flag">first position</span>' if share[f] >= FIRST_POSITION_SHARE else ""
+        relative = f'<td class="num">{float(stats.relative_norms[f]):.2f}</td>' if stats.relative_norms is not None else ""
         rows.append(
             f'<tr><td>{name}</td><td class="num">{100 * float(density[f]):.3f}</td><td class="num">{log_density}</td>'
-            f'<td class="num">{float(maxima[f]):.2f}</td><td>{tokens}</td><td>{flag}</td></tr>'
+            f'<td class="num">{float(maxima[f]):.2f}</td>{relative}<td>{tokens}</td><td>{flag}</td></tr>'
         )
     alive = int((density > 0).sum())
+    relative_header = "<th>rel. decoder norm</th>" if stats.relative_norms is not None else ""
     heading = f"Features of {title}" if title else "Features"
     body = f"""<h1>{html.escape(heading)}</h1>
 <div class="meta">{stats.n_features:,} features, {alive:,} fired on {stats.n_tokens:,} tokens
 ({len(stats.lengths):,} contexts); {int((share >= FIRST_POSITION_SHARE).sum())} fire mostly at the first position.</div>
-<table><tr><th>feature</th><th>density %</th><th>log10 density</th><th>max act.</th><th>promoted tokens</th>
+<table><tr><th>feature</th><th>density %</th><th>log10 density</th><th>max act.</th>{relative_header}<th>promoted tokens</th>
 <th></th></tr>
 {"".join(rows)}</table>"""
     return _page(heading, body)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .buffer import reader_sites
 from .buffer import (  # noqa: F401 (the reference re-exports ActivationBuffer and NNsightActivationBuffer here)
     ActivationBuffer,
     ActivationReader,
@@ -228,9 +229,7 @@ def loss_recovered_metrics(
 def crosscoder_sites(reader) -> list[tuple[Any, str]]:
     """`(model, module name)` of each site a crosscoder reads, in its order: the stacked sites of
     one model, or the same site of the two models of a `PairedActivationBuffer`."""
-    sites = [(reader.model, site.name) for site in reader.sites]
-    other = getattr(reader, "other", None)
-    return sites + [(other.model, other.sites[0].name)] if other is not None else sites
+    return [(model, site.name) for model, site in reader_sites(reader)]
 
 
 @torch.no_grad()

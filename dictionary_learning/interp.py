@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .buffer import ActivationReader
+from .buffer import ActivationReader, reader_sites
 from .dictionaries.base import device_of
 from .nnsight_io import model_device, read_activations
 from .splice import dictionary_replacement, run_model
@@ -40,7 +40,12 @@ def feature_activations(dictionary, reader: ActivationReader, tokens: dict[str, 
     """Features `[B, L, F]` of a token batch at the reader's (first) site; zero at padding."""
     device = model_device(reader.model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-    x_BLD = read_activations(reader.model, reader.sites[:1], ids, mask)[0]
+    if hasattr(dictionary, "num_layers"):  # a crosscoder: every site (of each model), stacked [B, L, sites, D]
+        reads = [read_activations(m, [site], ids.to(model_device(m)), mask.to(model_device(m)))[0]
+                 for m, site in reader_sites(reader)]  # fmt: skip
+        x_BLD = torch.stack([r.to(device) for r in reads], dim=2)
+    else:
+        x_BLD = read_activations(reader.model, reader.sites[:1], ids, mask)[0]
     dict_device = device_of(dictionary)
     f_BLF = dictionary.encode(x_BLD.to(dict_device, torch.float32))
     return f_BLF * mask.to(f_BLF.device)[..., None]

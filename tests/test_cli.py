@@ -396,3 +396,8 @@ def test_a_paired_model_crosscoder_from_the_cli(tmp_path, tiny, capsys):
     main(["eval", str(tmp_path / "diff" / "trainer_0"), *tiny, "--n-batches", "1", "--batch-texts", "4", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["loss_original_site_0"] != result["loss_original_site_1"]  # two different models
+    main(["features", str(tmp_path / "diff" / "trainer_0"), *tiny, "--contexts", "8", "--out", str(tmp_path / "f")])
+    index = (tmp_path / "f" / "index.html").read_text()
+    assert "rel. decoder norm" in index
+    page = next((tmp_path / "f").glob("feature_*.html")).read_text()
+    assert "relative decoder norm" in page and "writes to" in page
