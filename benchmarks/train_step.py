@@ -51,6 +51,16 @@ TRAINERS = [
     "PAnnealTrainer",
     "GatedAnnealTrainer",
 ]
+# Beyond SAEs (ours only: the reference has neither; SAELens 6.54 loads transcoders but has no
+# training class for them): the recipe and its options. Their batches are [B, 2, D] pairs: the
+# activations and a fixed random linear map of them (a transcoder's input and output, or a
+# crosscoder's two sites).
+BEYOND_SAES = {
+    "TopKTranscoder": ("TopKTrainer", {"transcoder": True}),
+    "TopKSkipTranscoder": ("TopKTrainer", {"transcoder": True, "skip_connection": True}),
+    "BatchTopKCrossCoder": ("BatchTopKCrossCoderTrainer", {"num_layers": 2}),
+    "CrossCoder": ("CrossCoderTrainer", {"num_layers": 2}),
+}
 # SAELens's training SAE class for each of our trainers (those it has).
 SAELENS = {
     "TopKTrainer": "TopK",
@@ -78,6 +88,10 @@ def _config(classes: dict, name: str, a: argparse.Namespace, steps: int) -> dict
     topk = dict(common, k=a.k, threshold_start_step=1)
     penalised = dict(common, sparsity_warmup_steps=min(10, steps - 1), lr=a.lr)
     anneal = dict(penalised, anneal_start=steps // 2, p_end=0.5)
+    if name in BEYOND_SAES:
+        recipe, options = BEYOND_SAES[name]
+        base = topk if "TopK" in recipe else dict(penalised, l1_penalty=a.l1_penalty)
+        return dict(base, **options, trainer=classes[recipe])
     extra = {
         "TopKTrainer": topk,
         "BatchTopKTrainer": topk,
@@ -204,6 +218,9 @@ def worker(a: argparse.Namespace) -> dict:
     else:
         batches = [b.to(a.device) for b in x_all.split(a.batch)]
         warmup, total = a.warmup, a.warmup + a.steps
+    if a.trainer in BEYOND_SAES:  # [B, 2, D]: the activations and a fixed linear map of them
+        M = torch.randn(a.dim, a.dim, generator=torch.Generator().manual_seed(1)) / a.dim**0.5
+        batches = [torch.stack([b, b @ M.to(b.device)], dim=1) for b in batches]
     if a.impl == "saelens":
         step, module = _saelens_step_fn(a.trainer, a)
     else:
@@ -214,7 +231,7 @@ def worker(a: argparse.Namespace) -> dict:
         trainer = cls(**cfg)
         step, module = trainer.update, trainer.ae
     # TopK-family dictionaries fire k per row by construction; --l0 sets the others'.
-    l0 = set_l0(module, batches[0][:1024], a.l0) if a.l0 and a.trainer not in TRAINERS[:3] else None
+    l0 = set_l0(module, batches[0][:1024], a.l0) if a.l0 and a.trainer in TRAINERS[3:] else None
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base_rss = _peak_rss_bytes()
@@ -289,7 +306,11 @@ def main() -> None:
     p.add_argument("--reference-python", help="python of a venv with dictionary-learning==0.1.0")
     p.add_argument("--saelens-python", help="python of a venv with sae-lens")
     p.add_argument("--activations", help="an ActivationCache folder (default: synthetic activations)")
-    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated trainer names")
+    p.add_argument(
+        "--trainers",
+        default=",".join(TRAINERS + list(BEYOND_SAES)),
+        help=f"comma-separated trainer names, and {', '.join(BEYOND_SAES)} (ours only)",
+    )
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--dim", type=int, default=576)
     p.add_argument("--dict-size", type=int, default=4608)
@@ -338,6 +359,8 @@ def main() -> None:
         return
     if a.repeat < 1 or (a.run and a.repeat > 1):
         p.error("--repeat must be >= 1, and 1 with --run (a run is measured once)")
+    if a.run:  # the quality check compares SAEs on held-out rows
+        a.trainers = ",".join(t for t in a.trainers.split(",") if t not in BEYOND_SAES)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "acts.safetensors"
@@ -363,6 +386,7 @@ def main() -> None:
                 for impl, python in pythons.items()
                 # in --run SAELens would train with its own hyperparameters
                 if not (impl == "saelens" and (trainer not in SAELENS or a.run))
+                and not (impl != "ours" and trainer in BEYOND_SAES)
             ]
             variants += [("dense", sys.executable, "ours", True, False)] if a.dense else []
             variants += [("triton", sys.executable, "ours", False, True)] if a.triton else []

@@ -35,3 +35,12 @@ def test_step_benchmark_run_mode_reports_quality_and_refuses_repeats():
         [sys.executable, str(SCRIPT), *TINY, "--run", "3", "--repeat", "2"], capture_output=True, text=True
     )
     assert refused.returncode == 2 and "--repeat" in refused.stderr
+
+
+@pytest.mark.slow
+def test_step_benchmark_times_transcoders_and_crosscoders():
+    names = "TopKTranscoder,TopKSkipTranscoder,BatchTopKCrossCoder,CrossCoder"
+    out = run("--trainers", names, "--steps", "2", "--warmup", "1", "--dense")
+    for name in names.split(","):
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert re.search(r"ours +\d+\.\d+ s/step", line) and "| dense" in line, line
