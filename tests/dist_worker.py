@@ -12,7 +12,13 @@ import torch
 
 from dictionary_learning import TrainingInterrupted, trainSAE
 from dictionary_learning.synthetic import PlantedFeatures
-from dictionary_learning.trainers import JumpReluTrainer, StandardTrainer, TopKTrainer
+from dictionary_learning.trainers import (
+    BatchTopKCrossCoderTrainer,
+    CrossCoderTrainer,
+    JumpReluTrainer,
+    StandardTrainer,
+    TopKTrainer,
+)
 
 D, F, STEPS, BATCH = 16, 48, 12, 64
 COMMON = dict(activation_dim=D, dict_size=F, warmup_steps=2, seed=0, device="cpu", layer=0, lm_name="synthetic")
@@ -23,8 +29,22 @@ CONFIGS = [
 ]
 
 
+# Beyond SAEs: a skip transcoder and a crosscoder, each on [B, 2, D] pairs (x and a linear map of it).
+TRANSCODERS = [dict(CONFIGS[0], skip_connection=True), dict(CONFIGS[1])]
+CROSSCODERS = [
+    dict(trainer=CrossCoderTrainer, num_layers=2, l1_penalty=0.05, sparsity_warmup_steps=3, lr=1e-3, **COMMON),
+    # BatchTopK selects within each replica's share (README): the replicas agree, one process differs
+    dict(trainer=BatchTopKCrossCoderTrainer, num_layers=2, k=4, threshold_start_step=3, lr=1e-3, **COMMON),
+]
+
+
 def batches(n: int = STEPS) -> list[torch.Tensor]:
     return [x * 3 + 0.5 for x in PlantedFeatures(d=D, seed=1).batches(n, batch_size=BATCH)]
+
+
+def paired_batches(n: int = STEPS) -> list[torch.Tensor]:
+    M = torch.randn(D, D, generator=torch.Generator().manual_seed(2)) / D**0.5
+    return [torch.stack([x, x @ M], dim=1) for x in batches(n)]
 
 
 def scenario(name: str, rank: int, out: Path):
@@ -60,6 +80,10 @@ def scenario(name: str, rank: int, out: Path):
         except TrainingInterrupted as e:
             (out / f"stopped{rank}.txt").write_text(str(e))
         return trainSAE(batches(), None, STEPS, resume_from=out / "run", progress=False, dist_timeout=60)
+    if name == "transcoders":
+        return trainSAE(paired_batches(), TRANSCODERS, STEPS, progress=False, transcoder=True, dist_timeout=60)
+    if name == "crosscoders":
+        return trainSAE(paired_batches(), CROSSCODERS, STEPS, progress=False, dist_timeout=60)
     if name == "mismatch":
         configs = [dict(CONFIGS[0], k=4 + rank)]
         return trainSAE(batches(), configs, STEPS, progress=False, dist_timeout=60)

@@ -63,6 +63,21 @@ def test_data_parallel_equals_one_process_on_the_combined_batch(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("name", ["transcoders", "crosscoders"])
+def test_data_parallel_transcoders_and_crosscoders_equal_one_process(tmp_path, name):
+    results, errors = spawn(name, tmp_path)
+    assert errors == ["", ""], errors
+    configs = dist_worker.TRANSCODERS if name == "transcoders" else dist_worker.CROSSCODERS
+    expected = trainSAE(dist_worker.paired_batches(), configs, dist_worker.STEPS, progress=False,
+                        transcoder=name == "transcoders")  # fmt: skip
+    per_row = expected if name == "transcoders" else expected[:1]  # BatchTopK: per-replica selection
+    for rank_result in results:
+        for got, want in zip(rank_result, per_row):
+            assert_close(got, want.state_dict())
+    for a, b in zip(*results):  # every replica holds the same weights
+        assert_close(a, b)
+
+
 def test_data_parallel_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     results, errors = spawn("resume", tmp_path)
     assert errors == ["", ""], errors
