@@ -240,7 +240,9 @@ def row_slice(batch: Any, group: Group) -> Any:
         share = n // group.world_size
         return x[group.rank * share : (group.rank + 1) * share]
 
-    return {k: cut(v) for k, v in batch.items()} if isinstance(batch, dict) else cut(batch)
+    if isinstance(batch, dict):
+        return {k: cut(v) for k, v in batch.items()}
+    return type(batch)(cut(v) for v in batch) if isinstance(batch, (tuple, list)) else cut(batch)
 
 
 def broadcast_batches(batches: Iterator, group: Group) -> Iterator:

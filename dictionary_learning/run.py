@@ -129,7 +129,8 @@ def norm_factor_of(batches: list[torch.Tensor], group: Group | None = None) -> f
         raise NotImplementedError("normalize_activations with several sites per batch is not supported yet")
     total, rows, left_out = torch.zeros((), dtype=torch.float64), 0, 0
     for b in batches:
-        sq = b.reshape(-1, b.shape[-1]).double().pow(2).sum(-1)
+        parts = b if isinstance(b, (tuple, list)) else [b]  # a transcoder's (input, output) pair: one factor
+        sq = torch.cat([p.reshape(-1, p.shape[-1]).double().pow(2).sum(-1) for p in parts])
         if sq.numel() == 0 or not bool(torch.isfinite(sq).all()) or not bool((sq > 0).any()):
             left_out += 1
             continue

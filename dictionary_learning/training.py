@@ -129,9 +129,35 @@ def site_record(buffer: dict | None, trainer: SAETrainer, key: str | int | None)
     }
 
 
+def _tensors_of(batch: Any) -> list[torch.Tensor]:
+    """The tensors of a batch: one, a dict's values (several sites), or a transcoder's (input, output) pair."""
+    if isinstance(batch, dict):
+        return list(batch.values())
+    return list(batch) if isinstance(batch, (tuple, list)) else [batch]
+
+
+def _check_pair(x: Any, trainer: SAETrainer, i: int) -> None:
+    """A transcoder's `(input, output)` batch: two tensors with as many rows, of its two widths."""
+    ok = len(x) == 2 and all(isinstance(t, torch.Tensor) and t.ndim >= 2 for t in x) and x[0].shape[0] == x[1].shape[0]
+    if not ok or not getattr(trainer, "transcoder", False):
+        raise ValueError(
+            f"data yields {_describe(x)} batches; a pair is a transcoder's (input [B, d_in], output [B, d_out]) "
+            f"(trainSAE(..., transcoder=True)); otherwise yield tensors [batch, d]"
+        )
+    widths = (x[0].shape[-1], x[1].shape[-1])
+    if widths != (trainer.ae.activation_dim, trainer.ae.output_dim):
+        raise ValueError(
+            f"data yields (input, output) widths {widths} but trainer {i} ({type(trainer).__name__}) has "
+            f"activation_dim={trainer.ae.activation_dim}, output_dim={trainer.ae.output_dim}"
+        )
+
+
 def _check_batch(batch: Any, trainers: list[SAETrainer], keys: list[str | int | None]) -> None:
     for i, (trainer, key) in enumerate(zip(trainers, keys)):
         x = _select(batch, key)
+        if isinstance(x, (tuple, list)):
+            _check_pair(x, trainer, i)
+            continue
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise ValueError(f"data must yield activation tensors of shape [batch, d], got {_describe(x)}")
         if x.shape[-1] != trainer.ae.activation_dim:
@@ -148,8 +174,7 @@ def _select(batch: Any, key: str | int | None) -> torch.Tensor:
 
 
 def _all_finite(batch: Any) -> bool:
-    tensors = batch.values() if isinstance(batch, dict) else [batch]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.isfinite(t).all()) for t in _tensors_of(batch))
 
 
 def _describe(obj: Any) -> str:
@@ -580,8 +605,7 @@ def _check_bad_streak(bad_in_a_row: int, consumed: int) -> None:
 
 
 def _check_rows(act: Any, consumed: int) -> None:
-    tensors = act.values() if isinstance(act, dict) else [act]
-    if any(t.shape[0] == 0 for t in tensors):
+    if any(t.shape[0] == 0 for t in _tensors_of(act)):
         raise ValueError(f"batch {consumed} of the data has 0 rows: every batch needs at least one activation")
 
 
@@ -615,8 +639,10 @@ class _DeviceCache:
 
     def on(self, device: torch.device, key: str | int | None = None) -> torch.Tensor:
         if (device, key) not in self.cache:
-            x = _select(self.act, key).to(device, non_blocking=True).float()
-            self.cache[(device, key)] = x / self.norm_factor if self.norm_factor is not None else x
+            x = _select(self.act, key)
+            parts = [t.to(device, non_blocking=True).float() for t in (x if isinstance(x, (tuple, list)) else [x])]
+            parts = [t / self.norm_factor if self.norm_factor is not None else t for t in parts]
+            self.cache[(device, key)] = tuple(parts) if isinstance(x, (tuple, list)) else parts[0]
         return self.cache[(device, key)]
 
 

@@ -348,3 +348,25 @@ def test_real_sae_lens_loads_our_transcoders(tmp_path):
     for folder, want in expected.items():
         assert "Transcoder" in got[folder][0], got[folder][0]
         torch.testing.assert_close(torch.tensor(got[folder][1]), want, rtol=1e-5, atol=1e-5, msg=folder)
+
+
+def test_trainsae_takes_input_output_pairs_of_different_widths(tmp_path):
+    data = PlantedMap(d_out=D_OUT)
+    config = dict(transcoder_config(TopKTrainer), trainer=TopKTrainer, output_dim=D_OUT, warmup_steps=5,
+                  threshold_start_step=5, skip_connection=True)  # fmt: skip
+    full = trainSAE(data.pairs(30), [config], 30, transcoder=True, save_dir=tmp_path / "full", progress=False,
+                    normalize_activations=True, log_steps=5)  # fmt: skip
+    loaded, _ = load_dictionary(tmp_path / "full" / "trainer_0")
+    x, _ = next(data.pairs(1, 16, seed=5))
+    torch.testing.assert_close(loaded(x), full[0](x))
+    assert loaded(x).shape == (16, D_OUT)
+    trainSAE(data.pairs(15), [config], 30, transcoder=True, save_dir=tmp_path / "half", progress=False,
+             normalize_activations=True, backup_steps=5)  # fmt: skip
+    (resumed,) = trainSAE(data.pairs(30), None, 30, resume_from=tmp_path / "half", progress=False)
+    for key, value in full[0].state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match=r"data yields \(input, output\) widths \(32, 24\) but trainer 0"):
+        trainSAE(data.pairs(20), [dict(config, output_dim=None)], 20, transcoder=True, progress=False)
+    with pytest.raises(ValueError, match="a pair is a transcoder's"):
+        trainSAE(data.pairs(60), [dict(trainer=TopKTrainer, **dict(LEARN_TOPK, threshold_start_step=5))], 60,
+                 progress=False)  # fmt: skip
