@@ -46,6 +46,8 @@ def feature_activations(dictionary, reader: ActivationReader, tokens: dict[str, 
         x_BLD = torch.stack([r.to(device) for r in reads], dim=2)
     else:
         x_BLD = read_activations(reader.model, reader.sites[:1], ids, mask)[0]
+        if isinstance(x_BLD, tuple):  # io="in_to_out": a transcoder encodes the input
+            x_BLD = x_BLD[0]
     dict_device = device_of(dictionary)
     f_BLF = dictionary.encode(x_BLD.to(dict_device, torch.float32))
     return f_BLF * mask.to(f_BLF.device)[..., None]

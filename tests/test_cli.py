@@ -378,6 +378,8 @@ def test_train_and_eval_transcoders_and_crosscoders(tmp_path, tiny, capsys):
     main(["eval", str(tmp_path / "cc" / "trainer_0"), *tiny, "--n-batches", "1", "--batch-texts", "4"])
     table = capsys.readouterr().out
     assert "site 0" in table and "site 1" in table
+    main(["features", str(tmp_path / "tc" / "trainer_1"), *tiny, "--contexts", "8", "--out", str(tmp_path / "tf")])
+    assert "Promoted tokens" in next((tmp_path / "tf").glob("feature_*.html")).read_text()  # writes the MLP output
     with pytest.raises(SystemExit, match="a crosscoder reads several sites"):
         main(["train", *common, "--layer", "0", "--crosscoder", "--trainer", "CrossCoderTrainer",
               "--out", str(tmp_path / "x")])  # fmt: skip
