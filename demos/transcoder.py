@@ -28,7 +28,7 @@ from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.buffer import ActivationReader
 from dictionary_learning.cache import ActivationCache, CacheError
 from dictionary_learning.evaluation import evaluate
-from dictionary_learning.models import default_texts, get_submodule, load_default_model
+from dictionary_learning.models import default_texts, get_submodule, load_default_model, load_model
 from dictionary_learning.nnsight_io import model_id
 from dictionary_learning.trainers import BatchTopKCrossCoderTrainer, BatchTopKTrainer, TopKTrainer
 
@@ -98,7 +98,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Hub id or local folder (default: the offline SmolLM2-135M)")
     parser.add_argument("--layer", type=int, default=3, help="the MLP's layer (the crosscoder reads it and the next)")
+    parser.add_argument("--dict-size", type=int, default=None, help="latents per dictionary (default 4 x width)")
     parser.add_argument("--tokens", type=int, default=409_600, help="training tokens per cache")
     parser.add_argument("--batch-size", type=int, default=2048, help="activations per training step")
     parser.add_argument("--k", type=int, default=32, help="active latents per token of every dictionary")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"{out} already holds results; pass --overwrite to replace them or choose another --out")
     if args.overwrite and out.exists():
         shutil.rmtree(out)
-    model = load_default_model(device=args.device)
+    model = load_model(args.model, device=args.device) if args.model else load_default_model(device=args.device)
     lm_name, layer = model_id(model), args.layer
     mlp = get_submodule(model, layer, "mlp")
     resid = [get_submodule(model, layer, "resid"), get_submodule(model, layer + 1, "resid")]
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     times["caches"] = time.perf_counter() - start
     d = mlp_cache.config["d_submodule"]
     steps = mlp_cache.n_tokens // args.batch_size
-    common = dict(activation_dim=d, dict_size=4 * d, k=args.k, warmup_steps=max(1, steps // 20),
+    common = dict(activation_dim=d, dict_size=args.dict_size or 4 * d, k=args.k, warmup_steps=max(1, steps // 20),
                   threshold_start_step=max(1, steps // 10), seed=0, lm_name=lm_name, device=args.device)  # fmt: skip
 
     start = time.perf_counter()

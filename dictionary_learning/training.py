@@ -325,6 +325,8 @@ def trainSAE(
         NonFiniteTrainingError: a loss or weight became NaN/Inf (nothing from that step was saved).
     """
     options = dict(locals())  # every argument by name, read by _Run
+    if transcoder and e2e is not None:
+        raise ValueError("e2e training splices SAEs into the model: transcoder=True does not combine with e2e")
     if transcoder and trainer_configs is not None:
         trainer_configs = [_as_transcoder(config) for config in trainer_configs]
     _check_run_arguments(steps, norm_factor_batches, backup_steps)

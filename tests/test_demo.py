@@ -51,3 +51,22 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     with pytest.raises(SystemExit):  # an existing output folder is not overwritten silently
         demo.main(argv)
     assert len(demo.main([*argv, "--overwrite"])) == 14
+
+
+def test_the_transcoder_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
+    import transcoder
+
+    model = tiny_models.llama()
+    model._module.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    argv = ["--model", str(tmp_path / "tiny"), "--layer", "0", "--tokens", "2000", "--batch-size", "100",
+            "--dict-size", "64", "--k", "4", "--eval-tokens", "200", "--out", str(tmp_path / "out")]  # fmt: skip
+    rows = transcoder.main(argv)
+    names = [r["name"] for r in rows]
+    assert names[:3] == ["TopK SAE, MLP 0 output", "TopK transcoder, MLP 0", "TopK skip transcoder, MLP 0"]
+    assert names[-2:] == ["BatchTopK crosscoder, resid 0", "BatchTopK crosscoder, resid 1"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["k"] == 4 and all(r["ce_clean"] > 0 and -1e6 < r["fve"] <= 1 for r in saved["results"])
+    assert all(r["l0"] == 4 for r in saved["results"][:3])  # TopK: exactly k
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "out" / "plots" / "transcoders.png").stat().st_size > 1000
