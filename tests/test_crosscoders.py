@@ -124,6 +124,15 @@ def test_trainsae_trains_crosscoders_and_resumes_exactly(tmp_path):
             torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_one_site_crosscoders_keep_the_input_shape():
+    ae = CrossCoder(D, 64, 1)
+    for shape in [(1, D), (5, D), (5, 1, D), (1, 1, D)]:
+        x = torch.randn(shape)
+        assert ae(x).shape == shape and ae.encode(x).shape == (*shape[:-1 if len(shape) == 2 else -2], 64)
+    two = CrossCoder(D, 64, 2)
+    assert two(torch.randn(2, D)).shape == (2, D) and two(torch.randn(3, 2 * D)).shape == (3, 2 * D)
+
+
 def test_crosscoder_errors_are_named():
     trainer = CrossCoderTrainer(steps=10, **dict(RECIPES[CrossCoderTrainer], warmup_steps=1, sparsity_warmup_steps=1))
     with pytest.raises(ValueError, match=r"\[batch, num_layers=2, activation_dim=32\] batches, got \(8, 32\)"):

@@ -53,9 +53,15 @@ class _CrossCoderLayout(Dictionary):
         self.decoder.bias = nn.Parameter(torch.zeros(num_layers, activation_dim))
 
     # ------------------------------------------------------------------------------------ shapes
+    def _stacked(self, x: torch.Tensor) -> bool:
+        """Whether `x` is `[..., L, D]` (else flat rows `[..., L * D]`); with one site, `[B, D]` is flat
+        and `[B, 1, D]` stacked."""
+        L, D = self.num_layers, self.activation_dim
+        return x.ndim >= 2 and tuple(x.shape[-2:]) == (L, D) and (L > 1 or x.ndim >= 3)
+
     def _check_width(self, x: torch.Tensor) -> None:
         L, D = self.num_layers, self.activation_dim
-        if x.ndim >= 2 and tuple(x.shape[-2:]) == (L, D) or x.ndim >= 1 and x.shape[-1] == L * D:
+        if self._stacked(x) or x.ndim >= 1 and x.shape[-1] == L * D:
             return
         raise ValueError(
             f"{type(self).__name__} reads [batch, num_layers={L}, activation_dim={D}] activations (or flat rows of "
@@ -66,7 +72,7 @@ class _CrossCoderLayout(Dictionary):
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """`[..., L, D]` or `[..., L * D]` as flat rows `[..., L * D]`."""
         self._check_width(x)
-        return x if x.shape[-1] == self.num_layers * self.activation_dim else x.flatten(-2)
+        return x.flatten(-2) if self._stacked(x) else x
 
     def encoder_FD(self) -> torch.Tensor:
         """The encoder as one `[F, L * D]` matrix over flattened rows (a view: writes go through)."""
@@ -92,7 +98,7 @@ class _CrossCoderLayout(Dictionary):
     def forward(self, x: torch.Tensor, output_features: bool = False):
         f = self.encode(x)
         x_hat = self.decode(f)
-        if x.shape[-1] != self.activation_dim or x.ndim < 2 or x.shape[-2] != self.num_layers:
+        if not self._stacked(x):
             x_hat = x_hat.flatten(-2)  # flat rows in, flat rows out
         return (x_hat, f) if output_features else x_hat
 
