@@ -167,12 +167,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "ce_clean": clean, "ce_spliced": ce, "frac_alive": m["frac_alive"]})  # fmt: skip
     times["evaluation"] = time.perf_counter() - start
 
-    record = {"model": lm_name, "layer": layer, "k": args.k, "tokens": mlp_cache.n_tokens, "steps": steps,
-              "batch_size": args.batch_size, "eval_tokens": args.eval_tokens, "seconds": times, "results": rows}  # fmt: skip
+    record = {
+        "model": lm_name,
+        "layer": layer,
+        "k": args.k,
+        "tokens": mlp_cache.n_tokens,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "eval_tokens": args.eval_tokens,
+        "seconds": times,
+        "results": rows,
+    }
     (out / "results.json").write_text(json.dumps(record, indent=2))
     figure = plot(rows, out / "plots" / "transcoders.png")
-    print(f"\n{lm_name}: {mlp_cache.n_tokens} training tokens per cache, {steps} steps of {args.batch_size}, k={args.k}; "
-          f"{args.eval_tokens} held-out tokens")  # fmt: skip
+    print(
+        f"\n{lm_name}: {mlp_cache.n_tokens} training tokens per cache, {steps} steps of {args.batch_size}, "
+        f"k={args.k}; {args.eval_tokens} held-out tokens"
+    )
     print(f"{'dictionary':36s} {'L0':>6s} {'FVE':>7s} {'loss recovered':>15s} {'clean CE':>9s} {'spliced CE':>11s}")
     for r in rows:
         print(f"{r['name']:36s} {r['l0']:6.1f} {r['fve']:7.3f} {r['recovered']:15.3f} {r['ce_clean']:9.3f} "

@@ -383,7 +383,9 @@ def _crosscoder_data(args, docs, model, layers: list[int], site: str, reading: d
         data = PairedActivationBuffer(docs, model, other, get_submodule(model, layers[0], site), **reading)
         return data, {None: (data.widths[0], [layers[0], layers[0]])}, model_id(model), None
     if len(layers) < 2:
-        raise SystemExit("error: a crosscoder reads several sites: give --layer with two or more layers, or --paired-model")
+        raise SystemExit(
+            "error: a crosscoder reads several sites: give --layer with two or more layers, or --paired-model"
+        )
     sites = [get_submodule(model, layer, site) for layer in layers]
     data = ActivationBuffer(docs, model, sites, stack_sites=True, **reading)
     return data, {None: (data.widths[0], layers)}, model_id(model), None
@@ -577,9 +579,10 @@ def _reader(args, docs, model, config: dict, site, io: str):
     paired = (config.get("buffer") or {}).get("paired_model")
     if paired:
         other = _load_named_model(paired, args.device)
-        return PairedActivationBuffer(docs, model, other, site[0], other_submodule=site[-1], io=io, ctx_len=args.ctx_len,
-                                      refresh_batch_size=args.batch_texts, n_ctxs=args.batch_texts,
-                                      pack=not args.no_pack)  # fmt: skip
+        reading = dict(ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, pack=not args.no_pack)
+        return PairedActivationBuffer(
+            docs, model, other, site[0], other_submodule=site[-1], io=io, n_ctxs=args.batch_texts, **reading
+        )
     return ActivationReader(docs, model, site, io=io, ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts,
                             pack=not args.no_pack)  # fmt: skip
 

@@ -338,7 +338,9 @@ def index_page(stats: FeatureStats, title: str = "", linked: set[int] | None = N
         tokens = " ".join(f"<code>{_token_html(t)}</code>" for t, _ in stats.promoted[f][:5]) if stats.promoted else ""
         log_density = f"{math.log10(float(density[f])):.2f}" if density[f] > 0 else "dead"
         flag = '<span class="flag">first position</span>' if share[f] >= FIRST_POSITION_SHARE else ""
-        relative = f'<td class="num">{float(stats.relative_norms[f]):.2f}</td>' if stats.relative_norms is not None else ""
+        relative = (
+            f'<td class="num">{float(stats.relative_norms[f]):.2f}</td>' if stats.relative_norms is not None else ""
+        )
         rows.append(
             f'<tr><td>{name}</td><td class="num">{100 * float(density[f]):.3f}</td><td class="num">{log_density}</td>'
             f'<td class="num">{float(maxima[f]):.2f}</td>{relative}<td>{tokens}</td><td>{flag}</td></tr>'
@@ -349,8 +351,8 @@ def index_page(stats: FeatureStats, title: str = "", linked: set[int] | None = N
     body = f"""<h1>{html.escape(heading)}</h1>
 <div class="meta">{stats.n_features:,} features, {alive:,} fired on {stats.n_tokens:,} tokens
 ({len(stats.lengths):,} contexts); {int((share >= FIRST_POSITION_SHARE).sum())} fire mostly at the first position.</div>
-<table><tr><th>feature</th><th>density %</th><th>log10 density</th><th>max act.</th>{relative_header}<th>promoted tokens</th>
-<th></th></tr>
+<table><tr><th>feature</th><th>density %</th><th>log10 density</th><th>max act.</th>{relative_header}
+<th>promoted tokens</th><th></th></tr>
 {"".join(rows)}</table>"""
     return _page(heading, body)
 

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .buffer import reader_sites
 from .buffer import (  # noqa: F401 (the reference re-exports ActivationBuffer and NNsightActivationBuffer here)
     ActivationBuffer,
     ActivationReader,
     NNsightActivationBuffer,
+    reader_sites,
 )
 from .config import DEBUG  # noqa: F401
 from .dictionaries.base import device_of
@@ -363,8 +363,8 @@ def evaluate(
     metrics compare with that output, and the spliced run has the module's output replaced.
     Otherwise `activations` is any iterator of `[B, D]` batches (`[B, 2, D]` input/output pairs for
     a transcoder, `[B, L, D]` for a crosscoder, which adds `frac_variance_explained_site_<l>`) and
-    only reconstruction metrics are computed. `normalize_batch` rescales x to mean norm sqrt(D) before the dictionary (and
-    back after). `tracer_args` is accepted for the reference's signature and ignored.
+    only reconstruction metrics are computed. `normalize_batch` rescales x to mean norm sqrt(D)
+    before the dictionary (and back after). `tracer_args` is accepted for the reference's signature and ignored.
     """
     if n_batches < 1:
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")

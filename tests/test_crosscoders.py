@@ -128,7 +128,7 @@ def test_one_site_crosscoders_keep_the_input_shape():
     ae = CrossCoder(D, 64, 1)
     for shape in [(1, D), (5, D), (5, 1, D), (1, 1, D)]:
         x = torch.randn(shape)
-        assert ae(x).shape == shape and ae.encode(x).shape == (*shape[:-1 if len(shape) == 2 else -2], 64)
+        assert ae(x).shape == shape and ae.encode(x).shape == (*shape[: -1 if len(shape) == 2 else -2], 64)
     two = CrossCoder(D, 64, 2)
     assert two(torch.randn(2, D)).shape == (2, D) and two(torch.randn(3, 2 * D)).shape == (3, 2 * D)
 
@@ -183,7 +183,9 @@ def test_the_paired_buffer_reads_two_models_on_the_same_tokens(tmp_path):
                                     out_batch_size=32, loop=True, remove_bos=True)  # fmt: skip
     tokens = buffer.tokenize(_texts()[:3])
     (pairs,) = buffer.read(tokens)
-    alone = [ActivationReader([], m, "model.layers.1", ctx_len=16, remove_bos=True).read(tokens)[0] for m in (base, tuned)]
+    alone = [
+        ActivationReader([], m, "model.layers.1", ctx_len=16, remove_bos=True).read(tokens)[0] for m in (base, tuned)
+    ]
     torch.testing.assert_close(pairs[:, 0], alone[0])
     torch.testing.assert_close(pairs[:, 1], alone[1])
     assert not torch.allclose(pairs[:, 0], pairs[:, 1])  # different weights, different activations
@@ -209,7 +211,9 @@ def test_evaluate_reports_each_site_of_a_crosscoder():
     for site in range(2):
         expected = float(frac_variance_explained(x[:, site], x_hat[:, site]))
         assert result[f"frac_variance_explained_site_{site}"] == pytest.approx(expected, abs=1e-5)
-    assert result["frac_variance_explained"] == pytest.approx(float(frac_variance_explained(x.flatten(1), x_hat.flatten(1))), abs=1e-5)
+    assert result["frac_variance_explained"] == pytest.approx(
+        float(frac_variance_explained(x.flatten(1), x_hat.flatten(1))), abs=1e-5
+    )
 
 
 def test_evaluate_splices_a_crosscoder_at_each_site_of_each_model():

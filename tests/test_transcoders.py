@@ -12,8 +12,8 @@ import torch
 from helpers import LEARN_TOPK, LEARNING_CONFIGS, grads
 
 from dictionary_learning import load_dictionary, trainSAE
-from dictionary_learning.sparse import SparseCode
 from dictionary_learning.dictionaries import AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder
+from dictionary_learning.sparse import SparseCode
 from dictionary_learning.trainers import (
     BatchTopKTrainer,
     GatedSAETrainer,
@@ -271,7 +271,7 @@ def _random_transcoder(make, skip: bool):
     torch.manual_seed(0)
     ae = make(skip)
     with torch.no_grad():
-        for name, t in ae.state_dict().items():
+        for t in ae.state_dict().values():
             if t.is_floating_point() and t.dim() > 0:
                 t.copy_(torch.randn_like(t) * 0.5)
         if hasattr(ae, "threshold"):
@@ -286,7 +286,11 @@ SAELENS_TRANSCODERS = {
         JumpReluAutoEncoder,
         "jumprelu_transcoder",
     ),
-    "BatchTopKSAE": (lambda skip: BatchTopKSAE(D_IN, 64, 4, D_OUT, True, skip), JumpReluAutoEncoder, "jumprelu_transcoder"),
+    "BatchTopKSAE": (
+        lambda skip: BatchTopKSAE(D_IN, 64, 4, D_OUT, True, skip),
+        JumpReluAutoEncoder,
+        "jumprelu_transcoder",
+    ),
 }
 
 

@@ -36,7 +36,9 @@ class _CrossCoderLayout(Dictionary):
     """Parameters, shapes and the dense encode/decode shared by both crosscoders."""
 
     # A latent's slice of each tensor: decoder rows [L, F, D] on dim 1, encoder columns [L, D, F] on dim 2.
-    layout = FeatureLayout(decoder=("decoder.weight", 1), encoder=("encoder.weight", 2), feature_biases=(("encoder.bias", 0),))
+    layout = FeatureLayout(
+        decoder=("decoder.weight", 1), encoder=("encoder.weight", 2), feature_biases=(("encoder.bias", 0),)
+    )
     bias_names = ("encoder.bias", "decoder.bias")
 
     def _init_layout(self, activation_dim: int, dict_size: int, num_layers: int, decoder_norm: float) -> None:

@@ -192,7 +192,9 @@ class AutoEncoder(Dictionary):
     @classmethod
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         dict_size, activation_dim = state_dict["encoder.weight"].shape
-        return cls(activation_dim, dict_size, **cls._transcoder_kwargs(state_dict, state_dict["decoder.weight"].shape[0]))
+        return cls(
+            activation_dim, dict_size, **cls._transcoder_kwargs(state_dict, state_dict["decoder.weight"].shape[0])
+        )
 
     @classmethod
     def from_state_dict(cls, state_dict, dtype=None, device=None, source="state dict", normalize_decoder=True):

@@ -36,7 +36,7 @@ class _StackedSites:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
                 f"{type(self).__name__} trains on [batch, num_layers={L}, activation_dim={D}] batches, got {shape}: "
-                f"read {L} sites with one multi-site buffer (submodules=[...]) or two models with PairedActivationBuffer"
+                f"read {L} sites with one buffer (stack_sites=True) or two models with PairedActivationBuffer"
             )
         rows = x.flatten(-2)
         return rows, rows
