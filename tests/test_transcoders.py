@@ -251,7 +251,7 @@ def test_evaluate_splices_a_transcoder_in_place_of_the_mlp_output():
     # the spliced run is the model whose MLP output is the transcoder of the MLP's input
     with torch.no_grad():
         by_hand, _ = run_model(model, ids, mask, transcode={mlp: lambda h: ae(h.float())})
-    clean, outputs = run_model(model, ids, mask, read=[(mlp, "in"), (mlp, "out")])
+        clean, outputs = run_model(model, ids, mask, read=[(mlp, "in"), (mlp, "out")])
     assert losses["loss_reconstructed"] == pytest.approx(float(_masked_ce(by_hand, ids, mask)), rel=1e-5)
     assert losses["loss_original"] == pytest.approx(float(_masked_ce(clean, ids, mask)), rel=1e-5)
     # and the reconstruction metrics compare with the MLP's output, not its input
