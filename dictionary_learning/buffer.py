@@ -472,12 +472,11 @@ class PairedActivationBuffer(ActivationBuffer):
         }
 
 
-def reader_sites(reader) -> list[tuple[Any, Site]]:
-    """`(model, site)` of every site a reader reads, in order: its own, then a paired buffer's other
-    model's (a crosscoder's sites)."""
-    sites = [(reader.model, site) for site in reader.sites]
+def reader_sites(reader) -> list[tuple[Any, list[Site]]]:
+    """`(model, its sites)` for each model a reader runs, in order: its own, then a paired buffer's
+    other model's. Their sites in that order are a crosscoder's."""
     other = getattr(reader, "other", None)
-    return sites + [(other.model, other.sites[0])] if other is not None else sites
+    return [(reader.model, list(reader.sites))] + ([(other.model, list(other.sites))] if other is not None else [])
 
 
 def check_positive_ints(**values: Any) -> None:

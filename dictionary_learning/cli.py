@@ -576,15 +576,14 @@ def _reader(args, docs, model, config: dict, site, io: str):
     same tokens through both recorded models (`PairedActivationBuffer`)."""
     from .buffer import ActivationReader, PairedActivationBuffer
 
+    reading = dict(io=io, ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, pack=not args.no_pack)
     paired = (config.get("buffer") or {}).get("paired_model")
     if paired:
         other = _load_named_model(paired, args.device)
-        reading = dict(ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, pack=not args.no_pack)
         return PairedActivationBuffer(
-            docs, model, other, site[0], other_submodule=site[-1], io=io, n_ctxs=args.batch_texts, **reading
+            docs, model, other, site[0], other_submodule=site[-1], n_ctxs=args.batch_texts, **reading
         )
-    return ActivationReader(docs, model, site, io=io, ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts,
-                            pack=not args.no_pack)  # fmt: skip
+    return ActivationReader(docs, model, site, **reading)
 
 
 def _check_width(folder, reader, ae, model) -> None:

@@ -5,8 +5,6 @@ and the reference's one-batch `loss_recovered`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from tqdm.auto import tqdm
 
@@ -226,12 +224,6 @@ def loss_recovered_metrics(
     return losses, y[mask.bool()].to(dict_device, torch.float32), x_hat / scale, f
 
 
-def crosscoder_sites(reader) -> list[tuple[Any, str]]:
-    """`(model, module name)` of each site a crosscoder reads, in its order: the stacked sites of
-    one model, or the same site of the two models of a `PairedActivationBuffer`."""
-    return [(model, site.name) for model, site in reader_sites(reader)]
-
-
 @torch.no_grad()
 def crosscoder_loss_metrics(dictionary, reader, tokens: dict[str, torch.Tensor], io: str = "out"):
     """A crosscoder spliced in at each of its sites in turn, on one token batch.
@@ -244,22 +236,20 @@ def crosscoder_loss_metrics(dictionary, reader, tokens: dict[str, torch.Tensor],
     from .nnsight_io import model_device
     from .splice import run_model
 
-    sites = crosscoder_sites(reader)
-    clean: dict[int, tuple] = {}
-    for model, _ in sites:
-        if id(model) not in clean:
-            device = model_device(model)
-            ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-            names = [name for m, name in sites if m is model]
-            clean[id(model)] = (ids, mask, *run_model(model, ids, mask, read=names, io=io))
-    acts = [clean[id(model)][3][name] for model, name in sites]
-    first = acts[0]
-    x = torch.stack([a.to(first.device) for a in acts], dim=2)  # [B, T, L, D]
-    dict_device = device_of(dictionary, first.device)
-    x_hat_all = dictionary(x.to(dict_device, torch.float32))
+    runs, acts = [], []  # each model's clean run (one per model, reading all its sites)
+    for model, sites in reader_sites(reader):
+        device = model_device(model)
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        names = [site.name for site in sites]
+        logits, saved = run_model(model, ids, mask, read=names, io=io)
+        runs += [(model, name, ids, mask, logits) for name in names]
+        acts += [saved[name] for name in names]
+    x = torch.stack([a.to(acts[0].device) for a in acts], dim=2)  # [B, T, L, D]
+    dict_device = device_of(dictionary, x.device)
+    x = x.to(dict_device, torch.float32)
+    x_hat_all, f_all = dictionary(x, output_features=True)
     losses: dict[str, float] = {}
-    for site, (model, name) in enumerate(sites):
-        ids, mask, logits, _ = clean[id(model)]
+    for site, (model, name, ids, mask, logits) in enumerate(runs):
         zeroed, _ = run_model(model, ids, mask, replace={name: torch.zeros_like}, io=io)
         spliced, _ = run_model(
             model, ids, mask, replace={name: lambda h, s=site: x_hat_all[..., s, :].to(h.device, h.dtype)}, io=io
@@ -267,10 +257,8 @@ def crosscoder_loss_metrics(dictionary, reader, tokens: dict[str, torch.Tensor],
         terms = _losses({"ids": ids, "mask": mask, "clean": logits, "zeroed": zeroed}, spliced)
         terms["frac_recovered"] = frac_recovered(terms)
         losses |= {f"{key}_site_{site}": value for key, value in terms.items() if key not in ("rows", "kl_div_zero")}
-    real = tokens["attention_mask"].bool().to(x.device)
-    x_real = x[real].to(dict_device, torch.float32)
-    x_hat, f = dictionary(x_real, output_features=True)
-    return losses, x_real, x_hat, f
+    real = tokens["attention_mask"].bool().to(dict_device)
+    return losses, x[real], x_hat_all[real], f_all[real]
 
 
 LOSS_NAMES = ("loss_original", "loss_reconstructed", "loss_zero")

@@ -41,9 +41,12 @@ def feature_activations(dictionary, reader: ActivationReader, tokens: dict[str, 
     device = model_device(reader.model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     if hasattr(dictionary, "num_layers"):  # a crosscoder: every site (of each model), stacked [B, L, sites, D]
-        reads = [read_activations(m, [site], ids.to(model_device(m)), mask.to(model_device(m)))[0]
-                 for m, site in reader_sites(reader)]  # fmt: skip
-        x_BLD = torch.stack([r.to(device) for r in reads], dim=2)
+        reads = [
+            a.to(device)
+            for m, sites in reader_sites(reader)
+            for a in read_activations(m, sites, ids.to(model_device(m)), mask.to(model_device(m)))
+        ]
+        x_BLD = torch.stack(reads, dim=2)
     else:
         x_BLD = read_activations(reader.model, reader.sites[:1], ids, mask)[0]
         if isinstance(x_BLD, tuple):  # io="in_to_out": a transcoder encodes the input

@@ -100,7 +100,9 @@ class SaelensWeights:
         return self.arch.endswith("transcoder")
 
     def transcoder_kwargs(self) -> dict[str, Any]:
-        """Our constructors' transcoder arguments for SAELens's transcoder architectures."""
+        """Our constructors' transcoder arguments for SAELens's transcoder architectures (none for an SAE)."""
+        if not self.transcoder:
+            return {}
         return {"output_dim": self.d_out, "transcoder": True, "skip_connection": "W_skip" in self.extra}
 
     @property
@@ -126,6 +128,17 @@ class Dictionary(nn.Module):
     can_transcode: ClassVar[bool] = False
     transcoder: bool = False
     skip_connection: bool = False
+    # The bias an SAE of this class subtracts before encoding: its output bias, tied (a transcoder
+    # gets an input bias `b_in` of its own instead). None: the encoder reads its input as it is.
+    tied_input_bias: ClassVar[str | None] = None
+
+    @property
+    def input_shift(self) -> torch.Tensor | None:
+        """What the encoder subtracts from its input: the tied output bias of an SAE, a transcoder's
+        own `b_in` (its input and output live in different spaces), or None."""
+        if self.tied_input_bias is None:
+            return None
+        return self.b_in if self.transcoder else getattr(self, self.tied_input_bias)
 
     @property
     def output_dim(self) -> int:
@@ -137,24 +150,28 @@ class Dictionary(nn.Module):
         self.__dict__["_output_dim"] = value
 
     def _init_transcoder(
-        self, activation_dim: int, output_dim: int | None, transcoder: bool, skip_connection: bool, input_bias: bool
+        self, activation_dim: int, output_dim: int | None, transcoder: bool, skip_connection: bool, device=None
     ) -> None:
         """Make this dictionary a transcoder when asked (or implied by a skip path or another output
-        width): it then encodes an input and reconstructs another output. `input_bias`: the class
-        subtracts a bias before encoding, which gets a parameter `b_in` of its own (an SAE ties it to
-        the output bias, but a transcoder's input and output live in different spaces). A skip
-        transcoder adds `x @ W_skip` (`[d_in, d_out]`, zero init: training starts from the plain
-        transcoder; sparsify's name)."""
+        width): it then encodes an input and reconstructs another output. A class with a tied input
+        bias (`tied_input_bias`) gets a parameter `b_in` of its own. A skip transcoder adds
+        `x @ W_skip` (`[d_in, d_out]`, zero init: training starts from the plain transcoder;
+        sparsify's name)."""
         if output_dim is not None:
             check_sizes(output_dim, 1)
         self.output_dim = output_dim or activation_dim
         self.transcoder = bool(transcoder or skip_connection or self.output_dim != activation_dim)
         self.skip_connection = bool(skip_connection)
-        if self.transcoder and input_bias:
-            self.b_in = nn.Parameter(torch.zeros(activation_dim))
+        if self.transcoder and self.tied_input_bias is not None:
+            self.b_in = nn.Parameter(torch.zeros(activation_dim, device=device))
             self.bias_names = (*type(self).bias_names, "b_in")
         if self.skip_connection:
-            self.W_skip = nn.Parameter(torch.zeros(activation_dim, self.output_dim))
+            self.W_skip = nn.Parameter(torch.zeros(activation_dim, self.output_dim, device=device))
+
+    def _copy_saelens_skip(self, weights: SaelensWeights) -> None:
+        """A SAELens skip transcoder's `W_skip` (`[d_out, d_in]` there) into ours."""
+        if "W_skip" in weights.extra:
+            self.W_skip.copy_(weights.extra["W_skip"].T)
 
     @staticmethod
     def _transcoder_kwargs(state_dict: dict[str, torch.Tensor], output_dim: int) -> dict[str, Any]:

@@ -154,7 +154,7 @@ class BatchTopKCrossCoder(_CrossCoderLayout, TopKBase):
         self._init_layout(activation_dim, dict_size, num_layers, decoder_norm)
         self._init_buffers(k)
 
-    input_shift = None  # the encoder reads the activations as they are (no pre-encoder bias)
+    tied_input_bias = None  # the encoder reads the activations as they are (no pre-encoder bias)
 
     @property
     def b_dec(self) -> torch.Tensor:

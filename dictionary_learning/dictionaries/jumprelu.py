@@ -95,7 +95,7 @@ class JumpReluAutoEncoder(Dictionary):
         check_sizes(activation_dim, dict_size)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
-        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection, input_bias=False)
+        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection, device)
         d_out = self.output_dim
         self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size, device=device))
         self.b_enc = nn.Parameter(torch.zeros(dict_size, device=device))
@@ -104,8 +104,6 @@ class JumpReluAutoEncoder(Dictionary):
         # 0.001 as in the reference: a small positive start so every feature can fire at first.
         self.threshold = nn.Parameter(torch.full((dict_size,), 0.001, device=device))
         self.apply_b_dec_to_input = False
-        if self.skip_connection:
-            self.W_skip.data = self.W_skip.data.to(device)
         with torch.no_grad():
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
             if d_out == activation_dim:
@@ -143,7 +141,6 @@ class JumpReluAutoEncoder(Dictionary):
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         activation_dim, dict_size = state_dict["W_enc"].shape
         transcoding = cls._transcoder_kwargs(state_dict, state_dict["W_dec"].shape[1])
-        transcoding["transcoder"] |= transcoding["output_dim"] != activation_dim or "W_skip" in state_dict
         return cls(activation_dim, dict_size, "cpu", **transcoding)
 
     @classmethod
@@ -187,12 +184,8 @@ class JumpReluAutoEncoder(Dictionary):
 
     @classmethod
     def from_saelens(cls, weights) -> JumpReluAutoEncoder:
-        if weights.transcoder:
-            ae = cls(weights.d_in, weights.d_sae, "cpu", **weights.transcoder_kwargs())
-            if "W_skip" in weights.extra:
-                ae.W_skip.copy_(weights.extra["W_skip"].T)
-        else:
-            ae = cls(weights.d_in, weights.d_sae)
+        ae = cls(weights.d_in, weights.d_sae, "cpu", **weights.transcoder_kwargs())
+        ae._copy_saelens_skip(weights)
         ae.W_enc.copy_(weights.W_enc)
         ae.W_dec.copy_(weights.W_dec)
         ae.b_dec.copy_(weights.b_dec)

@@ -115,6 +115,7 @@ class AutoEncoder(Dictionary):
     )
     bias_names = ("bias", "encoder.bias")
     can_transcode = True
+    tied_input_bias = "bias"
 
     def __init__(
         self,
@@ -128,7 +129,7 @@ class AutoEncoder(Dictionary):
         check_sizes(activation_dim, dict_size)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
-        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection, input_bias=True)
+        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection)
         self.bias = nn.Parameter(torch.zeros(self.output_dim))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
@@ -138,11 +139,6 @@ class AutoEncoder(Dictionary):
             self.encoder.weight = nn.Parameter(w_DF.T.clone())
         else:
             self.encoder.weight = nn.Parameter(_tied_init_columns(activation_dim, dict_size, 0.1).T.clone())
-
-    @property
-    def input_shift(self) -> torch.Tensor:
-        """What the encoder subtracts: the shared `bias` of an SAE, a transcoder's own `b_in`."""
-        return self.b_in if self.transcoder else self.bias
 
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
@@ -217,12 +213,9 @@ class AutoEncoder(Dictionary):
 
     @classmethod
     def from_saelens(cls, weights) -> AutoEncoder:
-        if weights.transcoder:  # b_in stays 0: SAELens's transcoders subtract nothing from their input
-            ae = cls(weights.d_in, weights.d_sae, **weights.transcoder_kwargs())
-            if "W_skip" in weights.extra:
-                ae.W_skip.copy_(weights.extra["W_skip"].T)
-            return _copy_saelens_weights(ae, weights, ae.bias)
-        ae = cls(weights.d_in, weights.d_sae)
+        # a transcoder's b_in stays 0: SAELens's transcoders subtract nothing from their input
+        ae = cls(weights.d_in, weights.d_sae, **weights.transcoder_kwargs())
+        ae._copy_saelens_skip(weights)
         return _copy_saelens_weights(ae, weights, ae.bias)
 
     def to_saelens(self):

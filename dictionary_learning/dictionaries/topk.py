@@ -48,6 +48,7 @@ class TopKBase(Dictionary):
     """Shared buffers, bias scaling and the cached Python `k` (read without a device sync)."""
 
     threshold_is_sentinel = True
+    tied_input_bias = "b_dec"  # the reference's pre-encoder bias
 
     def _init_buffers(self, k: int) -> None:
         self.register_buffer("k", torch.tensor(k, dtype=torch.int32))
@@ -69,12 +70,6 @@ class TopKBase(Dictionary):
 
     def relu_pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    @property
-    def input_shift(self) -> torch.Tensor:
-        """What the encoder subtracts from its input: `b_dec` for an SAE (the reference's tied
-        pre-encoder bias), a transcoder's own `b_in` (its input and output live in different spaces)."""
-        return self.b_in if self.transcoder else self.b_dec
 
     # ---------------------------------------------------------------------- sparse training path
     batch_selection: bool = False  # training keeps the k * B largest of the batch instead of k per row
@@ -104,7 +99,7 @@ class TopKBase(Dictionary):
             ranked_BF = pre_BF if weights_F is None else torch.relu(pre_BF) * weights_F
         select = batch_topk_entries if self.batch_selection else row_topk_entries
         rows_N, features_N, offsets_B = select(ranked_BF, self._k)
-        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.input_shift)
+        pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, shift)
         return SparseCode(torch.relu(pre_N), features_N, rows_N, offsets_B, self.dict_size), pre_BF
 
     def decode_selected(self, x_BD, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
@@ -163,7 +158,7 @@ class _LinearTopK(TopKBase):
         check_sizes(activation_dim, dict_size, k)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
-        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection, input_bias=True)
+        self._init_transcoder(activation_dim, output_dim, transcoder, skip_connection)
         self._init_buffers(k)
         self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
         self.encoder = nn.Linear(activation_dim, dict_size)

@@ -452,6 +452,22 @@ class SAETrainer:
         return {name: getattr(self, name) for name in self.logging_parameters}
 
     # ------------------------------------------------------------------------- the training step
+    def input_and_target(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the dictionary encodes and what it reconstructs: `(x, x)` for an SAE; for a
+        transcoder the input and output halves of `[..., 2, d]` rows (the buffer's io="in_and_out"),
+        or the two tensors of an `(input, output)` pair (widths may differ)."""
+        if not getattr(self, "transcoder", False):
+            return x, x
+        if isinstance(x, (tuple, list)) and len(x) == 2:
+            return x[0], x[1]
+        if not isinstance(x, torch.Tensor) or x.ndim < 3 or x.shape[-2] != 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"a transcoder trains on [batch, 2, d] rows (input, output) or (input, output) pairs, got {shape}: "
+                f'read the site with io="in_and_out"'
+            )
+        return x[..., 0, :], x[..., 1, :]
+
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **kwargs: Any):
         """The recipe's loss (see `recipe_loss`)."""
         raise NotImplementedError(f"{type(self).__name__} defines no loss")
@@ -484,7 +500,7 @@ class SAETrainer:
             loss, self.extra_logs = extra_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        x_in = self.input_and_target(x)[0] if hasattr(self, "input_and_target") else x
+        x_in = self.input_and_target(x)[0]
         distributed.average_gradients(self.ae.parameters(), x_in.numel() // x_in.shape[-1])
         self.optimizer.step()  # ConstrainedAdam: the decoder-norm constraint and clipping are its job
         self.scheduler.step()
@@ -548,22 +564,6 @@ class RecipeTrainer(SAETrainer):
         if not getattr(dict_class, "can_transcode", False):
             raise ValueError(f"{dict_class.__name__} cannot be a transcoder: keep the recipe's default dict_class")
         return {"output_dim": cfg.output_dim, "transcoder": True, "skip_connection": cfg.skip_connection}
-
-    def input_and_target(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the dictionary encodes and what it reconstructs: `(x, x)` for an SAE; for a
-        transcoder the input and output halves of `[..., 2, d]` rows (the buffer's io="in_and_out"),
-        or the two tensors of an `(input, output)` pair (widths may differ)."""
-        if not getattr(self, "transcoder", False):
-            return x, x
-        if isinstance(x, (tuple, list)) and len(x) == 2:
-            return x[0], x[1]
-        if not isinstance(x, torch.Tensor) or x.ndim < 3 or x.shape[-2] != 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"a transcoder trains on [batch, 2, d] rows (input, output) or (input, output) pairs, got {shape}: "
-                f'read the site with io="in_and_out"'
-            )
-        return x[..., 0, :], x[..., 1, :]
 
     def setup(self, cfg: TrainerConfig) -> None:
         """Build the optimizer, the schedule and the recipe's state."""
