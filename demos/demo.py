@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
+from demo_common import add_run_arguments, start_run
 from tqdm.auto import tqdm
 
 from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.buffer import ActivationReader
 from dictionary_learning.cache import ActivationCache, CacheError
 from dictionary_learning.evaluation import RunningMetrics, baseline, loss_recovered_metrics
-from dictionary_learning.models import default_texts, get_submodule, load_default_model, load_model
+from dictionary_learning.models import default_texts, get_submodule
 from dictionary_learning.nnsight_io import model_id
 from dictionary_learning.trainers import (
     BatchTopKTrainer,
@@ -157,24 +157,16 @@ def evaluate_all(model, site, dictionaries: list, n_tokens: int, device: str) ->
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Hub id or local folder (default: the offline SmolLM2-135M)")
     parser.add_argument("--layer", type=int, default=3, help="transformer layer to read")
     parser.add_argument("--site", default="mlp", choices=["mlp", "resid", "attn"], help="output of which module")
     parser.add_argument("--tokens", type=int, default=262_144, help="training tokens (cached once)")
     parser.add_argument("--dict-size", type=int, default=None, help="features per dictionary (default 4 x width)")
     parser.add_argument("--batch-size", type=int, default=1024, help="activations per training step")
     parser.add_argument("--eval-tokens", type=int, default=32_768, help="held-out tokens to evaluate on")
-    parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_run_arguments(parser, "runs/demo")
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
-    if (out / "results.json").exists() and not args.overwrite:
-        parser.error(f"{out} already holds results; pass --overwrite to replace them or choose another --out")
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    model = load_model(args.model, device=args.device) if args.model else load_default_model(device=args.device)
+    out, model = start_run(parser, args)
     lm_name = model_id(model)
     site = get_submodule(model, args.layer, args.site)
     site_name = f"{args.site}_layer{args.layer}"

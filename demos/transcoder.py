@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
+from demo_common import add_run_arguments, start_run
 
 from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.buffer import ActivationReader
 from dictionary_learning.cache import ActivationCache, CacheError
 from dictionary_learning.evaluation import evaluate
-from dictionary_learning.models import default_texts, get_submodule, load_default_model, load_model
+from dictionary_learning.models import default_texts, get_submodule
 from dictionary_learning.nnsight_io import model_id
 from dictionary_learning.trainers import BatchTopKCrossCoderTrainer, BatchTopKTrainer, TopKTrainer
 
@@ -98,23 +98,15 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Hub id or local folder (default: the offline SmolLM2-135M)")
     parser.add_argument("--layer", type=int, default=3, help="the MLP's layer (the crosscoder reads it and the next)")
     parser.add_argument("--dict-size", type=int, default=None, help="latents per dictionary (default 4 x width)")
     parser.add_argument("--tokens", type=int, default=409_600, help="training tokens per cache")
     parser.add_argument("--batch-size", type=int, default=2048, help="activations per training step")
     parser.add_argument("--k", type=int, default=32, help="active latents per token of every dictionary")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate on")
-    parser.add_argument("--out", default="runs/transcoder_demo", help="output folder")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_run_arguments(parser, "runs/transcoder_demo")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if (out / "results.json").exists() and not args.overwrite:
-        parser.error(f"{out} already holds results; pass --overwrite to replace them or choose another --out")
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    model = load_model(args.model, device=args.device) if args.model else load_default_model(device=args.device)
+    out, model = start_run(parser, args)
     lm_name, layer = model_id(model), args.layer
     mlp = get_submodule(model, layer, "mlp")
     resid = [get_submodule(model, layer, "resid"), get_submodule(model, layer + 1, "resid")]

@@ -172,3 +172,15 @@ def tiny_cli_folder(tmp_path) -> list[str]:
     for i, sentence in enumerate(SENTENCES * 3):
         (texts / f"{i:03d}.txt").write_text(f"{sentence} Item {i}.")
     return ["--model", str(tmp_path / "tiny"), "--texts", str(texts), "--ctx-len", "16"]
+
+
+def randomized(ae):
+    """`ae` with every weight and bias drawn at random (x 0.5) and thresholds at 0.2: a dictionary
+    whose outputs depend on every tensor, for the file-format round trips."""
+    with torch.no_grad():
+        for t in ae.state_dict().values():
+            if t.is_floating_point() and t.dim() > 0:
+                t.copy_(torch.randn_like(t) * 0.5)
+        if hasattr(ae, "threshold"):
+            ae.threshold.copy_(torch.full_like(ae.threshold, 0.2))
+    return ae

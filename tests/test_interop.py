@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomized
 from safetensors.torch import load_file, save_file
 
 from dictionary_learning import load_dictionary
@@ -58,13 +59,7 @@ def _random(cls):
         BatchTopKSAE: lambda: cls(D, F, 3),
         MatryoshkaBatchTopKSAE: lambda: cls(D, F, 3, [4, 12]),
     }.get(cls, lambda: cls(D, F))()
-    with torch.no_grad():
-        for t in ae.state_dict().values():
-            if t.is_floating_point() and t.dim() > 0:
-                t.copy_(torch.randn_like(t) * 0.5)
-        if hasattr(ae, "threshold"):
-            ae.threshold.copy_(torch.full_like(ae.threshold, 0.2))
-    return ae
+    return randomized(ae)
 
 
 def test_every_saelens_fixture_has_an_expectation():

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import LEARN_TOPK, LEARNING_CONFIGS, grads
+from helpers import LEARN_TOPK, LEARNING_CONFIGS, grads, randomized
 
 from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.dictionaries import AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder
@@ -269,14 +269,7 @@ def test_evaluate_splices_a_transcoder_in_place_of_the_mlp_output():
 
 def _random_transcoder(make, skip: bool):
     torch.manual_seed(0)
-    ae = make(skip)
-    with torch.no_grad():
-        for t in ae.state_dict().values():
-            if t.is_floating_point() and t.dim() > 0:
-                t.copy_(torch.randn_like(t) * 0.5)
-        if hasattr(ae, "threshold"):
-            ae.threshold.copy_(torch.full_like(ae.threshold, 0.2))
-    return ae
+    return randomized(make(skip))
 
 
 SAELENS_TRANSCODERS = {
