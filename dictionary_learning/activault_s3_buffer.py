@@ -127,13 +127,29 @@ class S3RCache:
             if not required:
                 return None
             raise OSError(f"could not read s3://{self.bucket_name}/{key}: {e}") from e
-        return json.loads(body)
+        try:
+            loaded = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"s3://{self.bucket_name}/{key} is not valid JSON ({e}): Activault writes it as JSON"
+            ) from e
+        if not isinstance(loaded, dict):
+            raise ValueError(f"s3://{self.bucket_name}/{key} holds {type(loaded).__name__}, not a JSON object")
+        return loaded
 
     def sync(self) -> None:
         """(Re)list the files and read the metadata of every prefix."""
         self.metadata, self.config, files = None, {"total_tokens": 0, "n_total_files": 0}, []
         for prefix in self.prefixes:
             metadata = self._read_json(f"{prefix}/metadata.json")
+            shape = metadata.get("shape")
+            if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) for n in shape)):
+                raise ValueError(
+                    f's3://{self.bucket_name}/{prefix}/metadata.json needs "shape": [b, l, d] (three integers), '
+                    f"got {shape!r}"
+                )
+            if "dtype" not in metadata:
+                raise ValueError(f's3://{self.bucket_name}/{prefix}/metadata.json has no "dtype" key')
             if self.metadata is None:
                 self.metadata = metadata
             elif metadata["shape"][1:] != self.metadata["shape"][1:] or metadata["dtype"] != self.metadata["dtype"]:
@@ -269,13 +285,43 @@ class ActivaultS3ActivationBuffer:
     served; rows left when a file runs out start the next batch. Iteration ends with the data (a last
     partial batch is dropped)."""
 
-    def __init__(self, cache: S3RCache, batch_size: int = 8192, device: str = "cpu", io: str = "out"):
+    def __init__(
+        self, cache: S3RCache, batch_size: int = 8192, device: str = "cpu", io: str = "out", seed: int | None = None
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cache, self.batch_size, self.device, self.io = cache, batch_size, device, io
         self.d_submodule = cache.metadata["shape"][-1]
         self._files = iter(cache)
         self._rows = torch.empty(0, self.d_submodule)
+        # The shuffle here (when the cache does not shuffle): its own generator, seeded like ActivationBuffer's.
+        self.seed, self.generator, self._served = seed, None, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to read the same batches again: this shuffle's seed, and whether
+        the cache's own order (file order and token shuffle) is seeded, which replay needs."""
+        if self.seed is None:
+            self.seed = int(torch.randint(0, 2**62, ()))
+        state: dict[str, Any] = {"seed": self.seed}
+        if self.replay_problem:
+            state["not_replayable"] = self.replay_problem
+        return state
+
+    @property
+    def replay_problem(self) -> str | None:
+        """Why this stream cannot be read again in the same order (None when it can)."""
+        if self.cache.seed is None and not self.cache.preserve_file_order:
+            return (
+                "its S3RCache has seed=None, so its file order differs on every read; open the cache with a seed "
+                "(S3RCache(..., seed=42), the default) or preserve_file_order=True to make a run resumable"
+            )
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the shuffle seed of an earlier run's buffer (`state_dict`); the buffer must be unread."""
+        if self._served or self.generator is not None:
+            raise ValueError("load_state_dict needs an unread buffer: build a new ActivaultS3ActivationBuffer")
+        self.seed = int(state["seed"])
 
     @property
     def config(self) -> dict[str, Any]:
@@ -288,6 +334,7 @@ class ActivaultS3ActivationBuffer:
             "out_batch_size": self.batch_size,
             "io": self.io,
             "device": str(self.device),
+            "n_sites": 1,
         }
 
     def __iter__(self) -> ActivaultS3ActivationBuffer:
@@ -299,10 +346,18 @@ class ActivaultS3ActivationBuffer:
             states = megabatch["states"] if isinstance(megabatch, dict) else megabatch
             new = states.reshape(-1, self.d_submodule)
             if not self.cache.shuffle or self.cache.return_ids:  # else the cache already shuffled its tokens
-                new = new[torch.randperm(new.shape[0], device=new.device)]
+                new = new[torch.randperm(new.shape[0], generator=self._generator()).to(new.device)]
             self._rows = torch.cat([self._rows.to(new.device, new.dtype), new]) if self._rows.numel() else new
         batch, self._rows = self._rows[: self.batch_size], self._rows[self.batch_size :]
+        self._served += 1
         return batch.to(self.device)
+
+    def _generator(self) -> torch.Generator:
+        if self.generator is None:
+            if self.seed is None:
+                self.seed = int(torch.randint(0, 2**62, ()))
+            self.generator = torch.Generator().manual_seed(self.seed)
+        return self.generator
 
     def close(self) -> None:
         self.cache.close()

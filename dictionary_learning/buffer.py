@@ -259,6 +259,10 @@ class ActivationBuffer(ActivationReader):
             short source cannot fill its steps.
         stack_sites: with several sites of one width, serve `[B, n_sites, d]` tensors (the sites
             in the order given) instead of dicts: a crosscoder's batches.
+        seed: seed of the buffer's own shuffle generator. None draws one from torch's global
+            generator at the first fill (so a seeded program is reproducible); either way the buffer
+            owns its shuffle from then on, and `state_dict` / `load_state_dict` carry it into a
+            resumed run (trainSAE does this), which therefore sees the same batches.
     """
 
     def __init__(
@@ -309,7 +313,8 @@ class ActivationBuffer(ActivationReader):
         self.stack_sites = stack_sites
         self.n_ctxs, self.out_batch_size = int(n_ctxs), int(out_batch_size)
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.seed = seed
+        self.generator: torch.Generator | None = None  # made at the first fill (see `_shuffle_generator`)
         self.dtype = dtype or next(self._torch_module().parameters()).dtype
         self.capacity = self.n_ctxs * self.ctx_len
         row_shape = self._row_shape()
@@ -388,8 +393,32 @@ class ActivationBuffer(ActivationReader):
         bar.close()
         self._filled = max(self._filled, int(free[:n_new].max()) + 1 if n_new else 0)
         valid = torch.cat([kept, free[:n_new]])
-        self._order = valid[torch.randperm(valid.numel(), generator=self.generator)]
+        self._order = valid[torch.randperm(valid.numel(), generator=self._shuffle_generator())]
         self._ptr = 0
+
+    def _shuffle_generator(self) -> torch.Generator:
+        """The buffer's own generator; its seed is drawn from torch's global one when none was given."""
+        if self.generator is None:
+            if self.seed is None:
+                self.seed = int(torch.randint(0, 2**62, ()))
+            self.generator = torch.Generator().manual_seed(self.seed)
+        return self.generator
+
+    # ------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to serve the same batches again from the start of the text: the
+        shuffle's seed (drawn now if the buffer has not been read yet)."""
+        self._shuffle_generator()
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the shuffle seed of an earlier run's buffer (`state_dict`); the buffer must be unread."""
+        if self._filled or self.items_read:
+            raise ValueError(
+                "load_state_dict needs an unread buffer (this one has served activations already): build a new "
+                "ActivationBuffer for the resumed run"
+            )
+        self.seed, self.generator = int(state["seed"]), None
 
     # ------------------------------------------------------------------------------------ records
     @property
@@ -411,6 +440,8 @@ class ActivationBuffer(ActivationReader):
             "remove_bos": self.remove_bos,
             "text": text_record(self.source),
             "stack_sites": self.stack_sites,
+            "n_sites": len(self.sites),
+            "seed": self.seed,
         }
 
     def close(self) -> None:
@@ -469,6 +500,7 @@ class PairedActivationBuffer(ActivationBuffer):
         return super().config | {
             "paired_model": model_id(self.other.model),
             "modules": {"model": self.sites[0].name, "other_model": self.other.sites[0].name},
+            "n_sites": 2,
         }
 
 

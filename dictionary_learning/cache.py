@@ -132,6 +132,15 @@ class ActivationCache:
         """Start the next iteration `n` batches later (trainSAE uses this to resume without replay)."""
         self._start_batch += n
 
+    def state_dict(self) -> dict[str, Any]:
+        """The order a resumed run must read in again: the shuffle and its seed."""
+        return {"seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Read in the order of an earlier run's reader (`state_dict`)."""
+        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+        self._loaded = None
+
     def shard(self, rank: int, world_size: int) -> None:
         """Read only batches rank, rank + world_size, ... (data-parallel training: disjoint shares)."""
         check_shard(rank, world_size)
@@ -222,6 +231,9 @@ class ActivationCache:
             "remove_bos": m.get("remove_bos", False),
             "text": m.get("text"),
             "stack_sites": self.stack_sites,
+            "n_sites": len(self.sites),
+            "shuffle": self.shuffle,
+            "seed": self.seed,
         }
 
     def batches_left(self, needed: int | None = None) -> int | None:

@@ -276,6 +276,59 @@ def previous_run_files(root: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- resuming
+# Entries of a data source's record that may change between a run and its resume: where the data
+# lives on this machine, and the state that `load_state_dict` restores rather than compares.
+_MAY_DIFFER_ON_RESUME = {"device", "cache", "seed", "shuffle"}
+
+
+def data_record(data: Any) -> dict[str, Any]:
+    """What a backup keeps of the data source: its record (`config`) and the random state it owns
+    (`state_dict()`: a buffer's shuffle seed, a cache reader's order), for `restore_data_state`."""
+    from .trainers.trainer import jsonable
+
+    config = getattr(data, "config", None)
+    state = data.state_dict() if callable(getattr(data, "state_dict", None)) else None
+    return {"config": jsonable(config) if isinstance(config, dict) else None, "state": state}
+
+
+def not_replayable(data: Any) -> str | None:
+    """Why a resumed run could not read `data`'s batches again exactly (a source's `replay_problem`;
+    None when it can, or does not say)."""
+    return getattr(data, "replay_problem", None)
+
+
+def restore_data_state(data: Any, saved: dict[str, Any] | None) -> None:
+    """Before a resumed run reads its first batch: refuse a data source that differs from the one
+    the run was trained on (its recorded settings) or that cannot serve the same batches again,
+    and give it back the random state it had (`load_state_dict`). Backups of earlier versions
+    recorded nothing: nothing is checked."""
+    if saved is None:
+        return
+    state = saved.get("state")
+    if isinstance(state, dict) and state.get("not_replayable"):
+        raise ValueError(f"this run cannot be resumed exactly: {state['not_replayable']}")
+    config, recorded = getattr(data, "config", None), saved.get("config")
+    if isinstance(config, dict) and isinstance(recorded, dict):
+        from .trainers.trainer import jsonable
+
+        now = jsonable(config)
+        keys = (set(now) | set(recorded)) - _MAY_DIFFER_ON_RESUME
+        differing = sorted(k for k in keys if now.get(k) != recorded.get(k))
+        if differing:
+            shown = "; ".join(f"{k}: {recorded.get(k)!r} then, {now.get(k)!r} now" for k in differing[:4])
+            raise ValueError(
+                f"the data source differs from the one the run was trained on ({shown}): resume with the same "
+                f"data and settings, or start a new run"
+            )
+    if state is not None:
+        if not callable(getattr(data, "load_state_dict", None)):
+            raise ValueError(
+                f"the run was trained on a data source with a random state ({sorted(state)}) but is resumed with "
+                f"{type(data).__name__}, which cannot take it: resume with the same kind of data source"
+            )
+        data.load_state_dict(state)
+
+
 def load_backup(resume_from: str | Path) -> list[dict]:
     """Every trainer's state from the last complete backup of a run folder, checked: each file
     against the sha256 that `resume.json` records, and all of them from the same step."""

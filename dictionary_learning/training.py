@@ -33,8 +33,11 @@ from .run import (
     NumericGuard,
     RunFolder,
     TrainingInterrupted,
+    data_record,
     load_backup,
     norm_factor_of,
+    not_replayable,
+    restore_data_state,
 )
 from .trainers.standard import StandardTrainer  # noqa: F401
 from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, jsonable, resolve_device
@@ -445,6 +448,9 @@ class _Run:
             if step >= steps:  # a finished run: nothing to train, no data to read
                 logger.info("the run in %s already finished its %d steps", self.folder.root, steps)
                 return self._finish(norm_factor)
+            self.data = data
+            if self.folder.root is not None and resume_states is None and (why := not_replayable(data)):
+                logger.warning("this run's backups cannot be resumed exactly: %s", why)
             batches, keys, norm_factor = self._stream(data, resume_states, consumed, norm_factor, opts, steps - step)
             records = {"buffer": data.config} if getattr(data, "config", None) is not None else {}
             records |= {"run": opts["run_cfg"]} if opts["run_cfg"] else {}
@@ -473,6 +479,8 @@ class _Run:
         """The batches from where the run stands, the site key of each trainer, and the norm factor."""
         group, e2e = self.group, self.e2e
         data_parallel = group is not None and group.mode == "data"
+        if resume_states is not None:
+            restore_data_state(data, resume_states[0].get("data"))  # the same batches again, or an error
         if data_parallel and hasattr(data, "shard"):
             data.shard(group.rank, group.world_size)  # each replica reads its own disjoint share
         seekable = resume_states is not None and hasattr(data, "skip_batches")
@@ -575,6 +583,7 @@ class _Run:
         # schedule's `steps` when the data ran out or the run was stopped)
         self.folder.write_configs(self.trainers, self.records | {"steps_trained": step}, self.norm_factor, self.sites)
         run_state = {"norm_factor": self.norm_factor, "e2e": self.e2e.config if self.e2e is not None else None}
+        run_state["data"] = data_record(self.data)
         self.folder.save_backup(self.trainers, step, consumed, run_state)
         self.folder.save_weights(self.trainers, self.norm_factor)  # ae.pt: the latest weights, loadable anywhere
 

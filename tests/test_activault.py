@@ -112,6 +112,42 @@ def test_training_from_the_s3_buffer(s3, run, tmp_path):
     assert record["buffer"]["type"] == "activault_s3" and (tmp_path / "run" / "trainer_0" / "ae.pt").exists()
 
 
+@pytest.fixture(scope="module")
+def long_run(s3):
+    """12 megabatches of random tokens under resume/layer3 (384 tokens: 24 batches of 16)."""
+    generator = torch.Generator().manual_seed(0)
+    for j in range(12):
+        put(s3, f"resume/layer3/{j:04d}.saved.pt", {"states": torch.randn(B, L, D, generator=generator)})
+    put(s3, "resume/layer3/metadata.json", {"shape": [B, L, D], "dtype": "torch.float32"})
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_a_run_on_the_s3_buffer_stopped_from_outside_resumes_exactly(s3, long_run, how, tmp_path, monkeypatch):
+    import sources
+    from helpers import assert_same_weights, weights
+
+    monkeypatch.setenv("DL_TEST_S3_ENDPOINT", s3.meta.endpoint_url)
+    uninterrupted = weights(sources.train("activault", tmp_path))
+    sources.stop_child_mid_run("activault", tmp_path, tmp_path / "run", how, tmp_path)
+    assert json.loads((tmp_path / "run" / "resume.json").read_text())["next_step"] < sources.STEPS
+    assert_same_weights(uninterrupted, weights(sources.train("activault", tmp_path, tmp_path / "run", resume=True)))
+
+
+def test_a_cache_without_a_seed_warns_and_is_refused_for_resume(s3, long_run, tmp_path, caplog, monkeypatch):
+    from sources import sigusr1_at_step
+
+    from dictionary_learning import TrainingInterrupted, trainSAE
+    from dictionary_learning.trainers import TopKTrainer
+
+    config = dict(trainer=TopKTrainer, activation_dim=D, dict_size=32, k=4, warmup_steps=0, device="cpu")
+    cache = S3RCache(s3, "resume/layer3", bucket_name="acts", seed=None)
+    with pytest.raises(TrainingInterrupted), sigusr1_at_step(2, monkeypatch):
+        trainSAE(ActivaultS3ActivationBuffer(cache, batch_size=16), [config], 5, save_dir=tmp_path, progress=False)
+    assert "backups cannot be resumed exactly: its S3RCache has seed=None" in caplog.text
+    with pytest.raises(ValueError, match="cannot be resumed exactly: its S3RCache has seed=None.*seed=42"):
+        trainSAE(ActivaultS3ActivationBuffer(cache, batch_size=16), None, 5, resume_from=tmp_path, progress=False)
+
+
 def test_bad_data_is_named(s3, run):
     with pytest.raises(OSError, match="s3://acts/nothing/here/metadata.json"):
         S3RCache(s3, "nothing/here", bucket_name="acts")
@@ -123,3 +159,9 @@ def test_bad_data_is_named(s3, run):
     put(s3, "wide/layer3/0000.saved.pt", torch.zeros(B, L, 2 * D))
     with pytest.raises(ValueError, match="prefixes hold different activations"):
         S3RCache(s3, ["run/layer3", "wide/layer3"], bucket_name="acts")
+    s3.put_object(Bucket="acts", Key="notjson/layer3/metadata.json", Body=b"{shape: oops")
+    with pytest.raises(ValueError, match="s3://acts/notjson/layer3/metadata.json is not valid JSON"):
+        S3RCache(s3, "notjson/layer3", bucket_name="acts")
+    s3.put_object(Bucket="acts", Key="noshape/layer3/metadata.json", Body=json.dumps({"dtype": "torch.float32"}))
+    with pytest.raises(ValueError, match=r"noshape/layer3/metadata.json needs \"shape\": \[b, l, d\]"):
+        S3RCache(s3, "noshape/layer3", bucket_name="acts")
