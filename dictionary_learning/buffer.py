@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import DEBUG
-from .data import Documents, pack_documents, text_record
+from .data import Documents, check_item, pack_documents, text_record
 from .distributed import strided
 from .nnsight_io import (
     IO_MODES,
@@ -117,7 +117,9 @@ class ActivationReader:
         items = iter(self.source)
         if self._stride is not None:
             items = strided(items, *self._stride)
-        return pack_documents(items, self.tokenizer, self.ctx_len, self.add_special_tokens) if self.pack else items
+        if self.pack:
+            return pack_documents(items, self.tokenizer, self.ctx_len, self.add_special_tokens)
+        return (check_item(item, position) for position, item in enumerate(items))
 
     def _next_items(self, batch_size: int | None = None) -> list:
         items: list = []

@@ -264,6 +264,7 @@ class ActivationCache:
         progress: bool = True,
         pack: bool = True,
         allow_fewer: bool = False,
+        stack_sites: bool = False,
     ) -> ActivationCache:
         """Write `n_tokens` activations of `model` at `submodule` (one site, or a list / dict of
         sites read in one pass) into `path`, then return a reader of it.
@@ -277,6 +278,8 @@ class ActivationCache:
         Interrupted builds resume: calling `build` again with the same folder, model (checked by
         its fingerprint), sites and a data source that yields the same documents continues where
         it stopped. One process builds a folder at a time (a lock file); a second one fails at once.
+        `stack_sites=True` checks, before the text is read, that the sites can be served stacked (a
+        crosscoder's `[B, L, d]`: several sites of one width) and returns a reader that stacks them.
         """
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise CacheError(f"n_tokens must be a positive int, got {n_tokens!r}")
@@ -294,12 +297,16 @@ class ActivationCache:
             max_activation_norm_multiple,
             pack,
         )
+        if stack_sites and (len(reader.widths) < 2 or len(set(reader.widths)) > 1):
+            raise CacheError(
+                f"stack_sites=True stacks several sites of one width, got {reader.names} of widths {reader.widths}"
+            )
         if not allow_fewer:
             _check_enough_text(path, data, reader, n_tokens)
         with FolderLock(path, "cache build"):
             remove_dead_temporaries(path)
             _fill(path, reader, model, dtype, n_tokens, shard_tokens, progress, allow_fewer)
-        return cls(path)
+        return cls(path, stack_sites=stack_sites)
 
 
 def _check_enough_text(path: Path, data: Any, reader: ActivationReader, n_tokens: int) -> None:

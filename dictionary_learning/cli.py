@@ -49,6 +49,16 @@ def _add_text_args(parser: argparse.ArgumentParser, part: str) -> None:
         "--texts", help="a .txt file or folder, or a .jsonl / .jsonl.zst file (default: the bundled BBC News articles)"
     )
     group.add_argument("--dataset", help="a Hugging Face dataset with a 'text' column, streamed")
+    group.add_argument(
+        "--encoding", default="utf-8", help="encoding of the --texts files (default: utf-8; e.g. latin-1)"
+    )
+    group.add_argument(
+        "--errors",
+        default="strict",
+        choices=["strict", "replace", "ignore"],
+        help="bytes that are not valid in --encoding: stop naming the file (strict, the default), read them "
+        "as U+FFFD (replace), or drop them (ignore)",
+    )
     group.add_argument("--ctx-len", type=positive_int, default=128, help="tokens per context (default: 128)")
     group.add_argument(
         "--part",
@@ -121,8 +131,12 @@ def _documents(args):
         path = Path(args.texts)
         if not path.exists():
             raise SystemExit(f"error: --texts {path} does not exist")
-        read = jsonl_to_generator if ".jsonl" in path.name else text_files_to_generator
-        docs = Documents(str(path.resolve()), lambda: (t for t in read(path) if t.strip()), part, fraction)
+        codec = dict(encoding=args.encoding, errors=args.errors)
+        if ".jsonl" in path.name:
+            read = lambda: jsonl_to_generator(path, **codec)  # noqa: E731
+        else:
+            read = lambda: text_files_to_generator(path, **codec)  # noqa: E731
+        docs = Documents(str(path.resolve()), lambda: (t for t in read() if t.strip()), part, fraction)
         what = f"--texts {path}"
     else:
         return default_texts(split=part, held_out_fraction=fraction)
@@ -186,25 +200,35 @@ def parse_trainer_spec(spec: str) -> tuple[str, dict[str, list]]:
 
 
 def _trainer_configs(args) -> list[dict]:
-    """Configs from --config (JSON or YAML: one config, a list, or {"trainers": [...]}) or from
-    --trainer NAME[:key=v1,v2,...] (a config per combination of the listed values), with --set
-    key=value pairs applied to every trainer; "trainer" names a registered trainer class."""
+    """Configs from --config (JSON or YAML: one config, a list, or {"trainers": [...]}) and from
+    --trainer NAME[:key=v1,v2,...] (a config per combination of the listed values), both when both
+    are given; --set key=value pairs apply to every trainer whose own entry does not set the key
+    (a note names each --set value that an entry overrides). "trainer" names a registered class."""
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --set expects key=value, got {item!r}")
         overrides[key] = _parse_value(value)
+    entries: list[tuple[str, dict]] = []
     if args.config:
-        configs = [dict(overrides, **config) for config in _read_config_file(args.config)]
-    elif args.trainer:
-        configs = []
-        for spec in args.trainer:
-            name, options = parse_trainer_spec(spec)
-            for values in itertools.product(*options.values()):
-                configs.append(dict(overrides, **dict(zip(options, values)), trainer=name))
-    else:
-        raise SystemExit("error: give --trainer NAME[:key=value,...] (repeatable) or --config FILE")
+        entries += [(f"--config {args.config}", config) for config in _read_config_file(args.config)]
+    for spec in args.trainer or []:
+        name, options = parse_trainer_spec(spec)
+        for values in itertools.product(*options.values()):
+            entries.append((f"--trainer {spec}", dict(zip(options, values), trainer=name)))
+    if not entries:
+        raise SystemExit("error: give --trainer NAME[:key=value,...] (repeatable) and/or --config FILE")
+    configs, notes = [], []
+    for source, entry in entries:
+        notes += [
+            f"note: {source} sets {key}={entry[key]!r}, which takes precedence over --set {key}={value!r}"
+            for key, value in overrides.items()
+            if key in entry and entry[key] != value
+        ]
+        configs.append(overrides | entry)
+    for note in dict.fromkeys(notes):
+        print(note, file=sys.stderr)
     for config in configs:
         name = config.get("trainer")
         if name not in TRAINER_REGISTRY:
@@ -288,14 +312,18 @@ def cmd_cache(args) -> None:
     layers = _layers(args)
     docs = _documents(args)  # before the model: a bad --texts fails at once
     model = _load_model(args)
+    if args.stack_sites and len(layers) < 2:
+        raise SystemExit("error: --stack-sites caches several sites for a crosscoder: give --layer with two or more")
     cache = ActivationCache.build(
         args.out,
         model,
         _sites(model, layers, args.site or "resid"),
         docs,
         args.tokens,
+        io=args.io,
         refresh_batch_size=args.lm_batch_size,
         allow_fewer=args.allow_fewer,
+        stack_sites=args.stack_sites,
         **_reading(args),
     )
     widths = sorted({site["d"] for site in cache.manifest["sites"]})
@@ -711,6 +739,19 @@ def _add_cache_command(sub) -> None:
     _add_mask_args(p)
     p.add_argument("--tokens", type=positive_int, required=True, help="how many token activations to cache")
     p.add_argument(
+        "--io",
+        default="out",
+        choices=["out", "in", "in_and_out"],
+        help="the site's output, input, or both as (input, output) pairs: what `train --transcoder --cache` "
+        "reads (with --site mlp) (default: out)",
+    )
+    p.add_argument(
+        "--stack-sites",
+        action="store_true",
+        help="several --layer sites of one width, recorded to be read stacked [B, L, d]: what "
+        "`train --crosscoder --cache` reads (checked before the model runs)",
+    )
+    p.add_argument(
         "--allow-fewer", action="store_true", help="keep what there is when the text holds fewer tokens than asked"
     )
     p.add_argument(
@@ -766,9 +807,14 @@ def _add_train_command(sub) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="an option for every trainer, e.g. --set lr=3e-4 (values parsed as JSON when possible)",
+        help="an option for every trainer, e.g. --set lr=3e-4 (values parsed as JSON when possible); a value "
+        "that a trainer's own --trainer or --config entry sets takes precedence (a note says so)",
     )
-    p.add_argument("--config", help="JSON or YAML file: a trainer config, a list of them, or {'trainers': [...]}")
+    p.add_argument(
+        "--config",
+        help="JSON or YAML file: a trainer config, a list of them, or {'trainers': [...]}; with --trainer, "
+        "the run trains both",
+    )
     kind = p.add_argument_group("transcoders and crosscoders")
     kind.add_argument(
         "--transcoder",

@@ -127,8 +127,8 @@ def pack_documents(
             stream.extend(separator)
         pending.clear()
 
-    for item in documents:
-        if not isinstance(item, str):
+    for position, item in enumerate(documents):
+        if not isinstance(check_item(item, position), str):
             yield item
             continue
         pending.append(item)
@@ -168,8 +168,12 @@ def hf_dataset_to_generator(
     return generate()
 
 
-def text_files_to_generator(path: str | Path, pattern: str = "*.txt") -> Iterator[str]:
-    """The contents of a text file, or of every file matching `pattern` under a folder (sorted)."""
+def text_files_to_generator(
+    path: str | Path, pattern: str = "*.txt", encoding: str = "utf-8", errors: str = "strict"
+) -> Iterator[str]:
+    """The contents of a text file, or of every file matching `pattern` under a folder (sorted).
+    A file that is not valid `encoding` stops the reading with an error naming it, unless `errors`
+    says what to do instead (Python's codec error handlers: "replace" substitutes U+FFFD)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -177,26 +181,63 @@ def text_files_to_generator(path: str | Path, pattern: str = "*.txt") -> Iterato
     if not files:
         raise FileNotFoundError(f"no files matching {pattern!r} under {path}")
     for file in files:
-        yield file.read_text(encoding="utf-8", errors="replace")
+        yield _decode(file.read_bytes(), encoding, errors, str(file))
 
 
-def jsonl_to_generator(path: str | Path, key: str = "text") -> Iterator[str]:
-    """The `key` field of each line of a `.jsonl` or zstandard-compressed `.jsonl.zst` file."""
+def _decode(data: bytes, encoding: str, errors: str, where: str) -> str:
+    try:
+        return data.decode(encoding, errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{where} is not valid {encoding} (byte {e.start}: {e.reason}): give its encoding (encoding=..., "
+            f"--encoding latin-1 on the command line), or errors='replace' (--errors replace) to read undecodable "
+            f"bytes as U+FFFD"
+        ) from None
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r} or error handler {errors!r} (reading {where})") from None
+
+
+def jsonl_to_generator(
+    path: str | Path, key: str = "text", encoding: str = "utf-8", errors: str = "strict"
+) -> Iterator[str]:
+    """The `key` field (a string) of each line of a `.jsonl` or zstandard-compressed `.jsonl.zst`
+    file; a line that is not such an object, or not valid `encoding` (see `text_files_to_generator`
+    for `errors`), stops the reading with an error naming the file and line."""
     path = Path(path)
     with open(path, "rb") as raw:
         if path.suffix == ".zst":
             import zstandard
 
-            stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
-        else:
-            stream = io.TextIOWrapper(raw, encoding="utf-8")
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
+            raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        for number, line in enumerate(raw, 1):
+            text = _decode(line, encoding, errors, f"{path}, line {number},")
+            if not text.strip():
                 continue
             try:
-                yield json.loads(line)[key]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                value = json.loads(text)[key]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
                 raise ValueError(f"{path}, line {number}: expected a JSON object with a {key!r} field") from e
+            if not isinstance(value, str):
+                shown = "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+                raise ValueError(f"{path}, line {number}: the {key!r} field is {shown}, not a string")
+            yield value
+
+
+def check_item(item: Any, position: int) -> Any:
+    """A document (a string) or a token-id sequence (a list / 1-D integer tensor) as the data's
+    `position`-th item, or a TypeError naming the item and what the data must yield."""
+    if isinstance(item, str):
+        return item
+    ids = item.tolist() if hasattr(item, "tolist") and getattr(item, "ndim", 1) == 1 else item
+    if isinstance(ids, (list, tuple)) and ids and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return item
+    shown = (
+        f"{type(item).__name__} {str(item)[:40]!r}" if not hasattr(item, "shape") else f"a tensor {list(item.shape)}"
+    )
+    hint = " (token ids go as one sequence per item: [[5, 6, 7]], not [5, 6, 7])" if isinstance(item, int) else ""
+    raise TypeError(
+        f"item {position} of the data is {shown}: the data must yield documents (strings) or token-id sequences{hint}"
+    )
 
 
 def zst_to_generator(data_path: str | Path) -> Iterator[str]:

@@ -40,7 +40,7 @@ from .run import (
     restore_data_state,
 )
 from .trainers.standard import StandardTrainer  # noqa: F401
-from .trainers.trainer import TRAINER_REGISTRY, SAETrainer, jsonable, resolve_device
+from .trainers.trainer import TRAINER_REGISTRY, BatchLayoutError, SAETrainer, jsonable, resolve_device
 
 if TYPE_CHECKING:
     from .e2e import E2EObjective
@@ -139,35 +139,15 @@ def _tensors_of(batch: Any) -> list[torch.Tensor]:
     return list(batch) if isinstance(batch, (tuple, list)) else [batch]
 
 
-def _check_pair(x: Any, trainer: SAETrainer, i: int) -> None:
-    """A transcoder's `(input, output)` batch: two tensors with as many rows, of its two widths."""
-    ok = len(x) == 2 and all(isinstance(t, torch.Tensor) and t.ndim >= 2 for t in x) and x[0].shape[0] == x[1].shape[0]
-    if not ok or not getattr(trainer, "transcoder", False):
-        raise ValueError(
-            f"data yields {_describe(x)} batches; a pair is a transcoder's (input [B, d_in], output [B, d_out]) "
-            f"(trainSAE(..., transcoder=True)); otherwise yield tensors [batch, d]"
-        )
-    widths = (x[0].shape[-1], x[1].shape[-1])
-    if widths != (trainer.ae.activation_dim, trainer.ae.output_dim):
-        raise ValueError(
-            f"data yields (input, output) widths {widths} but trainer {i} ({type(trainer).__name__}) has "
-            f"activation_dim={trainer.ae.activation_dim}, output_dim={trainer.ae.output_dim}"
-        )
-
-
 def _check_batch(batch: Any, trainers: list[SAETrainer], keys: list[str | int | None]) -> None:
+    """Before training: every trainer takes its share of the first batch in its own layout (rank and
+    every dimension; `SAETrainer.input_and_target`), or the run stops naming both and the fix."""
     for i, (trainer, key) in enumerate(zip(trainers, keys)):
-        x = _select(batch, key)
-        if isinstance(x, (tuple, list)):
-            _check_pair(x, trainer, i)
-            continue
-        if not isinstance(x, torch.Tensor) or x.ndim < 2:
-            raise ValueError(f"data must yield activation tensors of shape [batch, d], got {_describe(x)}")
-        if x.shape[-1] != trainer.ae.activation_dim:
-            raise ValueError(
-                f"data yields batches of width {x.shape[-1]} but trainer {i} ({type(trainer).__name__}) "
-                f"has activation_dim={trainer.ae.activation_dim}"
-            )
+        try:
+            trainer.input_and_target(_select(batch, key))
+        except BatchLayoutError as e:
+            where = f" (site {key!r})" if isinstance(key, str) else f" (head {key})" if isinstance(key, int) else ""
+            raise BatchLayoutError(trainer, e.x, e.fix, where=f"trainer {i}{where}: ") from None
 
 
 def _select(batch: Any, key: str | int | None) -> torch.Tensor:

@@ -135,7 +135,10 @@ def test_one_site_crosscoders_keep_the_input_shape():
 
 def test_crosscoder_errors_are_named():
     trainer = CrossCoderTrainer(steps=10, **dict(RECIPES[CrossCoderTrainer], warmup_steps=1, sparsity_warmup_steps=1))
-    with pytest.raises(ValueError, match=r"\[batch, num_layers=2, activation_dim=32\] batches, got \(8, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"takes \[B, 2, 32\] stacked sites \(or flat \[B, 64\] rows\), .* yields \[8, 32\]: .*stack_sites=True",
+    ):
         trainer.update(0, torch.randn(8, D))
     with pytest.raises(ValueError, match="reads \\[batch, num_layers=2, activation_dim=32\\] activations"):
         trainer.ae.encode(torch.randn(8, 3, D))

@@ -117,7 +117,10 @@ def test_nan_batches_are_skipped_and_counted(caplog):
 def test_bad_input_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="data yielded no batches"):
         trainSAE(iter([]), CONFIGS, STEPS, save_dir=tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match="width 16 but trainer 0 .* activation_dim=32"):
+    with pytest.raises(
+        ValueError,
+        match=r"trainer 0: TopKTrainer takes \[B, 32\].*\[8, 16\]: the width 16 .*activation_dim=32",
+    ):
         trainSAE([torch.randn(8, 16)], CONFIGS, STEPS, save_dir=tmp_path / "b", progress=False)
     with pytest.raises(TypeError, match="unknown config keys 'dict_sise'"):
         trainSAE(batches(), [dict(CONFIGS[0], dict_sise=3)], STEPS, save_dir=tmp_path / "c", progress=False)

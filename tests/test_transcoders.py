@@ -195,7 +195,7 @@ def test_transcoder_errors_are_named():
     with pytest.raises(ValueError, match="skip_connection and output_dim are transcoder options"):
         TopKTrainer(steps=10, skip_connection=True, **dict(LEARN_TOPK, warmup_steps=1, threshold_start_step=1))
     trainer = TopKTrainer(steps=10, transcoder=True, **dict(LEARN_TOPK, warmup_steps=1, threshold_start_step=1))
-    with pytest.raises(ValueError, match=r'a transcoder trains on \[batch, 2, d\] rows .* io="in_and_out"'):
+    with pytest.raises(ValueError, match=r"takes \[B, 2, 32\] \(input, output\) rows .* \[8, 32\]: .*io='in_and_out'"):
         trainer.update(0, torch.randn(8, D_IN))
     with pytest.raises(ValueError, match="MatryoshkaBatchTopKTrainer does not train transcoders: use TopKTrainer"):
         MatryoshkaBatchTopKTrainer(
@@ -362,8 +362,10 @@ def test_trainsae_takes_input_output_pairs_of_different_widths(tmp_path):
     (resumed,) = trainSAE(data.pairs(30), None, 30, resume_from=tmp_path / "half", progress=False)
     for key, value in full[0].state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    with pytest.raises(ValueError, match=r"data yields \(input, output\) widths \(32, 24\) but trainer 0"):
+    with pytest.raises(
+        ValueError, match=r"trainer 0: .* widths \(32, 24\) must be .*activation_dim=32 and output_dim=32"
+    ):
         trainSAE(data.pairs(20), [dict(config, output_dim=None)], 20, transcoder=True, progress=False)
-    with pytest.raises(ValueError, match="a pair is a transcoder's"):
+    with pytest.raises(ValueError, match=r"an \(input, output\) pair is a transcoder's batch: pass transcoder=True"):
         trainSAE(data.pairs(60), [dict(trainer=TopKTrainer, **dict(LEARN_TOPK, threshold_start_step=5))], 60,
                  progress=False)  # fmt: skip

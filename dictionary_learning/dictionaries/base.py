@@ -143,7 +143,8 @@ class Dictionary(nn.Module):
     @property
     def output_dim(self) -> int:
         """Width of what `decode` returns: `activation_dim`, unless a transcoder maps to another width."""
-        return self.__dict__.get("_output_dim") or self.activation_dim
+        value = self.__dict__.get("_output_dim")
+        return self.activation_dim if value is None else value
 
     @output_dim.setter
     def output_dim(self, value: int) -> None:
@@ -157,9 +158,11 @@ class Dictionary(nn.Module):
         bias (`tied_input_bias`) gets a parameter `b_in` of its own. A skip transcoder adds
         `x @ W_skip` (`[d_in, d_out]`, zero init: training starts from the plain transcoder;
         sparsify's name)."""
-        if output_dim is not None:
-            check_sizes(output_dim, 1)
-        self.output_dim = output_dim or activation_dim
+        if output_dim is not None and (
+            isinstance(output_dim, bool) or not isinstance(output_dim, numbers.Integral) or output_dim < 1
+        ):
+            raise ValueError(f"output_dim must be a positive integer (or None: activation_dim), got {output_dim!r}")
+        self.output_dim = activation_dim if output_dim is None else output_dim
         self.transcoder = bool(transcoder or skip_connection or self.output_dim != activation_dim)
         self.skip_connection = bool(skip_connection)
         if self.transcoder and self.tied_input_bias is not None:

@@ -27,6 +27,13 @@ def relative_decoder_norms(ae: Dictionary, first: int = 0, second: int = 1) -> t
     """Per latent, `||W_dec[second]|| / (||W_dec[first]|| + ||W_dec[second]||)` (`[F]`, in [0, 1]):
     near 0 the latent writes only to site `first` (e.g. the base model), near 1 only to `second`
     (the fine-tuned model), about 0.5 to both (a shared latent)."""
+    if not isinstance(ae, _CrossCoderLayout):
+        raise TypeError(
+            f"relative_decoder_norms compares a crosscoder's decoder norms at two of its sites; {type(ae).__name__} "
+            f"has one decoder (load a CrossCoder or BatchTopKCrossCoder)"
+        )
+    if not (0 <= first < ae.num_layers and 0 <= second < ae.num_layers) or first == second:
+        raise ValueError(f"first={first} and second={second} must be two different sites of 0..{ae.num_layers - 1}")
     norms_LF = ae.decoder_norms()
     a, b = norms_LF[first], norms_LF[second]
     return b / (a + b).clamp_min(1e-12)

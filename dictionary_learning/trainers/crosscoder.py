@@ -19,7 +19,14 @@ from ..ops import row_sums
 from ..sparse import SparseCode, per_entry
 from .batch_top_k import BatchTopKConfig, BatchTopKTrainer
 from .standard import reconstruction_terms
-from .trainer import PenalisedConfig, PenalisedTrainer, StepOutput, recipe_loss, register_trainer
+from .trainer import (
+    BatchLayoutError,
+    PenalisedConfig,
+    PenalisedTrainer,
+    StepOutput,
+    recipe_loss,
+    register_trainer,
+)
 
 __all__ = ["BatchTopKCrossCoderTrainer", "CrossCoderTrainer"]
 
@@ -32,14 +39,25 @@ class _StackedSites:
         L, D = self.num_layers, self.activation_dim
         if isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[-1] == L * D:
             return x, x  # already flat rows
-        if not isinstance(x, torch.Tensor) or x.ndim < 3 or tuple(x.shape[-2:]) != (L, D):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"{type(self).__name__} trains on [batch, num_layers={L}, activation_dim={D}] batches, got {shape}: "
-                f"read {L} sites with one buffer (stack_sites=True) or two models with PairedActivationBuffer"
-            )
-        rows = x.flatten(-2)
+        if not (isinstance(x, torch.Tensor) and x.ndim == 3 and tuple(x.shape[1:]) == (L, D)):
+            raise BatchLayoutError(self, x, self._layout_fix(x))
+        rows = x.flatten(1)
         return rows, rows
+
+    def batch_layout(self) -> str:
+        L, D = self.num_layers, self.activation_dim
+        return f"[B, {L}, {D}] stacked sites (or flat [B, {L * D}] rows)"
+
+    def _layout_fix(self, x) -> str:
+        L = self.num_layers
+        if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[-1] == self.activation_dim:
+            return f"the data stacks {x.shape[1]} sites but num_layers={L}: set num_layers={x.shape[1]}"
+        if isinstance(x, torch.Tensor) and x.ndim == 4:
+            return "these hold each site's (input, output) rows (io='in_and_out'): a crosscoder reads io='out' or 'in'"
+        return (
+            f"read {L} sites with one buffer or cache (stack_sites=True; --crosscoder --layer ...) or one site of two "
+            f"models with PairedActivationBuffer (--paired-model)"
+        )
 
     def _decoder_constraint(self):
         return []  # the per-site decoder norms are free: they weight the sparsity and tell the sites apart

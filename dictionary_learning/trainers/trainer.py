@@ -357,6 +357,74 @@ class StepOutput:
     target: torch.Tensor | None = None  # what x_hat reconstructs when it is not x (a transcoder's output)
 
 
+def describe_batch(x: Any) -> str:
+    """A batch's shape as errors name it: `[8, 2, 16]`, `a pair of [8, 16] and [9, 32]`, or its type."""
+    if isinstance(x, torch.Tensor):
+        return str(list(x.shape))
+    if isinstance(x, (tuple, list)):
+        parts = [str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in x]
+        return f"a {len(x)}-tuple of {' and '.join(parts)}"
+    return type(x).__name__
+
+
+class BatchLayoutError(ValueError):
+    """A batch whose rank or dimensions are not the layout its trainer takes: the message names
+    both, what the batch looks like it holds, and the fix."""
+
+    def __init__(self, trainer: Any, x: Any, fix: str | None = None, where: str = ""):
+        self.trainer, self.x, self.fix = trainer, x, fix or layout_hint(trainer, x)
+        super().__init__(
+            f"{where}{type(trainer).__name__} takes {trainer.batch_layout()}, but the data yields "
+            f"{describe_batch(x)}: {self.fix}"
+        )
+
+
+def layout_hint(trainer: Any, x: Any) -> str:
+    """What a batch of another layout looks like it holds, and how to give the trainer its own."""
+    transcoder = getattr(trainer, "transcoder", False)
+    if isinstance(x, (tuple, list)):
+        if transcoder and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
+            if x[0].shape[0] != x[1].shape[0]:
+                return "the input and output halves have different row counts; row i of each must be the same token"
+            ae = trainer.ae
+            widths = tuple(t.shape[-1] for t in x)
+            return (
+                f"its widths {widths} must be the trainer's activation_dim={ae.activation_dim} and "
+                f"output_dim={ae.output_dim}, each half [B, width]"
+            )
+        return "an (input, output) pair is a transcoder's batch: pass transcoder=True (--transcoder)"
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        return "yield activation tensors, one row per token"
+    width = x.shape[-1]
+    if x.ndim == 2:
+        if transcoder:
+            return (
+                "a transcoder needs each site's input and output: read it with io='in_and_out' (--transcoder does; "
+                "a cache for it is built with io='in_and_out', `cache --io in_and_out`)"
+            )
+        return (
+            f"the width {width} is not the trainer's activation_dim={trainer.ae.activation_dim}: read the site it "
+            f"was made for, or set activation_dim={width}"
+        )
+    if x.ndim == 3 and x.shape[1] == 2 and not transcoder:
+        return (
+            "these look like a site's (input, output) rows (io='in_and_out'): pass transcoder=True to train "
+            "transcoders (--transcoder), or read io='out'"
+        )
+    if x.ndim == 3:
+        return (
+            f"these rows stack {x.shape[1]} sites or heads: train a crosscoder (num_layers={x.shape[1]}, "
+            f"--crosscoder), read the sites as separate streams (stack_sites=False: a dict per site), or for "
+            f"HeadActivationBuffer pass activations_split_by_head=True"
+        )
+    if x.ndim == 4 and x.shape[2] == 2:
+        return (
+            f"these are {x.shape[1]} stacked sites of (input, output) rows (stack_sites=True with io='in_and_out'): "
+            f"give each transcoder one site (stack_sites=False), or read io='out' for a crosscoder"
+        )
+    return "no trainer takes batches of this rank"
+
+
 def jsonable(value: Any) -> Any:
     if isinstance(value, type):
         return value.__name__
@@ -453,20 +521,33 @@ class SAETrainer:
 
     # ------------------------------------------------------------------------- the training step
     def input_and_target(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the dictionary encodes and what it reconstructs: `(x, x)` for an SAE; for a
-        transcoder the input and output halves of `[..., 2, d]` rows (the buffer's io="in_and_out"),
-        or the two tensors of an `(input, output)` pair (widths may differ)."""
+        """What the dictionary encodes and what it reconstructs, from a batch of this trainer's
+        layout (`batch_layout`): `(x, x)` for an SAE's `[B, D]`; for a transcoder the input and
+        output halves of `[B, 2, D]` rows (the buffer's io="in_and_out"), or the two tensors of an
+        `(input [B, D], output [B, D_out])` pair. Any other rank or width is refused (`BatchLayoutError`)."""
+        ae = self.ae
         if not getattr(self, "transcoder", False):
+            if not (isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[-1] == ae.activation_dim):
+                raise BatchLayoutError(self, x)
             return x, x
-        if isinstance(x, (tuple, list)) and len(x) == 2:
+        d_in, d_out = ae.activation_dim, getattr(ae, "output_dim", ae.activation_dim)
+        if isinstance(x, (tuple, list)):
+            ok = len(x) == 2 and all(isinstance(t, torch.Tensor) and t.ndim == 2 for t in x)
+            if not ok or (x[0].shape[-1], x[1].shape[-1]) != (d_in, d_out) or x[0].shape[0] != x[1].shape[0]:
+                raise BatchLayoutError(self, x)
             return x[0], x[1]
-        if not isinstance(x, torch.Tensor) or x.ndim < 3 or x.shape[-2] != 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"a transcoder trains on [batch, 2, d] rows (input, output) or (input, output) pairs, got {shape}: "
-                f'read the site with io="in_and_out"'
-            )
-        return x[..., 0, :], x[..., 1, :]
+        if not (isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] == 2 and d_in == d_out == x.shape[-1]):
+            raise BatchLayoutError(self, x)
+        return x[:, 0], x[:, 1]
+
+    def batch_layout(self) -> str:
+        """The batches this trainer takes, as errors name them."""
+        ae = self.ae
+        if not getattr(self, "transcoder", False):
+            return f"[B, {ae.activation_dim}] activations"
+        d_in, d_out = ae.activation_dim, getattr(ae, "output_dim", ae.activation_dim)
+        rows = f"[B, 2, {d_in}] (input, output) rows or " if d_in == d_out else ""
+        return f"{rows}(input [B, {d_in}], output [B, {d_out}]) pairs"
 
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **kwargs: Any):
         """The recipe's loss (see `recipe_loss`)."""
