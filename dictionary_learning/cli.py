@@ -444,9 +444,12 @@ def _per_site(configs: list[dict], sites: dict, lm_name: str, device: str) -> li
 
 
 def cmd_train(args) -> None:
+    import torch
+
     from .training import trainSAE
 
     configs = _trainer_configs(args)
+    torch.manual_seed(args.seed)  # the trainers without a seed of their own, and the buffer's shuffle
     out = Path(args.out)
     if not args.resume:
         _check_out(out, args.overwrite)
@@ -834,6 +837,13 @@ def _add_train_command(sub) -> None:
     )
     p.add_argument("--cache", help="train from this activation cache instead of running the model")
     p.add_argument("--steps", type=positive_int, required=True, help="optimisation steps")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of torch's generator at the start: the initialisation of trainers without a seed option "
+        "and the buffer's shuffle derive from it, so a command repeated gives the same weights (default: 0)",
+    )
     p.add_argument(
         "--loop", action="store_true", help="read the text (or cache) again when it runs out, instead of refusing"
     )

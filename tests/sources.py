@@ -101,14 +101,22 @@ def _crosscoder(sites: int) -> dict:
                 warmup_steps=2, threshold_start_step=4, seed=0, device="cpu")  # fmt: skip
 
 
-def stop_child_mid_run(name: str, work: Path, run: Path, how: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def stop_child_mid_run(
+    name: str, work: Path, run: Path, how: str, tmp_path: Path, cli: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """Start the run `name` in a child, then stop it from outside: `kill -9` once step 13 is done
-    (backups every 4 steps: the last is step 12's), or SIGTERM after step 9 (no backup until then)."""
+    (backups every 4 steps: the last is step 12's), or SIGTERM after step 9 (no backup until then).
+    With `cli`, the child runs the command line `train` with these arguments (and --backup-steps)."""
     backup = ["4"] if how == "kill -9" else []
+    argv = (
+        [name, str(work), str(run), *backup]
+        if cli is None
+        else ["cli", *cli, *(["--backup-steps", *backup] if backup else [])]
+    )
     err = open(tmp_path / "child.err", "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "sources.py"), name, str(work), str(run), *backup],
+        [sys.executable, str(Path(__file__).parent / "sources.py"), *argv],
         stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=Path(__file__).parent,
     )  # fmt: skip
     last = "step 13" if how == "kill -9" else "step 9"
@@ -157,7 +165,9 @@ def train(name: str, work: Path, save_dir: Path | None = None, resume: bool = Fa
                     progress=False, **options, **kwargs)  # fmt: skip
 
 
-if __name__ == "__main__":  # the child: the run, each step slowed and announced so a kill lands mid-run
+if __name__ == "__main__":
+    # The child: the run (`NAME WORK SAVE_DIR [BACKUP_STEPS]`, or `cli ARGS...` for the command line),
+    # each step slowed and announced on stdout so that a kill lands mid-run.
     from dictionary_learning.trainers.trainer import SAETrainer
 
     update = SAETrainer.update
@@ -169,5 +179,10 @@ if __name__ == "__main__":  # the child: the run, each step slowed and announced
         return loss
 
     SAETrainer.update = announced
-    backup = int(sys.argv[4]) if len(sys.argv) > 4 else None
-    train(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), backup_steps=backup)
+    if sys.argv[1] == "cli":
+        from dictionary_learning.cli import main
+
+        main(sys.argv[2:])
+    else:
+        backup = int(sys.argv[4]) if len(sys.argv) > 4 else None
+        train(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), backup_steps=backup)

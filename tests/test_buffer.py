@@ -211,7 +211,9 @@ def test_bad_input_is_named():
         ActivationBuffer(iter(SENTENCES), model, "gpt_neox.layers.9", pack=False)
     with pytest.raises(ValueError, match="not a submodule of this model"):
         ActivationBuffer(iter(SENTENCES), model, torch.nn.Linear(2, 2), pack=False)
-    with pytest.raises(TypeError, match="item 0 of the data is dict .*must yield documents \\(strings\\) or token-id sequences"):
+    with pytest.raises(
+        TypeError, match="item 0 of the data is dict .*must yield documents \\(strings\\) or token-id sequences"
+    ):
         next(ActivationBuffer(iter([{"text": "hi"}]), model, layer, n_ctxs=2, ctx_len=4, pack=False))
     assert ActivationBuffer(iter(SENTENCES), model, "gpt_neox.layers.0", pack=False).submodule._module is layer._module
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import sources
@@ -87,3 +88,57 @@ def test_two_unseeded_buffers_in_one_seeded_program_shuffle_alike_and_a_seed_fix
     b = next(make())
     assert torch.equal(a, b)
     assert torch.equal(next(make(seed=7)), next(make(seed=7)))
+
+
+# ------------------------------------------------------------------------------- the command line
+CLI_RUNS = {
+    "buffer": ["--layer", "1", "--trainer", "TopKTrainer:k=4", "--trainer", "StandardTrainer:resample_steps=8"],
+    "transcoder": ["--layer", "1", "--transcoder", "--trainer", "TopKTrainer:k=4"],
+    "crosscoder": ["--layer", "0", "1", "--crosscoder", "--trainer", "BatchTopKCrossCoderTrainer:k=4"],
+    "cache": ["--cache", "CACHE", "--trainer", "TopKTrainer:k=4"],
+    "e2e": ["--layer", "1", "--e2e", "--trainer", "TopKTrainer:k=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def cli_work(tmp_path_factory):
+    from helpers import tiny_cli_folder
+
+    from dictionary_learning.cli import main
+
+    work = tmp_path_factory.mktemp("cli")
+    tiny = tiny_cli_folder(work)
+    main(["cache", *tiny, "--layer", "1", "--tokens", "500", "--out", str(work / "cache")])
+    return work, tiny
+
+
+def cli_args(kind: str, work: Path, tiny: list[str], out: Path) -> list[str]:
+    run = [str(work / "cache") if a == "CACHE" else a for a in CLI_RUNS[kind]]
+    model = [] if kind == "cache" else tiny
+    return ["train", *model, *run, "--set", "warmup_steps=2", "--steps", str(sources.STEPS), "--batch-size", "16",
+            "--n-ctxs", "6", "--lm-batch-size", "4", "--loop", "--out", str(out)]  # fmt: skip
+
+
+def cli_weights(out: Path) -> list[dict]:
+    from dictionary_learning import load_dictionary
+
+    return [load_dictionary(folder)[0].state_dict() for folder in sorted(out.glob("trainer_*"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, how", [(kind, "kill -9") for kind in CLI_RUNS] + [("buffer", "SIGTERM"), ("cache", "SIGTERM")]
+)
+def test_a_command_line_run_stopped_from_outside_resumes_with_resume(kind, how, cli_work, tmp_path):
+    from dictionary_learning.cli import main
+
+    work, tiny = cli_work
+    full, run = tmp_path / "full", tmp_path / "run"
+    args = cli_args(kind, work, tiny, run)
+    main(cli_args(kind, work, tiny, full))
+    child = stop_child_mid_run(kind, work, run, how, tmp_path, cli=args)
+    if how == "SIGTERM":
+        assert child.returncode == 143 and "stopped: training stopped by SIGTERM" in child.stderr
+    assert json.loads((run / "resume.json").read_text())["next_step"] < sources.STEPS
+    main([*args, "--resume"])
+    assert_same_weights(cli_weights(full), cli_weights(run))
