@@ -2,11 +2,16 @@
 
     python benchmarks/buffer_throughput.py --reference-python /path/to/venv_dl/bin/python
 
-Speed: tokens per second of a buffer's first fill (`n_ctxs` contexts), best of `--repeats`:
-  * floor: plain PyTorch forward hooks that stop the model after layer 3, nothing else;
+Speed: tokens per second in steady state: after the first fill, batches are served until the
+buffer has refilled `--fills` times half its `n_ctxs` contexts (rows served = rows read then):
+  * floor: the least any buffer must do: tokenize the documents, cut the token stream into
+    128-token contexts, run the model with a plain PyTorch forward hook that stops it after layer 3,
+    and copy the rows out;
   * ours: dictionary_learning.buffer.ActivationBuffer (nnsight 0.8), in the same process as the floor;
   * ours, pytorch_buffer: the same buffer on the plain Hugging Face model with PyTorch hooks (no nnsight);
   * reference: dictionary-learning 0.1.0's ActivationBuffer (nnsight 0.3) in its own venv.
+The three in our process run in turn, `--repeats` rounds; the ratio to the floor is the median of
+the rounds' ratios (a round's three measurements share the machine's drift).
 Memory: the peak RSS of a process with a buffer of N2 contexts minus that of one with N1 contexts,
 both reading the same documents (the smaller buffer keeps serving and refilling), against the growth
 of the activation tensor. The model's transient working set (several hundred MB) is the same in
@@ -65,8 +70,24 @@ def fill_and_read(buffer, source: Counting, documents: int) -> float:
     return seconds
 
 
-def floor(n_ctxs: int, texts: list[str]) -> float:
-    """Tokens/s of tokenize + forward to layer 3 + mask, with nothing else."""
+def clock() -> float:
+    """Wall-clock seconds (this process's CPU time would count the threads that spin while they
+    wait, which differ between tokenizer and model work)."""
+    return time.perf_counter()
+
+
+def steady(buffer, capacity: int, fills: int) -> float:
+    """Tokens per second served after the first fill, over `fills` refills of half the buffer."""
+    first = next(buffer)
+    served, start = 0, clock()
+    while served < fills * capacity // 2:
+        served += next(buffer).shape[0]
+    del first
+    return served / (clock() - start)
+
+
+def floor(n_tokens: int, texts: list[str]) -> float:
+    """Tokens/s of tokenize + pack + forward to layer 3 + copy, with nothing else."""
     from dictionary_learning.models import load_default_model
 
     model = load_default_model()
@@ -82,28 +103,27 @@ def floor(n_ctxs: int, texts: list[str]) -> float:
         raise Stop
 
     handle = hf.model.layers[LAYER].mlp.register_forward_hook(hook)
-    source, n = iter(texts), 0
-    start = time.perf_counter()
+    source, stream, n, kept = iter(texts), [], 0, []
+    start = clock()
     with torch.no_grad():
-        while n < n_ctxs * CTX_LEN:
-            enc = tok(
-                [next(source) for _ in range(LM_BATCH)],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=CTX_LEN,
-                padding_side="right",
-            )
+        while n < n_tokens:
+            while len(stream) < LM_BATCH * CTX_LEN:
+                for ids in tok([next(source) for _ in range(64)], add_special_tokens=False)["input_ids"]:
+                    stream += ids + [tok.eos_token_id]
+            ids = torch.tensor(stream[: LM_BATCH * CTX_LEN]).view(LM_BATCH, CTX_LEN)
+            del stream[: LM_BATCH * CTX_LEN]
             try:
-                hf(**enc)
+                hf(input_ids=ids, attention_mask=torch.ones_like(ids))
             except Stop:
                 pass
-            n += captured["x"][enc["attention_mask"].bool()].shape[0]
+            kept.append(captured["x"].reshape(-1, WIDTH).clone())
+            n += ids.numel()
+            kept = kept[-8:]
     handle.remove()
-    return n / (time.perf_counter() - start)
+    return n / (clock() - start)
 
 
-def ours(n_ctxs: int, texts: list[str], documents: int = 0) -> float:
+def ours(n_ctxs: int, texts: list[str], documents: int = 0, fills: int = 0) -> float:
     from dictionary_learning.buffer import ActivationBuffer
     from dictionary_learning.models import get_submodule, load_default_model
 
@@ -118,10 +138,12 @@ def ours(n_ctxs: int, texts: list[str], documents: int = 0) -> float:
         refresh_batch_size=LM_BATCH,
         out_batch_size=4096,
     )
+    if fills:
+        return steady(buffer, n_ctxs * CTX_LEN, fills)
     return n_ctxs * CTX_LEN / fill_and_read(buffer, source, documents)
 
 
-def ours_pytorch(n_ctxs: int, texts: list[str]) -> float:
+def ours_pytorch(n_ctxs: int, texts: list[str], fills: int) -> float:
     """Our `pytorch_buffer.ActivationBuffer`: the same buffer on the plain Hugging Face model, read
     with PyTorch hooks instead of nnsight."""
     from dictionary_learning.models import load_default_model
@@ -140,10 +162,10 @@ def ours_pytorch(n_ctxs: int, texts: list[str]) -> float:
         out_batch_size=4096,
         tokenizer=model.tokenizer,
     )
-    return n_ctxs * CTX_LEN / fill_and_read(buffer, source, 0)
+    return steady(buffer, n_ctxs * CTX_LEN, fills)
 
 
-def reference(n_ctxs: int, texts: list[str], model_dir: str, documents: int = 0) -> float:
+def reference(n_ctxs: int, texts: list[str], model_dir: str, documents: int = 0, fills: int = 0) -> float:
     """Runs inside the reference's venv (there, `dictionary_learning` is the reference package)."""
     from nnsight import LanguageModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,6 +187,8 @@ def reference(n_ctxs: int, texts: list[str], model_dir: str, documents: int = 0)
         out_batch_size=4096,
         device="cpu",
     )
+    if fills:
+        return steady(buffer, n_ctxs * CTX_LEN, fills)
     return n_ctxs * CTX_LEN / fill_and_read(buffer, source, documents)
 
 
@@ -177,20 +201,27 @@ def child(args) -> dict:
         else:
             reference(args.n_ctxs, texts, args.model_dir, args.documents)
         return {"peak_mb": peak_rss_mb()}
-    if args.impl == "ours":  # the floor, ours and our PyTorch-hooks buffer alternate in one process
-        runs = [
-            (floor(args.n_ctxs, texts), ours(args.n_ctxs, texts), ours_pytorch(args.n_ctxs, texts))
+    if args.impl == "ours":  # the floor, ours and our PyTorch-hooks buffer take turns in one process
+        tokens = args.fills * args.n_ctxs * CTX_LEN // 2
+        rounds = [
+            (
+                floor(tokens, texts),
+                ours(args.n_ctxs, texts, fills=args.fills),
+                ours_pytorch(args.n_ctxs, texts, args.fills),
+            )
             for _ in range(args.repeats)
         ]
-        return {
-            "floor": max(r[0] for r in runs),
-            "tokens_per_s": max(r[1] for r in runs),
-            "pytorch_tokens_per_s": max(r[2] for r in runs),
-        }
-    return {"tokens_per_s": max(reference(args.n_ctxs, texts, args.model_dir) for _ in range(args.repeats))}
+        return {"rounds": rounds}
+    return {
+        "tokens_per_s": max(
+            reference(args.n_ctxs, texts, args.model_dir, fills=args.fills) for _ in range(args.repeats)
+        )
+    }
 
 
-def run_child(python: str, impl: str, n_ctxs: int, texts: str, repeats: int, documents: int = 0) -> dict:
+def run_child(
+    python: str, impl: str, n_ctxs: int, texts: str, repeats: int, documents: int = 0, fills: int = 0
+) -> dict:
     from dictionary_learning.models import default_cache_dir
 
     env = dict(os.environ)
@@ -211,6 +242,8 @@ def run_child(python: str, impl: str, n_ctxs: int, texts: str, repeats: int, doc
         str(repeats),
         "--documents",
         str(documents),
+        "--fills",
+        str(fills),
     ]
     # run away from the repository, whose dictionary_learning must not shadow the reference's
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env)
@@ -219,9 +252,10 @@ def run_child(python: str, impl: str, n_ctxs: int, texts: str, repeats: int, doc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-ctxs", type=int, default=512, help="buffer size (contexts) for the speed runs")
+    parser.add_argument("--n-ctxs", type=int, default=256, help="buffer size (contexts) for the speed runs")
+    parser.add_argument("--fills", type=int, default=4, help="refills of half the buffer timed in steady state")
     parser.add_argument("--memory-ctxs", type=int, nargs=2, default=[64, 1024], metavar=("N1", "N2"))
-    parser.add_argument("--repeats", type=int, default=2, help="speed runs per implementation (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the speed runs")
     parser.add_argument("--reference-python", help="python of a venv with dictionary-learning==0.1.0")
     parser.add_argument("--impl", default="main", choices=["main", "ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -243,18 +277,23 @@ def main() -> None:
         impls["reference"] = str(Path(args.reference_python).absolute())
 
     print(f"SmolLM2-135M layer {LAYER} MLP, ctx {CTX_LEN}, LM batch {LM_BATCH}, {torch.get_num_threads()} threads")
-    print(f"speed, first fill of {args.n_ctxs * CTX_LEN} tokens, best of {args.repeats}:")
-    speed = {name: run_child(python, name, args.n_ctxs, fh.name, args.repeats) for name, python in impls.items()}
-    floor_tps = speed["ours"]["floor"]
-    print(f"  floor (raw hooks, early stop)  {floor_tps:7.0f} tok/s   (same process as ours)")
-    for name in impls:
-        tps = speed[name]["tokens_per_s"]
-        print(f"  {name:30s} {tps:7.0f} tok/s   {tps / floor_tps:.2f} of floor")
-    pytorch_tps = speed["ours"]["pytorch_tokens_per_s"]
-    name = "ours, pytorch_buffer"
-    print(f"  {name:30s} {pytorch_tps:7.0f} tok/s   {pytorch_tps / floor_tps:.2f} of floor   (no nnsight)")
+    tokens = args.fills * args.n_ctxs * CTX_LEN // 2
+    print(f"speed in steady state: {tokens} tokens served after the first fill of {args.n_ctxs} contexts")
+    speed = {name: run_child(python, name, args.n_ctxs, fh.name, args.repeats, fills=args.fills)
+             for name, python in impls.items()}  # fmt: skip
+    rounds = speed["ours"]["rounds"]
+    for i, (fl, o, p) in enumerate(rounds):
+        print(f"  round {i}: floor {fl:6.0f}  ours {o:6.0f} ({o / fl:.3f})  pytorch_buffer {p:6.0f} ({p / fl:.3f})")
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    floor_tps = median([r[0] for r in rounds])
+    print(f"  floor (tokenize, pack, forward to layer {LAYER}, copy)   {floor_tps:6.0f} tok/s (median)")
+    print(f"  ours                     {median([r[1] for r in rounds]):6.0f} tok/s  "
+          f"{median([r[1] / r[0] for r in rounds]):.3f} of floor (median of the rounds' ratios)")  # fmt: skip
+    print(f"  ours, pytorch_buffer     {median([r[2] for r in rounds]):6.0f} tok/s  "
+          f"{median([r[2] / r[0] for r in rounds]):.3f} of floor   (no nnsight)")  # fmt: skip
     if "reference" in speed:
-        print(f"  ours / reference = {speed['ours']['tokens_per_s'] / speed['reference']['tokens_per_s']:.2f}")
+        ref = speed["reference"]["tokens_per_s"]
+        print(f"  reference                {ref:6.0f} tok/s  {ref / floor_tps:.3f} of the median floor (own venv)")
 
     documents = n2 + LM_BATCH
     tensor_mb = (n2 - n1) * CTX_LEN * WIDTH * 4 / 2**20

@@ -111,9 +111,9 @@ def _check_against_config(ae: Dictionary, config: dict, source: str) -> None:
             raise CheckpointError(
                 f"{source}: config.json says {key}={expected} but the weights have {key}={getattr(ae, key)}"
             )
-    if "k" in trainer and hasattr(ae, "_k") and int(trainer["k"]) != ae._k:
+    if "k" in trainer and hasattr(ae, "active_k") and int(trainer["k"]) != ae.active_k:
         logger.warning(
-            "%s: config.json says k=%s, the weights hold k=%s; using the weights' k", source, trainer["k"], ae._k
+            "%s: config.json says k=%s, the weights hold k=%s; using the weights' k", source, trainer["k"], ae.active_k
         )
 
 

@@ -115,7 +115,7 @@ def save_sparsify(ae: AutoEncoderTopK, folder: str | Path) -> Path:
         "expansion_factor": max(1, ae.dict_size // ae.activation_dim),
         "normalize_decoder": True,
         "num_latents": ae.dict_size,
-        "k": ae._k,
+        "k": ae.active_k,
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,

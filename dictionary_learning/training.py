@@ -189,11 +189,11 @@ def log_stats(
         acts = [act] * len(trainers)
     records = []
     for trainer, x in zip(trainers, acts):
-        log = trainer.loss(x, step=step, logging=True)
-        record = dict(log.losses)
+        target, x_hat, f, losses = trainer.loss(x, step=step, logging=True)  # the reference's logging tuple
+        record = dict(losses)
         record |= {k: float(v) for k, v in getattr(trainer, "extra_logs", {}).items()}  # e2e terms, latest step
-        record["l0"] = float((log.f != 0).float().sum(-1).mean())
-        record["frac_variance_explained"] = float(frac_variance_explained(log.x, log.x_hat))
+        record["l0"] = float((f != 0).float().sum(-1).mean())
+        record["frac_variance_explained"] = float(frac_variance_explained(target, x_hat))
         records.append(record)
     for i, record in enumerate(records):
         if verbose:

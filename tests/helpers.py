@@ -107,7 +107,7 @@ def sparse_dense_pair(cls, **kwargs):
 
 def grads(trainer, x, step=1):
     trainer.ae.zero_grad(set_to_none=True)
-    out = trainer.step_output(x, step)
+    out = trainer.loss(x, step)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in trainer.ae.named_parameters()}
 

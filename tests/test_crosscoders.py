@@ -59,8 +59,8 @@ def test_a_crosscoder_recovers_planted_latents_and_tells_the_sites_apart(cls):
         x_hat, f = trainer.ae(x, output_features=True)
     assert x_hat.shape == x.shape and f.shape == (2048, 96)
     assert 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum() > 0.95
-    log = trainer.loss(x, step=1000, logging=True)
-    assert log.x.shape == (2048, L * D) and log.losses["loss"] > 0
+    target, _, _, losses = trainer.loss(x, step=1000, logging=True)
+    assert target.shape == (2048, L * D) and losses["loss"] > 0
 
 
 @pytest.mark.parametrize("cls", list(RECIPES))

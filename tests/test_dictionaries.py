@@ -168,7 +168,7 @@ def test_from_pretrained_is_a_classmethod_on_every_class(dict_name, tmp_path):
 def test_topk_from_pretrained_checks_k(tmp_path):
     ae = make_dictionary("AutoEncoderTopK")
     ae.save_pretrained(tmp_path)
-    assert DICTIONARY_REGISTRY["AutoEncoderTopK"].from_pretrained(tmp_path, k=K)._k == K
+    assert DICTIONARY_REGISTRY["AutoEncoderTopK"].from_pretrained(tmp_path, k=K).active_k == K
     with pytest.raises(ValueError, match="k=5"):
         DICTIONARY_REGISTRY["AutoEncoderTopK"].from_pretrained(tmp_path, k=5)
 

@@ -109,7 +109,7 @@ def test_gradient_reaches_only_the_dictionary_and_matches_autograd(model):
     batch = objective.prepare(next(token_batches(model)))
     before = {k: v.clone() for k, v in model._module.state_dict().items()}
     with objective.frozen_model():
-        out = trainer.step_output(batch.x, 0)
+        out = trainer.loss(batch.x, 0)
         loss, logs = objective.loss_fn(batch, trainer)(out)
         loss.backward()
     assert all(p.grad is None for p in model._module.parameters())
@@ -126,7 +126,7 @@ def test_gradient_reaches_only_the_dictionary_and_matches_autograd(model):
 
     def replace(m, a, value):
         new = value.detach().clone()
-        new[keep] = trainer.step_output(new[keep], 0).x_hat
+        new[keep] = trainer.loss(new[keep], 0).x_hat
         return new
 
     hooks = [mlp.register_forward_hook(replace), layer1.register_forward_hook(lambda m, a, o: seen.setdefault("h", o))]
@@ -138,7 +138,7 @@ def test_gradient_reaches_only_the_dictionary_and_matches_autograd(model):
     kl = (p.exp() * (p - q)).sum(-1).mean()
     hidden = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]
     mse = (hidden[keep] - batch.downstream[LATER]).pow(2).sum(-1).mean()
-    out = trainer.step_output(batch.x, 0)
+    out = trainer.loss(batch.x, 0)
     manual = out.loss - out.losses["l2_loss"] + kl + 0.5 * mse
     torch.testing.assert_close(loss, manual.detach(), atol=1e-5, rtol=1e-5)
     model._module.zero_grad(set_to_none=True)

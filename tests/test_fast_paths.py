@@ -59,8 +59,8 @@ def test_sparse_and_dense_training_agree_over_steps(cls, kwargs):
         dense.update(step, x)
     for (name, p_s), p_d in zip(sparse.ae.state_dict().items(), dense.ae.state_dict().values()):
         torch.testing.assert_close(p_s, p_d, rtol=1e-4, atol=1e-5, msg=name)
-    log = sparse.loss(batches[0], step=8, logging=True)
-    assert log.f.shape == (128, F) and (log.f != 0).sum(-1).float().mean() <= K + 1e-6
+    _, _, f, _ = sparse.loss(batches[0], step=8, logging=True)
+    assert f.shape == (128, F) and (f != 0).sum(-1).float().mean() <= K + 1e-6
 
 
 def test_batch_topk_entries_exact_with_uneven_rows():
@@ -337,14 +337,14 @@ def test_dense_recipes_train_the_same_on_the_sparse_path(monkeypatch, name, kwar
     batches = [torch.randn(128, D) + 0.3 for _ in range(6)]
     seen = []
     for step, x in enumerate(batches):
-        seen.append(type(sparse.step_output(x.clone(), step).f).__name__)
+        seen.append(type(sparse.loss(x.clone(), step).f).__name__)
         sparse.update(step, x)
         dense.update(step, x)
     assert seen == ["SparseCode"] * len(batches)
     for (key, p_s), p_d in zip(sparse.ae.state_dict().items(), dense.ae.state_dict().values()):
         torch.testing.assert_close(p_s, p_d, rtol=1e-4, atol=1e-5, msg=key)
-    log = sparse.loss(batches[0], step=6, logging=True)
-    assert log.f.shape == (128, F)
+    _, _, f, _ = sparse.loss(batches[0], step=6, logging=True)
+    assert f.shape == (128, F)
 
 
 # ------------------------------------------------------------------------------------ Triton kernels

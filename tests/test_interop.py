@@ -81,7 +81,7 @@ def test_sparsify_folder_loads_with_sparsify_outputs():
     folder = FIXTURES / "sparsify" / "topk"
     expected = load_file(str(folder / "expected.safetensors"))
     ae, cfg = load_dictionary(folder)
-    assert type(ae) is AutoEncoderTopK and ae._k == cfg["k"] == 3
+    assert type(ae) is AutoEncoderTopK and ae.active_k == cfg["k"] == 3
     feats, out = _outputs(ae, expected["x"])
     torch.testing.assert_close(feats, expected["feature_acts"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, expected["sae_out"], rtol=1e-5, atol=1e-5)

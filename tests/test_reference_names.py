@@ -19,7 +19,7 @@ from dictionary_learning.training import get_norm_factor, log_stats
 def test_topk_reference_methods():
     trainer = TopKTrainer(steps=100, k_anneal_steps=10, **dict(LEARN_TOPK, warmup_steps=5))
     trainer.update_annealed_k(10, trainer.ae.activation_dim, 10)
-    assert trainer.ae._k == LEARN_TOPK["k"]
+    assert trainer.ae.active_k == LEARN_TOPK["k"]
     trainer.update_threshold(torch.tensor([[0.5, 0.7], [0.3, 0.9]]))
     assert float(trainer.ae.threshold) == pytest.approx(0.4)  # first estimate: mean of the row minima
     points = torch.randn(20, 4)

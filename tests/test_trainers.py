@@ -47,10 +47,10 @@ def test_trainer_recovers_planted_features(name):
     data = PlantedFeatures(d=D)
     trainer = TRAINER_REGISTRY[name](steps=steps, **config)
     held_out = next(data.batches(1, 2048, seed=99))
-    initial_loss = trainer.loss(held_out, step=steps, logging=True).losses["loss"]
+    initial_loss = float(trainer.loss(held_out, step=steps, logging=True).losses["loss"])
     for step, x in enumerate(data.batches(steps)):
         trainer.update(step, x)
-    final_loss = trainer.loss(held_out, step=steps, logging=True).losses["loss"]
+    final_loss = float(trainer.loss(held_out, step=steps, logging=True).losses["loss"])
     assert final_loss < 0.5 * initial_loss
     assert data.recovered(trainer.ae.decoder_FD()) >= 38, "most of the 48 planted directions should be found"
     with torch.no_grad():
@@ -261,7 +261,7 @@ def test_jumprelu_seed_is_applied():
 def test_jumprelu_paper_l0_penalty_is_available():
     trainer = JumpReluTrainer(steps=100, sparsity_loss="l0", **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5))
     out = trainer.loss(torch.randn(8, D), step=99, logging=True)
-    assert out.losses["sparsity_loss"] == pytest.approx(out.losses["l0_estimate"])
+    assert float(out.losses["sparsity_loss"]) == pytest.approx(float(out.losses["l0_estimate"]))
     with pytest.raises(ValueError, match="sparsity_loss must be one of"):
         JumpReluTrainer(steps=100, sparsity_loss="l1", **dict(PENALISED, warmup_steps=5))
 
@@ -281,7 +281,7 @@ def test_topk_without_auxk_and_loss_without_step():
     for trainer in trainers:  # every latent dead for longer than AuxK's horizon: AuxK applies if enabled
         trainer.tokens_seen = 10**9
         trainer.num_tokens_since_fired.fill_(10**9)
-    with_auxk, without = (t.loss(x, step=None, logging=True).losses["auxk_loss"] for t in trainers)
+    with_auxk, without = (float(t.loss(x, step=None, logging=True).losses["auxk_loss"]) for t in trainers)
     assert with_auxk > 0 and without == 0.0
     trainers[1].update(0, x)
 
@@ -306,7 +306,7 @@ def test_k_annealing_starts_at_activation_dim_and_reaches_k():
     data = PlantedFeatures(d=D).batches(3)
     for step, x in enumerate(data):
         trainer.update(step, x)
-        assert trainer.ae._k == int(trainer.ae.k) == trainer.annealed_k(step)
+        assert trainer.ae.active_k == int(trainer.ae.k) == trainer.annealed_k(step)
 
 
 def test_p_anneal_default_lp_reaches_p_zero_without_crashing():
@@ -315,7 +315,7 @@ def test_p_anneal_default_lp_reaches_p_zero_without_crashing():
     for step, x in enumerate(PlantedFeatures(d=D).batches(40)):
         trainer.update(step, x)
     assert trainer.next_p == 0.0 and trainer.p_step_count == 9
-    assert torch.isfinite(trainer.loss(x, step=39))
+    assert torch.isfinite(trainer.loss(x, step=39).loss)
 
 
 def test_p_anneal_rescales_the_coefficient_when_p_changes():
@@ -345,7 +345,7 @@ def test_april_update_counts_decoder_norms_once_with_autoencoder_new():
     x = torch.randn(16, D)
     f = trainer.ae.encode(x)
     expected = (f * trainer.ae.decoder.weight.norm(dim=0)).sum(-1).mean()
-    assert trainer.loss(x, step=99, logging=True).losses["sparsity_loss"] == pytest.approx(expected.item())
+    assert float(trainer.loss(x, step=99, logging=True).losses["sparsity_loss"]) == pytest.approx(expected.item())
 
 
 def test_loss_with_logging_changes_no_state():
@@ -401,13 +401,13 @@ def test_auxk_loss_trains_dead_latents(cls):
 
     trainer = cls(steps=100, **dict(TOPK, warmup_steps=5))
     x = next(PlantedFeatures(d=D).batches(1, batch_size=4))  # 4 rows x k=4: most latents stay silent
-    log = trainer.loss(x, step=10, logging=True)
-    assert log.losses["auxk_loss"] == 0.0 and log.losses["dead_features"] == 0
+    *_, losses = trainer.loss(x, step=10, logging=True)  # the reference's (x, x_hat, f, losses)
+    assert losses["auxk_loss"] == 0.0 and losses["dead_features"] == 0
     trainer.tokens_seen = DEAD_FEATURE_TOKENS
     trainer.num_tokens_since_fired.fill_(DEAD_FEATURE_TOKENS)  # every latent silent for 10M tokens
-    log = trainer.loss(x, step=10, logging=True)
-    assert log.losses["auxk_loss"] > 0 and log.losses["pre_norm_auxk_loss"] > 0
-    assert log.losses["dead_features"] >= F - 16
+    *_, losses = trainer.loss(x, step=10, logging=True)
+    assert losses["auxk_loss"] > 0 and losses["pre_norm_auxk_loss"] > 0
+    assert losses["dead_features"] >= F - 16
     trainer.optimizer.zero_grad()
     trainer.loss(x, step=10).backward()
     if cls is TopKTrainer:

@@ -184,7 +184,7 @@ class BatchTopKCrossCoder(_CrossCoderLayout, TopKBase):
         if use_threshold:
             kept_BF = apply_threshold(weighted_BF, self.threshold) > 0
         else:
-            kept_BF = batch_topk(weighted_BF, self._k) > 0
+            kept_BF = batch_topk(weighted_BF, self.active_k) > 0
         f_BF = a_BF * kept_BF
         if return_active:
             return f_BF, f_BF.reshape(-1, self.dict_size).sum(0) > 0, a_BF

@@ -7,6 +7,7 @@ global scalar, which makes BatchTopK's features independent of the rest of the b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from ..files import CheckpointError
 from ..sparse import (
     SparseCode,
     batch_topk_entries,
+    per_entry,
     per_row_entries,
     row_topk_entries,
     selected_preactivations,
@@ -51,9 +53,15 @@ class TopKBase(Dictionary):
     tied_input_bias = "b_dec"  # the reference's pre-encoder bias
 
     def _init_buffers(self, k: int) -> None:
-        self.register_buffer("k", torch.tensor(k, dtype=torch.int32))
+        self.register_buffer("k", torch.tensor(k, dtype=torch.int32))  # the saved k (the reference's buffer)
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
         self._k = int(k)
+
+    @property
+    def active_k(self) -> int:
+        """The k the dictionary encodes with now, as a Python int (the `k` buffer without a device
+        read; k-annealing changes it during training)."""
+        return self._k
 
     def set_k(self, k: int) -> None:
         """Change k (used by k-annealing); keeps the saved buffer and the cached int in step."""
@@ -115,6 +123,31 @@ class TopKBase(Dictionary):
         """`decode(code.to_dense())` reading only the decoder rows the code uses."""
         return sparse_decode(code, self.decoder_FD()) + self.b_dec
 
+    # ------------------------------------------------------------------------- the training code
+    def training_code(self, x_BD: torch.Tensor, sparse: bool) -> TrainingCode:
+        """The code of a training batch `[B, D]` without the inference threshold: on the sparse
+        path a `SparseCode` (`encode_sparse`), else a dense `[B, F]` (the reference's computation)."""
+        if sparse:
+            f, pre = self.encode_sparse(x_BD)
+            return TrainingCode(self, x_BD, f, pre, f.fired(), self.threshold_input(f))
+        if self.batch_selection:
+            f, fired_F, pre = self.encode(x_BD, return_active=True, use_threshold=False)
+            weights_F = self.selection_weights()
+            return TrainingCode(self, x_BD, f, pre, fired_F, f if weights_F is None else f * weights_F)
+        f, values_BK, indices_BK, pre = self.encode(x_BD, return_topk=True, use_threshold=False)
+        fired_F = torch.zeros(self.dict_size, dtype=torch.bool, device=x_BD.device)
+        fired_F[indices_BK.flatten()] = True
+        return TrainingCode(self, x_BD, f, pre, fired_F, values_BK)
+
+    def threshold_input(self, code: SparseCode) -> torch.Tensor:
+        """What the inference threshold's estimate reads from a sparse training code: the kept
+        values (`[B, k]` per row for per-row top-k; weighted like the selection, if it is)."""
+        values = code.values.detach()
+        if not self.batch_selection:
+            return values.view(code.n_rows, -1)  # exactly k per row
+        weights_F = self.selection_weights()
+        return values if weights_F is None else values * per_entry(weights_F, code.features)
+
     @classmethod
     def from_pretrained(cls, path, k: int | None = None, device=None, dtype=None, **kwargs: Any):
         """Load weights; `k`, when given, must equal the saved k (ValueError otherwise)."""
@@ -134,6 +167,37 @@ class TopKBase(Dictionary):
             )
         state = weights | {"b_dec": self.b_dec, "threshold": torch.full((self.dict_size,), threshold)}
         return {"architecture": "jumprelu"}, state
+
+
+@dataclass
+class TrainingCode:
+    """A batch's code in a TopK-family training step: `f` (a `SparseCode` or a dense `[B, F]`), the
+    ReLU pre-activations `pre`, which latents fired and `kept`, the input of the threshold's EMA."""
+
+    ae: TopKBase
+    x_BD: torch.Tensor
+    f: torch.Tensor | SparseCode
+    pre: torch.Tensor
+    fired_F: torch.Tensor
+    kept: torch.Tensor
+
+    def decode(self) -> torch.Tensor:
+        """`f @ W_dec + b_dec`; on the sparse path from the kept latents' decoder rows only."""
+        if isinstance(self.f, SparseCode):
+            return self.ae.decode_sparse(self.f)
+        return self.ae.decode(self.f).reshape(self.x_BD.shape[0], -1)  # a crosscoder's [B, L, D] as rows
+
+    def decode_dead(self, indices_BK: torch.Tensor, valid_BK: torch.Tensor) -> torch.Tensor:
+        """AuxK's reconstruction from the pre-activations at `indices_BK` (zeroed where not valid)."""
+        if isinstance(self.f, SparseCode):
+            return self.ae.decode_selected(self.x_BD, self.pre, indices_BK, valid_BK)
+        return decode_selected_dense(self.ae, self.pre, indices_BK, valid_BK)
+
+
+def decode_selected_dense(ae: TopKBase, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
+    """`pre` kept at `indices_BK` (zeroed where not `valid_BK`) times the decoder, without bias."""
+    values_BK = pre_BF.gather(-1, indices_BK) * valid_BK
+    return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK) @ ae.decoder_FD()
 
 
 class _LinearTopK(TopKBase):

@@ -40,13 +40,6 @@ class BatchTopKTrainer(TopKTrainer):
 
     Config = BatchTopKConfig
 
-    def _encode_for_training(self, x):
-        f, fired_F, a = self.ae.encode(x, return_active=True, use_threshold=False)
-        return f, a, fired_F, f
-
-    def _threshold_input(self, code):
-        return code.values.detach()
-
     @torch.no_grad()
     def _update_threshold(self, f):
         positive = f > 0

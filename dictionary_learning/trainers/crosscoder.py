@@ -16,7 +16,6 @@ import torch
 from ..dictionaries.crosscoder import BatchTopKCrossCoder, CrossCoder
 from ..dictionaries.relu import relu_dictionary
 from ..ops import row_sums
-from ..sparse import SparseCode, per_entry
 from .batch_top_k import BatchTopKConfig, BatchTopKTrainer
 from .standard import reconstruction_terms
 from .trainer import (
@@ -24,7 +23,6 @@ from .trainer import (
     PenalisedConfig,
     PenalisedTrainer,
     StepOutput,
-    recipe_loss,
     register_trainer,
 )
 
@@ -85,8 +83,7 @@ class CrossCoderTrainer(_StackedSites, PenalisedTrainer):
     Config = CrossCoderConfig
     constrained = False
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`mean_b sum_l ||x_l - x_hat_l||^2 + l1_penalty * s(t) * mean_b sum_f f_f * sum_l ||W_dec[l, f]||`
         (Anthropic's crosscoder loss; s(t) the sparsity warm-up)."""
         x, _ = self.input_and_target(x)
@@ -131,10 +128,3 @@ class BatchTopKCrossCoderTrainer(_StackedSites, BatchTopKTrainer):
 
     def dictionary_args(self, cfg: BatchTopKCrossCoderConfig) -> tuple:
         return cfg.activation_dim, cfg.dict_size, cfg.num_layers, cfg.k
-
-    def _encode_for_training(self, x):
-        f, fired_F, a = self.ae.encode(x, return_active=True, use_threshold=False)
-        return f, a, fired_F, f * self.ae.selection_weights()
-
-    def _threshold_input(self, code: SparseCode) -> torch.Tensor:
-        return code.values.detach() * per_entry(self.ae.selection_weights(), code.features)

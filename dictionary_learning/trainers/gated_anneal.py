@@ -14,7 +14,6 @@ from .trainer import (  # noqa: F401
     StepOutput,
     get_lr_schedule,
     get_sparsity_warmup_fn,
-    recipe_loss,
     register_trainer,
 )
 
@@ -42,16 +41,11 @@ class GatedAnnealTrainer(PAnnealTrainer):
     Config = GatedAnnealConfig
     betas = (0.0, 0.999)
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`||x - x_hat||^2 + coeff * s(t) * L_p(ReLU(pi_gate)) + ||x - x_hat_gate||^2`, p annealed."""
+        x, _ = self.input_and_target(x)
         f, gate, x_hat, mse, l2, aux = gated_terms(self.ae, x, self.max_density)
         scaled, logs, commit = self.annealed_penalty(gate, step)
         loss = mse + scaled + aux
-        return StepOutput(
-            loss,
-            x_hat,
-            f,
-            {"l2_loss": l2, "mse_loss": mse, "aux_loss": aux, "sparsity_loss": scaled, **logs, "loss": loss},
-            commit,
-        )
+        logs = {"l2_loss": l2, "mse_loss": mse, "aux_loss": aux, "sparsity_loss": scaled, **logs, "loss": loss}
+        return StepOutput(loss, x_hat, f, logs, commit, target=x)

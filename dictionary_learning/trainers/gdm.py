@@ -17,7 +17,6 @@ from .trainer import (  # noqa: F401
     StepOutput,
     get_lr_schedule,
     get_sparsity_warmup_fn,
-    recipe_loss,
     register_trainer,
 )
 
@@ -53,15 +52,14 @@ class GatedSAETrainer(PenalisedTrainer):
     Config = GatedSAEConfig
     betas = (0.0, 0.999)
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`||x - x_hat||^2 + l1_penalty * s(t) * ||ReLU(pi_gate)||_1 + ||x - x_hat_gate||^2` (means over rows)."""
+        x, _ = self.input_and_target(x)
         f, gate, x_hat, mse, l2, aux = gated_terms(self.ae, x, self.max_density)
         sparsity = row_sums(gate).mean()  # the L1 norm: ReLU(pi_gate) is non-negative
         loss = mse + self.l1_penalty * self.sparsity_scale(step) * sparsity + aux
-        return StepOutput(
-            loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "loss": loss}
-        )
+        logs = {"l2_loss": l2, "mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "loss": loss}
+        return StepOutput(loss, x_hat, f, logs, target=x)
 
     def update(self, step: int, x: torch.Tensor, extra_loss=None) -> torch.Tensor:
         """`SAETrainer.update`; the reference names the batch `x` in this recipe."""

@@ -27,7 +27,6 @@ from .trainer import (  # noqa: F401
     adam,
     get_lr_schedule,
     get_sparsity_warmup_fn,
-    recipe_loss,
     register_trainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
@@ -73,8 +72,7 @@ class JumpReluTrainer(RecipeTrainer):
     state_attrs = ("num_tokens_since_fired",)
     logging_parameters = ["dead_features"]
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`mean_b ||x - x_hat||^2 + s(t) * penalty`, penalty = `sparsity_penalty * (L0 / target_l0 - 1)^2`
         (the reference's target-L0 form, the default) or `sparsity_penalty * L0` (the paper's, with
         `sparsity_loss="l0"`); L0 = mean_b ||f||_0 with the step function's straight-through estimator.

@@ -17,8 +17,8 @@ from ..sparse import SparseCode, sparse_decode
 from .batch_top_k import BatchTopKConfig, BatchTopKTrainer
 from .trainer import (  # noqa: F401
     SAETrainer,
+    StepOutput,
     get_lr_schedule,
-    recipe_loss,
     register_trainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
@@ -71,12 +71,11 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
 
     Config = MatryoshkaBatchTopKConfig
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`sum_g w_g ||x - x_hat_(<=g)||^2 / G + auxk_alpha * AuxK` (means over rows), x_hat_(<=g) decoded
         from groups 0..g only; with the default weights 1/G each prefix counts 1/G^2, as in the reference."""
-        x_BD = x.reshape(-1, x.shape[-1])
-        code = self.training_code(x_BD)
+        x_BD, _ = self.input_and_target(x)
+        code = self.ae.training_code(x_BD, self.sparse)
         x_hat_BD = self.ae.b_dec.expand_as(x_BD)
         W_dec_FD, bounds, prefix_losses = self.ae.decoder_FD(), self.ae.group_indices, []
         for g, weight in enumerate(self.group_weights):
@@ -88,7 +87,7 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
         losses = torch.stack(prefix_losses)
         l2 = losses.mean()
         logs = {"l2_loss": l2, "mse_loss": l2, "min_l2_loss": losses.min(), "max_l2_loss": losses.max()}
-        return self.with_auxk(x, code, x_hat_BD, l2, logs)
+        return self.with_auxk(x_BD, code, x_hat_BD, l2, logs)
 
     def dictionary_args(self, cfg: MatryoshkaBatchTopKConfig) -> tuple:
         if cfg.transcoder:

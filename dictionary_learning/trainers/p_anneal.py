@@ -22,7 +22,6 @@ from .trainer import (  # noqa: F401
     StepOutput,
     get_lr_schedule,
     get_sparsity_warmup_fn,
-    recipe_loss,
     register_trainer,
 )
 
@@ -74,14 +73,14 @@ class PAnnealTrainer(PenalisedTrainer):
     state_attrs = PenalisedTrainer.state_attrs + ("p", "next_p", "p_step_count", "sparsity_coeff", "sparsity_queue")
     logging_parameters = ["p", "next_p", "sparsity_coeff"]
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`||x - x_hat||^2 + coeff * s(t) * L_p(f)` (means over rows), p and coeff annealed."""
+        x, _ = self.input_and_target(x)
         f, x_hat = self.ae.encode_decode(x, self.max_density)
         mse, l2 = reconstruction_terms(x, x_hat)
         scaled, logs, commit = self.annealed_penalty(f, step)
         loss = mse + scaled
-        return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, **logs, "loss": loss}, commit)
+        return StepOutput(loss, x_hat, f, {"l2_loss": l2, "mse_loss": mse, **logs, "loss": loss}, commit, target=x)
 
     def setup(self, cfg: PAnnealConfig) -> None:
         super().setup(cfg)

@@ -18,7 +18,6 @@ from .trainer import (  # noqa: F401
     TranscoderConfig,
     get_lr_schedule,
     get_sparsity_warmup_fn,
-    recipe_loss,
     register_trainer,
 )
 
@@ -73,8 +72,7 @@ class StandardTrainer(PenalisedTrainer):
 
     Config = StandardConfig
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`mean_b ||y - x_hat||^2 + l1_penalty * s(t) * mean_b ||f||_1`, s(t) the sparsity warm-up,
         y = x for an SAE, the output half for a transcoder (which encodes the input half)."""
         x, y = self.input_and_target(x)
@@ -97,8 +95,7 @@ class StandardTrainerAprilUpdate(PenalisedTrainer):
     constrained = False
     max_grad_norm = 1.0
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`mean_b ||y - x_hat||^2 + l1_penalty * s(t) * mean_b sum_i |f_i| ||W_dec[:, i]||` (y as in
         `StandardTrainer.loss`)."""
         x, y = self.input_and_target(x)

@@ -18,9 +18,8 @@ from ..dictionaries import (
     AutoEncoderTopK,
     Dictionary,  # noqa: F401
 )
-from ..dictionaries.topk import row_topk  # noqa: F401  (re-exported for the reference's import path)
+from ..dictionaries.topk import TrainingCode, decode_selected_dense, row_topk  # noqa: F401 (row_topk: the reference's path)
 from ..ops import auxk_loss, geometric_median
-from ..sparse import SparseCode
 from .trainer import (  # noqa: F401
     RecipeTrainer,
     SAETrainer,
@@ -30,7 +29,6 @@ from .trainer import (  # noqa: F401
     adam,
     default_topk_lr,
     get_lr_schedule,
-    recipe_loss,
     register_trainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
@@ -39,37 +37,6 @@ from .trainer import (  # noqa: F401
 
 # Reference re-exports: `from dictionary_learning.trainers.top_k import AutoEncoderTopK, geometric_median`.
 __all__ = ["AutoEncoderTopK", "TopKTrainer", "geometric_median"]
-
-
-@dataclass
-class TrainingCode:
-    """A batch's code in a TopK-family training step: `f` (a `SparseCode` or a dense `[B, F]`), the
-    ReLU pre-activations `pre`, which latents fired and the input of the threshold EMA."""
-
-    ae: AutoEncoderTopK
-    x_BD: torch.Tensor
-    f: torch.Tensor | SparseCode
-    pre: torch.Tensor
-    fired_F: torch.Tensor
-    kept: torch.Tensor
-
-    def decode(self) -> torch.Tensor:
-        """`f @ W_dec + b_dec`; on the sparse path from the kept latents' decoder rows only."""
-        if isinstance(self.f, SparseCode):
-            return self.ae.decode_sparse(self.f)
-        return self.ae.decode(self.f).reshape(self.x_BD.shape[0], -1)  # a crosscoder's [B, L, D] as rows
-
-    def decode_dead(self, indices_BK: torch.Tensor, valid_BK: torch.Tensor) -> torch.Tensor:
-        """AuxK's reconstruction from the pre-activations at `indices_BK` (zeroed where not valid)."""
-        if isinstance(self.f, SparseCode):
-            return self.ae.decode_selected(self.x_BD, self.pre, indices_BK, valid_BK)
-        return decode_selected_dense(self.ae, self.pre, indices_BK, valid_BK)
-
-
-def decode_selected_dense(ae: AutoEncoderTopK, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
-    """`pre` kept at `indices_BK` (zeroed where not `valid_BK`) times the decoder, without bias."""
-    values_BK = pre_BF.gather(-1, indices_BK) * valid_BK
-    return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK) @ ae.decoder_FD()
 
 
 # A latent is dead after this many tokens without firing (Gao et al. 2024, appendix A.2).
@@ -120,14 +87,13 @@ class TopKTrainer(RecipeTrainer):
     state_attrs = ("num_tokens_since_fired", "tokens_seen")
     logging_parameters = ["effective_l0", "dead_features"]
 
-    @recipe_loss
-    def loss(self, x, step):
+    def loss(self, x, step=None, logging=False) -> StepOutput:
         """`mean_b ||y - x_hat||^2 + auxk_alpha * AuxK` (AuxK: Gao et al. 2024, appendix A.2), where
         y = x for an SAE; a transcoder encodes the input half and y is the output half, and a skip
         transcoder adds `x_in @ W_skip` to x_hat."""
         x_in, y = self.input_and_target(x)
         x_BD, y_BD = x_in.reshape(-1, x_in.shape[-1]), y.reshape(-1, y.shape[-1])
-        code = self.training_code(x_BD)
+        code = self.ae.training_code(x_BD, self.sparse)
         x_hat_BD = code.decode() + self.ae.skip(x_BD)
         l2 = (y_BD - x_hat_BD).pow(2).sum(-1).mean()
         return self.with_auxk(y, code, x_hat_BD, l2, {"l2_loss": l2, "mse_loss": l2})
@@ -152,7 +118,7 @@ class TopKTrainer(RecipeTrainer):
 
     @property
     def effective_l0(self) -> int:
-        return self.ae._k
+        return self.ae.active_k
 
     @property
     def dead_features(self) -> int:
@@ -175,24 +141,6 @@ class TopKTrainer(RecipeTrainer):
         if self.k_anneal_steps:
             self.ae.set_k(self.annealed_k(step))
 
-    def _encode_for_training(self, x):
-        """Dense path: (f `[B, F]`, ReLU pre-activations, fired mask `[F]`, input of the threshold EMA)."""
-        f, values_BK, indices_BK, a = self.ae.encode(x, return_topk=True, use_threshold=False)
-        fired_F = torch.zeros(self.ae.dict_size, dtype=torch.bool, device=x.device)
-        fired_F[indices_BK.flatten()] = True
-        return f, a, fired_F, values_BK
-
-    def _threshold_input(self, code: SparseCode) -> torch.Tensor:
-        return code.values.detach().view(code.n_rows, -1)  # exactly k per row
-
-    def training_code(self, x_BD: torch.Tensor) -> TrainingCode:
-        """The code of `x_BD` on the sparse path (`SparseCode`) or the dense one (`[B, F]`)."""
-        if self.sparse:
-            f, pre = self.ae.encode_sparse(x_BD)
-            return TrainingCode(self.ae, x_BD, f, pre, f.fired(), self._threshold_input(f))
-        f, pre, fired_F, kept = self._encode_for_training(x_BD)
-        return TrainingCode(self.ae, x_BD, f, pre, fired_F, kept)
-
     def with_auxk(self, x, code: TrainingCode, x_hat_BD, recon, logs) -> StepOutput:
         """The step's output: `recon + auxk_alpha * AuxK` of the residual `x - x_hat` (x: what is
         reconstructed, a transcoder's output), the dead-latent counters and the threshold's input."""
@@ -208,7 +156,7 @@ class TopKTrainer(RecipeTrainer):
         logs |= {
             "auxk_loss": auxk,
             "loss": loss,
-            "effective_l0": self.ae._k,
+            "effective_l0": self.ae.active_k,
             "dead_features": dead_F.sum(),
             "pre_norm_auxk_loss": raw,
         }

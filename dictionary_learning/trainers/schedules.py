@@ -1,0 +1,60 @@
+"""Schedules over a run's steps: the learning-rate warm-up and decay, and the sparsity warm-up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def get_lr_schedule(
+    total_steps: int,
+    warmup_steps: int,
+    decay_start: int | None = None,
+    resample_steps: int | None = None,
+    sparsity_warmup_steps: int | None = None,
+) -> Callable[[int], float]:
+    """LR multiplier for step s: linear warmup, then 1, then linear decay to 0 from `decay_start`.
+
+    With `resample_steps`, the warmup restarts after every resampling period instead.
+    """
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be >= 0 and < steps={total_steps}; lower warmup_steps (e.g. "
+            f"warmup_steps={max(1, total_steps // 20)}, a twentieth of the run) or train longer"
+        )
+    if decay_start is not None:
+        if resample_steps is not None:
+            raise ValueError("decay_start cannot be combined with resample_steps")
+        if not warmup_steps < decay_start < total_steps:
+            raise ValueError(f"decay_start={decay_start} must lie between warmup_steps={warmup_steps} and steps")
+        if sparsity_warmup_steps is not None and decay_start <= sparsity_warmup_steps:
+            raise ValueError(f"decay_start={decay_start} must be > sparsity_warmup_steps={sparsity_warmup_steps}")
+    if resample_steps is not None and not 0 < resample_steps < total_steps:
+        raise ValueError(f"resample_steps={resample_steps} must be > 0 and < steps={total_steps}")
+
+    def schedule(s: int) -> float:
+        if s > total_steps:  # LambdaLR asks for step `steps` after the last update, never beyond
+            raise ValueError(
+                f"learning-rate schedule asked for step {s}, past the {total_steps} steps it was laid out for: "
+                f"a run cannot continue past its steps (start a new run with more steps)"
+            )
+        if resample_steps is not None:
+            factor = min((s % resample_steps) / warmup_steps, 1.0) if warmup_steps else 1.0
+        elif s < warmup_steps:
+            factor = s / warmup_steps
+        elif decay_start is not None and s >= decay_start:
+            factor = (total_steps - s) / (total_steps - decay_start)
+        else:
+            factor = 1.0
+        assert 0.0 <= factor <= 1.0, f"learning-rate factor {factor} at step {s} is outside [0, 1]"
+        return factor
+
+    return schedule
+
+
+def get_sparsity_warmup_fn(total_steps: int, sparsity_warmup_steps: int | None = None) -> Callable[[int], float]:
+    """Multiplier of the sparsity penalty: ramps linearly from 0 to 1 over `sparsity_warmup_steps`."""
+    if sparsity_warmup_steps is not None and not 0 <= sparsity_warmup_steps < total_steps:
+        raise ValueError(f"sparsity_warmup_steps={sparsity_warmup_steps} must be >= 0 and < steps={total_steps}")
+    if not sparsity_warmup_steps:
+        return lambda s: 1.0
+    return lambda s: min(s / sparsity_warmup_steps, 1.0)
