@@ -6,6 +6,7 @@ import argparse
 import difflib
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -236,8 +237,7 @@ def _trainer_configs(args) -> list[dict]:
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise SystemExit(f"error: unknown trainer {name!r}{hint}; choose from {', '.join(TRAINER_REGISTRY)}")
         options = {k: v for k, v in config.items() if k != "trainer"}
-        TRAINER_REGISTRY[name].check_config_keys(options)  # before the model is loaded
-        TRAINER_REGISTRY[name].check_config_values(options)
+        TRAINER_REGISTRY[name].Config.check(name, options)  # before the model is loaded
     return configs
 
 
@@ -256,36 +256,6 @@ def _read_config_file(path: str) -> list[dict]:
             f"of them, or {{'trainers': [...]}}; got {json.dumps(loaded)[:80]}"
         )
     return configs
-
-
-# Schedule options whose reference defaults (1,000-15,000 steps) would swallow a short run, and the
-# share of the run each gets when left unset: (option, fraction of steps, applies when default > steps *).
-_SHORT_RUN = {
-    "warmup_steps": (1 / 20, 1 / 10),
-    "sparsity_warmup_steps": (1 / 10, 1 / 5),
-    "threshold_start_step": (1 / 10, 1 / 5),
-    "anneal_start": (1 / 2, 1),
-}
-
-
-def fit_schedules(configs: list[dict], steps: int) -> list[str]:
-    """Set the schedule options a config leaves unset whose defaults do not fit `steps` (e.g. the
-    1,000-step warm-up of a 300-step run) to a share of the run; returns one note per change."""
-    notes = []
-    for config in configs:
-        defaults = {
-            p.name: p.default for p in TRAINER_REGISTRY[config["trainer"]].Config.signature().parameters.values()
-        }
-        changed = []
-        for option, (share, limit) in _SHORT_RUN.items():
-            default = defaults.get(option)
-            if option in config or not isinstance(default, int) or default <= steps * limit:
-                continue
-            config[option] = max(1, int(steps * share))
-            changed.append(f"{option} {default} -> {config[option]}")
-        if changed:
-            notes.append(f"{config['trainer']}: {', '.join(changed)}")
-    return notes
 
 
 def _check_out(path: Path, overwrite: bool) -> None:
@@ -454,10 +424,7 @@ def cmd_train(args) -> None:
     if not args.resume:
         _check_out(out, args.overwrite)
     data, sites, lm_name, e2e = _data_for_training(args)
-    configs = _per_site(configs, sites, lm_name, args.device)
-    for note in dict.fromkeys(fit_schedules(configs, args.steps)):  # the same on --resume, so the configs agree
-        if not args.resume:
-            print(f"note: a {args.steps}-step run: {note} (set them to choose)", file=sys.stderr)
+    configs = _per_site(configs, sites, lm_name, args.device)  # trainSAE fits warm-ups to a short run
     trainSAE(
         data,
         configs,
@@ -976,6 +943,7 @@ def main(argv: list[str] | None = None) -> None:
     from .run import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="note: %(message)s", level=logging.WARNING)  # the library's notes, one line each
     try:
         args.func(args)
     except TrainingInterrupted as e:

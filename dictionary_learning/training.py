@@ -39,8 +39,10 @@ from .run import (
     not_replayable,
     restore_data_state,
 )
+from .run_config import RunConfig
+from .trainers.schedules import fit_to_run
 from .trainers.standard import StandardTrainer  # noqa: F401
-from .trainers.trainer import TRAINER_REGISTRY, BatchLayoutError, SAETrainer, jsonable, resolve_device
+from .trainers.trainer import TRAINER_REGISTRY, BatchLayoutError, RecipeTrainer, SAETrainer, jsonable, resolve_device
 
 if TYPE_CHECKING:
     from .e2e import E2EObjective
@@ -49,8 +51,9 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- setup
-def build_trainer(config: dict, steps: int, device: str | None = None) -> SAETrainer:
-    """Instantiate a trainer from a reference-style config dict (not mutated): `{"trainer": cls, ...}`."""
+def build_trainer(config: dict, steps: int, device: str | None = None, new_run: bool = True) -> SAETrainer:
+    """Instantiate a trainer from a reference-style config dict (not mutated): `{"trainer": cls, ...}`;
+    schedule options that do not fit a short run are fitted to it (`schedules.fit_to_run`)."""
     if not isinstance(config, dict):
         raise TypeError(f"a trainer config must be a dict like {{'trainer': TopKTrainer, ...}}, got {config!r}")
     cfg = dict(config)
@@ -70,9 +73,9 @@ def build_trainer(config: dict, steps: int, device: str | None = None) -> SAETra
     if device is not None and cfg.get("device") is None:
         cfg["device"] = device
     cfg = {k: v for k, v in cfg.items() if k in trainer_cls.config_keys() or k not in _RECORDED_ONLY}
-    trainer_cls.check_config_keys(cfg)
-    trainer_cls.check_config_values(cfg)
-    return trainer_cls(**cfg)
+    if issubclass(trainer_cls, RecipeTrainer):
+        cfg = fit_to_run(cfg, trainer_cls.Config.defaults(), cfg["steps"], trainer_cls.__name__, new_run)
+    return trainer_cls(**cfg)  # its Config checks every key and value
 
 
 # Keys our config records add beside the constructor arguments; dropped when rebuilding a trainer.
@@ -307,31 +310,54 @@ def trainSAE(
         TrainingInterrupted: after saving, on Ctrl-C, SIGTERM or SIGUSR1.
         NonFiniteTrainingError: a loss or weight became NaN/Inf (nothing from that step was saved).
     """
-    options = dict(locals())  # every argument by name, read by _Run
-    if transcoder and e2e is not None:
-        raise ValueError("e2e training splices SAEs into the model: transcoder=True does not combine with e2e")
-    if transcoder and trainer_configs is not None:
+    run = RunConfig(
+        steps=steps,
+        use_wandb=use_wandb,
+        wandb_entity=wandb_entity,
+        wandb_project=wandb_project,
+        save_steps=save_steps,
+        save_dir=save_dir,
+        log_steps=log_steps,
+        activations_split_by_head=activations_split_by_head,
+        transcoder=transcoder,
+        run_cfg=run_cfg,
+        normalize_activations=normalize_activations,
+        verbose=verbose,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        backup_steps=backup_steps,
+        resume_from=resume_from,
+        norm_factor_batches=norm_factor_batches,
+        safetensors=safetensors,
+        progress=progress,
+        e2e=e2e,
+        parallel=parallel,
+        dist_timeout=dist_timeout,
+        overwrite=overwrite,
+    )
+    return train(data, trainer_configs, run)
+
+
+def train(data: Iterable, trainer_configs: list[dict] | None, run: RunConfig) -> list[Dictionary]:
+    """`trainSAE` with its options as one `RunConfig`: build the trainers (or restore them from the
+    run's last backup), take the folder, and train them in lock-step on `data`."""
+    if run.transcoder and trainer_configs is not None:
         trainer_configs = [_as_transcoder(config) for config in trainer_configs]
-    _check_run_arguments(steps, norm_factor_batches, backup_steps)
-    if save_dir is None and resume_from is not None:
-        save_dir = resume_from
-    group = distributed.setup(parallel, dist_timeout)
-    folder = RunFolder(save_dir, group, safetensors)
+    group = distributed.setup(run.parallel, run.dist_timeout)
+    folder = RunFolder(run.save_dir, group, run.safetensors)
     # Resuming in place, the folder is locked before its backup is read; a new run (or one continued
     # into another folder) takes it after the trainers are built, so bad configs touch nothing.
-    in_place = resume_from is not None and Path(save_dir).resolve() == Path(resume_from).resolve()
     writes = group is None or group.mode == "trainers" or group.is_main
     with GracefulStop() as stop:
         try:
-            if in_place:
+            if run.resumes_in_place:
                 folder.open(resuming=True, overwrite=False)
-            resume_states = load_backup(resume_from) if resume_from is not None else None
-            trainers, indices = _build_trainers(trainer_configs, resume_states, steps, device, parallel, group, data)
-            if not in_place:
-                folder.open(resuming=False, overwrite=overwrite)
+            resume_states = load_backup(run.resume_from) if run.resume_from is not None else None
+            trainers, indices = _build_trainers(trainer_configs, resume_states, run, group, data)
+            if not run.resumes_in_place:
+                folder.open(resuming=False, overwrite=run.overwrite)
             folder.attach(indices, writes)
-            run = _Run(trainers, indices, folder, group, stop, e2e, writes)
-            return run.train(data, steps, resume_states, options)
+            return _Run(trainers, indices, folder, group, stop, run, writes).train(data, resume_states)
         finally:
             folder.close()
 
@@ -350,18 +376,10 @@ def _as_transcoder(config: Any) -> Any:
     return {"transcoder": True, **config}
 
 
-def _check_run_arguments(steps: Any, norm_factor_batches: Any, backup_steps: Any) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not isinstance(norm_factor_batches, int) or norm_factor_batches < 1:
-        raise ValueError(f"norm_factor_batches must be a positive int, got {norm_factor_batches!r}")
-    if backup_steps is not None and (not isinstance(backup_steps, int) or backup_steps < 1):
-        raise ValueError(f"backup_steps must be a positive int or None, got {backup_steps!r}")
-
-
-def _build_trainers(trainer_configs, resume_states, steps, device, parallel, group, data):
+def _build_trainers(trainer_configs, resume_states, run: RunConfig, group, data):
     """The trainers of this process (all, or its share under trainer-parallel torchrun) and their
     indices in the run, restored from `resume_states` when given."""
+    steps, device, parallel = run.steps, run.device, run.parallel
     if trainer_configs is None:
         if resume_states is None:
             raise ValueError("trainer_configs is required unless resume_from is given")
@@ -387,7 +405,7 @@ def _build_trainers(trainer_configs, resume_states, steps, device, parallel, gro
             dict(trainer_configs[i], device=distributed.local_device(trainer_configs[i].get("device") or device, group))
             for i in indices
         ]
-    trainers = [build_trainer(cfg, steps, device) for cfg in trainer_configs]
+    trainers = [build_trainer(cfg, steps, device, new_run=resume_states is None) for cfg in trainer_configs]
     for trainer in trainers:
         distributed.broadcast_module(trainer.ae, group)  # data parallel: every replica starts from rank 0's
     if resume_states is not None:
@@ -410,17 +428,17 @@ def _check_resume_steps(states: list[dict], steps: int) -> None:
 class _Run:
     """One trainSAE call from its first batch to its files: the loop, backups, logging, checks."""
 
-    def __init__(self, trainers, indices, folder: RunFolder, group, stop: GracefulStop, e2e, writes: bool):
+    def __init__(self, trainers, indices, folder: RunFolder, group, stop: GracefulStop, run: RunConfig, writes: bool):
         self.trainers, self.indices, self.folder, self.group = trainers, indices, folder, group
-        self.stop, self.e2e, self.writes = stop, e2e, writes
+        self.stop, self.run, self.e2e, self.writes = stop, run, run.e2e, writes
         self.guard = NumericGuard(trainers, indices)
         self.rank_tag = f"rank {group.rank}: " if group is not None else ""
 
     def activations_of(self, item):
         return item.x if self.e2e is not None else item
 
-    def train(self, data, steps: int, resume_states, opts: dict) -> list[Dictionary]:
-        group, trainers = self.group, self.trainers
+    def train(self, data, resume_states) -> list[Dictionary]:
+        group, trainers, steps = self.group, self.trainers, self.run.steps
         with distributed.active(group):
             step, consumed, norm_factor = 0, 0, None
             if resume_states is not None:
@@ -431,16 +449,16 @@ class _Run:
             self.data = data
             if self.folder.root is not None and resume_states is None and (why := not_replayable(data)):
                 logger.warning("this run's backups cannot be resumed exactly: %s", why)
-            batches, keys, norm_factor = self._stream(data, resume_states, consumed, norm_factor, opts, steps - step)
+            batches, keys, norm_factor = self._stream(data, resume_states, consumed, norm_factor, steps - step)
             records = {"buffer": data.config} if getattr(data, "config", None) is not None else {}
-            records |= {"run": opts["run_cfg"]} if opts["run_cfg"] else {}
+            records |= {"run": self.run.run_cfg} if self.run.run_cfg else {}
             records |= {"e2e": self.e2e.config} if self.e2e is not None else {}
             records["library"] = {"name": "dictionary_learning", "version": __version__}
             self.records = records
             self.sites = [site_record(records.get("buffer"), trainer, key) for trainer, key in zip(trainers, keys)]
             self.folder.write_configs(trainers, records, norm_factor, self.sites)
             self.norm_factor = norm_factor
-            step, consumed, skipped = self._loop(batches, keys, step, consumed, steps, opts)
+            step, consumed, skipped = self._loop(batches, keys, step, consumed)
             self.guard.check(self.folder.describe_last_backup())
             self._backup(step, consumed)
             distributed.barrier(group)  # every rank's files are complete when trainSAE returns
@@ -455,9 +473,9 @@ class _Run:
                 trainer.ae.scale_biases(norm_factor)
         return [trainer.ae for trainer in self.trainers]
 
-    def _stream(self, data, resume_states, consumed, norm_factor, opts, steps_left: int):
+    def _stream(self, data, resume_states, consumed, norm_factor, steps_left: int):
         """The batches from where the run stands, the site key of each trainer, and the norm factor."""
-        group, e2e = self.group, self.e2e
+        group, e2e, run = self.group, self.e2e, self.run
         data_parallel = group is not None and group.mode == "data"
         if resume_states is not None:
             restore_data_state(data, resume_states[0].get("data"))  # the same batches again, or an error
@@ -488,27 +506,28 @@ class _Run:
             )
         if group is None and e2e is None:
             _check_enough_batches(data, steps_left)
-        keys = _site_keys(self.activations_of(first), self.trainers, opts["activations_split_by_head"])
+        keys = _site_keys(self.activations_of(first), self.trainers, run.activations_split_by_head)
         _check_batch(self.activations_of(first), self.trainers, keys)
         batches = itertools.chain([first], batches)
-        if resume_states is None and opts["normalize_activations"]:
-            peeked = list(itertools.islice(batches, opts["norm_factor_batches"]))
+        if resume_states is None and run.normalize_activations:
+            peeked = list(itertools.islice(batches, run.norm_factor_batches))
             norm_factor = norm_factor_of([self.activations_of(item) for item in peeked], group)
             logger.info("norm factor %.4f from %d batches", norm_factor, len(peeked))
             batches = itertools.chain(peeked, batches)
         return batches, keys, norm_factor
 
-    def _loop(self, batches, keys, step: int, consumed: int, steps: int, opts: dict) -> tuple[int, int, int]:
-        group, trainers, e2e, folder = self.group, self.trainers, self.e2e, self.folder
-        log_every = opts["log_steps"] or max(1, steps // 100)
+    def _loop(self, batches, keys, step: int, consumed: int) -> tuple[int, int, int]:
+        group, trainers, e2e, folder, run = self.group, self.trainers, self.e2e, self.folder, self.run
+        steps = run.steps
+        log_every = run.log_steps or max(1, steps // 100)
         check_every = 1 if all(t.device.type == "cpu" for t in trainers) else min(log_every, 100)
         show = self.writes and (group is None or group.is_main)  # one progress bar and one log
-        logs = opts["progress"] or opts["verbose"] or opts["use_wandb"]
+        logs = run.progress or run.verbose or run.use_wandb
         wandb_logger = None
-        if opts["use_wandb"] and self.writes:  # under trainer-parallel torchrun each rank logs its own
-            wandb_logger = _WandbLogger(trainers, opts["wandb_entity"], opts["wandb_project"], opts["run_cfg"])
+        if run.use_wandb and self.writes:  # under trainer-parallel torchrun each rank logs its own
+            wandb_logger = _WandbLogger(trainers, run.wandb_entity, run.wandb_project, run.run_cfg)
         skipped, bad_in_a_row = 0, 0
-        bar = tqdm(total=steps, initial=step, disable=not (opts["progress"] and show), desc="trainSAE")
+        bar = tqdm(total=steps, initial=step, disable=not (run.progress and show), desc="trainSAE")
         frozen = e2e.frozen_model() if e2e is not None else contextlib.nullcontext()
         with frozen:
             while step < steps:
@@ -530,20 +549,20 @@ class _Run:
                 if step % log_every == 0 and logs:  # the same on every rank
                     records = log_stats(trainers, step, [inputs.on(t.device, k) for t, k in zip(trainers, keys)])
                     if show or wandb_logger is not None:
-                        _report(records, step, bar, opts["verbose"] and show, wandb_logger, skipped)
-                if opts["save_steps"] is not None and step in opts["save_steps"]:
+                        _report(records, step, bar, run.verbose and show, wandb_logger, skipped)
+                if run.save_steps is not None and step in run.save_steps:
                     self.guard.check(folder.describe_last_backup())
                     folder.save_weights(trainers, self.norm_factor, step=step)
                 for position, (trainer, key) in enumerate(zip(trainers, keys)):
                     extra = e2e.loss_fn(item, trainer, self.norm_factor) if e2e is not None else None
-                    with _autocast(trainer.device, opts["autocast_dtype"]):
+                    with _autocast(trainer.device, run.autocast_dtype):
                         loss = trainer.update(step, inputs.on(trainer.device, key), extra)
                     self.guard.record(position, step, loss)
                 step += 1
                 bar.update(1)
                 if step % check_every == 0:
                     self.guard.check(folder.describe_last_backup())
-                if (opts["backup_steps"] and step % opts["backup_steps"] == 0) or stop:
+                if (run.backup_steps and step % run.backup_steps == 0) or stop:
                     self.guard.check(folder.describe_last_backup())
                     self._backup(step, consumed)
                 if stop:

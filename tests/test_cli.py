@@ -250,7 +250,7 @@ def test_parse_trainer_spec():
         parse_trainer_spec("TopKTrainer:k=1,k=2")
 
 
-def test_per_trainer_sweeps_several_layers_and_short_run_warmups(tmp_path, tiny, capsys):
+def test_per_trainer_sweeps_several_layers_and_short_run_warmups(tmp_path, tiny, capsys, caplog):
     out = tmp_path / "run"
     main(
         ["train", *tiny, "--layer", "0", "1", "--site", "mlp", "--trainer", "TopKTrainer:k=2,4",
@@ -268,7 +268,7 @@ def test_per_trainer_sweeps_several_layers_and_short_run_warmups(tmp_path, tiny,
     )  # fmt: skip
     assert {c["site"]["module"] for c in configs} == {"model.layers.0.mlp", "model.layers.1.mlp"}
     assert all(c["trainer"]["warmup_steps"] == 1 for c in configs)  # 1,000 would swallow a 6-step run
-    assert "note: a 6-step run: TopKTrainer: warmup_steps 1000 -> 1" in capsys.readouterr().err
+    assert "TopKTrainer: a 6-step run: warmup_steps 1000 -> 1" in caplog.text
 
 
 def test_a_short_text_is_refused_before_training_unless_looped(tmp_path, tiny):
@@ -403,3 +403,9 @@ def test_a_paired_model_crosscoder_from_the_cli(tmp_path, tiny, capsys):
     assert "rel. decoder norm" in index
     page = next((tmp_path / "f").glob("feature_*.html")).read_text()
     assert "relative decoder norm" in page and "writes to" in page
+
+
+def test_an_explicit_warmup_longer_than_half_a_short_run_is_refused(tmp_path, tiny):
+    with pytest.raises(SystemExit, match="warmup_steps=5 takes more than half of the 6-step run"):
+        main(["train", *tiny, "--layer", "0", "--trainer", "TopKTrainer:k=2", "--set", "warmup_steps=5",
+              "--steps", "6", "--batch-size", "16", "--n-ctxs", "8", "--out", str(tmp_path / "run")])  # fmt: skip

@@ -124,7 +124,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
         trainSAE([torch.randn(8, 16)], CONFIGS, STEPS, save_dir=tmp_path / "b", progress=False)
     with pytest.raises(TypeError, match="unknown config keys 'dict_sise'"):
         trainSAE(batches(), [dict(CONFIGS[0], dict_sise=3)], STEPS, save_dir=tmp_path / "c", progress=False)
-    with pytest.raises(ValueError, match="warmup_steps=1000 must be >= 0 and < steps=60"):
+    with pytest.raises(ValueError, match="warmup_steps=1000 takes more than half of the 60-step run"):
         trainSAE(batches(), [dict(CONFIGS[0], warmup_steps=1000)], STEPS, progress=False)
     assert not any((tmp_path / name).exists() for name in "abc")
 
@@ -186,3 +186,17 @@ def test_wandb_logs_one_run_per_trainer_with_steps(monkeypatch):
     assert runs[0].kwargs["config"]["note"] == "x" and runs[0].kwargs["project"] == "p"
     assert [step for step, _ in runs[1].logged] == [0, 20, 40]
     assert "frac_variance_explained" in runs[1].logged[0][1] and all(r.finished for r in runs)
+
+
+def test_a_warmup_that_does_not_fit_a_short_run_is_fitted_with_a_note_or_refused_when_set(tmp_path, caplog):
+    unset = {k: v for k, v in CONFIGS[0].items() if k not in ("warmup_steps", "threshold_start_step")}
+    trainSAE(batches(), [unset], STEPS, save_dir=tmp_path / "a", progress=False)
+    assert "TopKTrainer: a 60-step run: warmup_steps 1000 -> 3, threshold_start_step 1000 -> 6" in caplog.text
+    trainer = json.loads((tmp_path / "a" / "trainer_0" / "config.json").read_text())["trainer"]
+    assert (trainer["warmup_steps"], trainer["threshold_start_step"]) == (3, 6)
+    trainSAE(batches(), None, STEPS, resume_from=tmp_path / "a", progress=False)  # the same fitted values
+    with pytest.raises(ValueError, match=r"TopKTrainer: warmup_steps=31 takes more than half .* warmup_steps=6"):
+        trainSAE(batches(), [dict(unset, warmup_steps=31)], STEPS, progress=False)
+    with pytest.raises(ValueError, match=r"sparsity_warmup_steps=40 takes more than half of the 60-step run"):
+        trainSAE(batches(), [dict(CONFIGS[1], sparsity_warmup_steps=40)], STEPS, progress=False)
+    trainSAE(batches(), [dict(unset, warmup_steps=30)], STEPS, progress=False)  # half the run: allowed

@@ -69,7 +69,7 @@ class TrainerConfig:
     """train on the firing latents only when few fire (same values and gradients, faster)"""
 
     def __post_init__(self) -> None:
-        self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        """Rules between fields (a recipe's Config adds its own); each value alone is checked by `check`."""
 
     @classmethod
     def names(cls) -> list[str]:
@@ -83,7 +83,7 @@ class TrainerConfig:
     def from_call(cls, owner: str, args: tuple, kwargs: dict[str, Any]) -> TrainerConfig:
         """The config of a constructor call `owner(*args, **kwargs)`, with Python's own errors for a
         call that does not fit (too many positional arguments, a field given twice or missing) and
-        `check_keys`' for an unknown keyword."""
+        `check`'s for an unknown key or a value that cannot be right."""
         names = cls.names()
         if len(args) > len(names):
             raise TypeError(f"{owner}() takes at most {len(names)} positional arguments ({len(args)} given)")
@@ -91,11 +91,19 @@ class TrainerConfig:
         twice = sorted(set(given) & set(kwargs))
         if twice:
             raise TypeError(f"{owner}() got multiple values for argument {twice[0]!r}")
-        cls.check_keys(owner, kwargs)
+        cls.check(owner, given | kwargs)
         missing = [f.name for f in dataclasses.fields(cls) if f.default is MISSING and f.name not in given | kwargs]
         if missing:
             raise TypeError(f"{owner}() missing required argument{'s' * (len(missing) > 1)}: {', '.join(missing)}")
         return cls(**given, **kwargs)
+
+    @classmethod
+    def check(cls, owner: str, values: dict[str, Any]) -> None:
+        """The one check of a trainer's options, before any work (the constructor runs it; the
+        command line too, before the model loads): unknown keys (`check_keys`) and values that
+        cannot be right whatever the recipe (`check_values`)."""
+        cls.check_keys(owner, values)
+        cls.check_values(values, owner)
 
     @classmethod
     def check_keys(cls, owner: str, keys: Iterable[str]) -> None:
@@ -127,6 +135,11 @@ class TrainerConfig:
                 )
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{owner}: {key}={value} is not a finite number")
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each field's default (fields without one are left out)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not MISSING}
 
     @classmethod
     def signature(cls) -> inspect.Signature:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Any
 
 
 def get_lr_schedule(
@@ -58,3 +60,45 @@ def get_sparsity_warmup_fn(total_steps: int, sparsity_warmup_steps: int | None =
     if not sparsity_warmup_steps:
         return lambda s: 1.0
     return lambda s: min(s / sparsity_warmup_steps, 1.0)
+
+
+# ------------------------------------------------------------------------------------ short runs
+# Phases whose reference defaults (1,000-15,000 steps) would swallow a short run: the share of the run
+# each gets when its option is left unset and its default exceeds `fits` times the run.
+SHORT_RUN = {
+    "warmup_steps": {"share": 1 / 20, "fits": 1 / 10},
+    "sparsity_warmup_steps": {"share": 1 / 10, "fits": 1 / 5},
+    "threshold_start_step": {"share": 1 / 10, "fits": 1 / 5},
+    "anneal_start": {"share": 1 / 2, "fits": 1},
+}
+# Warm-ups (from step 0) that an explicit setting may stretch over at most half of the run.
+WARMUPS = ("warmup_steps", "sparsity_warmup_steps", "k_anneal_steps")
+
+logger = logging.getLogger(__name__)
+
+
+def fit_to_run(
+    options: dict[str, Any], defaults: dict[str, Any], steps: int, owner: str, new_run: bool = True
+) -> dict[str, Any]:
+    """A trainer's options for a run of `steps` steps (a new dict): a schedule option left unset
+    whose default does not fit the run (the reference's 1,000-step warm-up of a 1,500-step run) is
+    set to its share of the run, with a one-line note; a warm-up set explicitly to more than half
+    the run is refused. The one rule for Python and the command line. A resumed run (`new_run`
+    False) gets the same fitted values, without the note or the refusal."""
+    fitted, changed = dict(options), []
+    for option, rule in SHORT_RUN.items():
+        default = defaults.get(option)
+        if option in options or not isinstance(default, int) or default <= steps * rule["fits"]:
+            continue
+        fitted[option] = max(1, int(steps * rule["share"]))
+        changed.append(f"{option} {default} -> {fitted[option]}")
+    for option in WARMUPS if new_run else ():
+        value = options.get(option)
+        if isinstance(value, int) and not isinstance(value, bool) and value > steps / 2:
+            raise ValueError(
+                f"{owner}: {option}={value} takes more than half of the {steps}-step run; lower it (e.g. "
+                f"{option}={max(1, steps // 10)}), train longer, or leave it unset to fit it to the run"
+            )
+    if changed and new_run:
+        logger.warning("%s: a %d-step run: %s (set them to choose)", owner, steps, ", ".join(changed))
+    return fitted

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -80,7 +80,8 @@ class StepOutput:
         return float(self.loss)
 
     def __iter__(self) -> Iterator[Any]:
-        yield from (self.target, self.x_hat, self.dense_f(), {k: float(v) for k, v in self.losses.items()})
+        losses = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in self.losses.items()}
+        yield from (self.target, self.x_hat, self.dense_f(), losses)
 
 
 def jsonable(value: Any) -> Any:
@@ -287,16 +288,6 @@ class RecipeTrainer(SAETrainer):
     def config_keys(cls) -> list[str]:
         """The constructor arguments a config dict may contain."""
         return cls.Config.names()
-
-    @classmethod
-    def check_config_keys(cls, keys: Iterable[str]) -> None:
-        """Raise a TypeError naming unknown keys, their likely intended spelling and the valid ones."""
-        cls.Config.check_keys(cls.__name__, keys)
-
-    @classmethod
-    def check_config_values(cls, config: dict[str, Any]) -> None:
-        """Raise a clear error for text where a number goes, or a NaN/Inf (before any work)."""
-        cls.Config.check_values(config, cls.__name__)
 
     @property
     def config(self) -> dict[str, Any]:
