@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from dictionary_learning import trainSAE
-from dictionary_learning.buffer import ActivationReader
 from dictionary_learning.e2e import E2EObjective, TokenBatches
 from dictionary_learning.evaluation import evaluate
 from dictionary_learning.models import default_texts, get_submodule, load_default_model, load_model
+from dictionary_learning.reader import ActivationReader
 
 
 def chunks(tokenizer, texts, ctx_len):

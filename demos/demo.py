@@ -30,11 +30,11 @@ from demo_common import add_run_arguments, start_run
 from tqdm.auto import tqdm
 
 from dictionary_learning import load_dictionary, trainSAE
-from dictionary_learning.buffer import ActivationReader
 from dictionary_learning.cache import ActivationCache, CacheError
 from dictionary_learning.evaluation import RunningMetrics, baseline, loss_recovered_metrics, paired_ce_difference
 from dictionary_learning.models import default_texts, get_submodule
 from dictionary_learning.nnsight_io import model_id
+from dictionary_learning.reader import ActivationReader
 from dictionary_learning.trainers import (
     BatchTopKTrainer,
     GatedSAETrainer,

@@ -25,11 +25,11 @@ import torch
 from demo_common import add_run_arguments, start_run
 
 from dictionary_learning import load_dictionary, trainSAE
-from dictionary_learning.buffer import ActivationReader
 from dictionary_learning.cache import ActivationCache, CacheError
 from dictionary_learning.evaluation import evaluate
 from dictionary_learning.models import default_texts, get_submodule
 from dictionary_learning.nnsight_io import model_id
+from dictionary_learning.reader import ActivationReader
 from dictionary_learning.trainers import BatchTopKCrossCoderTrainer, BatchTopKTrainer, TopKTrainer
 
 CTX_LEN, EVAL_BATCH = 128, 32

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .buffer import ActivationReader
 from .data import text_record
 from .distributed import check_shard
 from .nnsight_io import model_id, torch_model
+from .reader import ActivationReader
 from .safe_io import FolderLock, atomic_write, atomic_write_json, remove_dead_temporaries, sha256_file
 
 logger = logging.getLogger(__name__)

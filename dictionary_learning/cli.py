@@ -444,34 +444,6 @@ def cmd_train(args) -> None:
         print(f"saved {len(configs)} dictionaries under {out}/trainer_*")
 
 
-_PUBLISHED_SITE = re.compile(r"(?P<kind>attn|mlp|resid)_out_layer(?P<layer>\d+)|(?P<embed>embed)")
-_PUBLISHED_SWEEP_SITE = re.compile(r"resid_post_layer_(?P<layer>\d+)")
-
-
-def recorded_site(folder, config: dict) -> dict:
-    """What a dictionary says about where it was trained: config.json's "site" (ours), else the
-    trainer's lm_name / layer and the buffer's io, else the site a published folder's name
-    encodes; missing entries are None."""
-    site = dict(config.get("site") or {})
-    trainer, buffer = config.get("trainer") or {}, config.get("buffer") or {}
-    site["measured"] = bool(site.get("model"))  # recorded from the data, not a user's lm_name
-    site.setdefault("model", None)
-    if site["model"] is None:
-        site["model"] = trainer.get("lm_name")
-    site.setdefault("io", buffer.get("io"))
-    if site.get("layer") is None:
-        site["layer"] = trainer.get("layer")
-    site.setdefault("module", None)
-    published = _PUBLISHED_SITE.search(str(folder))
-    sweep = _PUBLISHED_SWEEP_SITE.search(str(folder))
-    if site["module"] is None and published:
-        site["kind"] = "embed" if published["embed"] else published["kind"]
-        site["layer"] = 0 if published["embed"] else int(published["layer"])
-    elif site["module"] is None and sweep:
-        site["kind"], site["layer"] = "resid", int(sweep["layer"])
-    return site
-
-
 def _same_model(a: str | None, b: str | None) -> bool:
     return a is None or b is None or a == b or Path(a).name == Path(b).name
 
@@ -546,6 +518,7 @@ def _check_asked_site(folder, site: dict, asked: str, args) -> None:
 def cmd_eval(args) -> None:
     from .checkpoint import load_dictionary
     from .evaluation import evaluate
+    from .sites import recorded_site
 
     missing = [folder for folder in args.dictionaries if not Path(folder).exists() and "://" not in folder]
     if missing:
@@ -572,7 +545,8 @@ def cmd_eval(args) -> None:
 def _reader(args, docs, model, config: dict, site, io: str):
     """What `eval` and `features` read: the recorded site(s); for a model-diffing crosscoder the
     same tokens through both recorded models (`PairedActivationBuffer`)."""
-    from .buffer import ActivationReader, PairedActivationBuffer
+    from .buffer import PairedActivationBuffer
+    from .reader import ActivationReader
 
     reading = dict(io=io, ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, pack=not args.no_pack)
     paired = (config.get("buffer") or {}).get("paired_model")
@@ -633,6 +607,7 @@ def cmd_features(args) -> None:
     from .checkpoint import load_dictionary
     from .dashboard import collect_feature_stats, write_dashboard
     from .nnsight_io import model_id
+    from .sites import recorded_site
 
     folder = args.dictionary
     if not Path(folder).exists() and "://" not in folder:
@@ -650,14 +625,6 @@ def cmd_features(args) -> None:
     print(f"wrote {index} ({stats.n_tokens} {docs.record['part']} tokens of {docs.record['source']})")
 
 
-SWEEPS = {
-    "standard": "pythia70m_sweep_standard_ctx128_0712",
-    "topk": "pythia70m_sweep_topk_ctx128_0730",
-    "gated": "pythia70m_sweep_gated_ctx128_0730",
-}
-SWEEP_SOURCE = "hf://canrager/lm_sae"
-
-
 def cmd_download(args) -> None:
     if args.site is None and args.trainer is None:
         script = Path(__file__).parent / "scripts" / "download_pythia_dictionaries.sh"
@@ -667,33 +634,15 @@ def cmd_download(args) -> None:
             "error: one dictionary of a SAEBench Pythia-70m sweep is --site resid_post_layer_<layer> --trainer <i> "
             "(with --sweep); without both, download fetches the whole 10_32768 set"
         )
-    print(f"downloaded {download_sweep_dictionary(args.sweep, args.site, args.trainer, Path(args.dest))}")
-
-
-def download_sweep_dictionary(sweep: str, site: str, trainer: int, dest: Path) -> Path:
-    """Fetch `ae.pt` and `config.json` of one published sweep dictionary into
-    DEST/dictionaries/<sweep folder>/<site>/trainer_<i>, check that it loads, and return the folder.
-    $DL_SWEEPS_SOURCE replaces the Hub repository (a local mirror folder, for tests)."""
-    import shutil
-
     from .checkpoint import load_dictionary
-    from .hub import download
+    from .hub import fetch_sweep_dictionary
 
-    folder = f"{SWEEPS[sweep]}/{site}/trainer_{trainer}"
-    source = os.environ.get("DL_SWEEPS_SOURCE", SWEEP_SOURCE)
     try:
-        local = download(f"{source}/{folder}") if source.startswith("hf://") else Path(source) / folder
-    except FileNotFoundError:
-        local = Path("/nonexistent")
-    if not (local / "ae.pt").is_file():
-        raise SystemExit(f"error: {source} has no dictionary {folder} (sites resid_post_layer_0-5, trainers 0-N)")
-    target = dest / "dictionaries" / folder
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("ae.pt", "config.json"):
-        if (local / name).is_file():
-            shutil.copyfile(local / name, target / name)
+        target = fetch_sweep_dictionary(args.sweep, args.site, args.trainer, Path(args.dest))
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     load_dictionary(target)  # a damaged or foreign file fails here, naming it
-    return target
+    print(f"downloaded {target}")
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -900,6 +849,8 @@ def _add_features_command(sub) -> None:
 
 
 def _add_download_command(sub) -> None:
+    from .hub import SWEEPS
+
     p = sub.add_parser(
         "download",
         help="download published Pythia-70m-deduped dictionaries",

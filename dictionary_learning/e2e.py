@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .buffer import check_positive_ints, ensure_pad_token, tokenize_batch
 from .data import pack_documents, text_record
 from .dictionaries.base import device_of
 from .distributed import strided
+from .reader import check_positive_ints, ensure_pad_token, tokenize_batch
 from .splice import last_executed, module_name, root_module, run_model
 
 

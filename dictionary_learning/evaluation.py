@@ -8,14 +8,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .buffer import (  # noqa: F401 (the reference re-exports ActivationBuffer and NNsightActivationBuffer here)
-    ActivationBuffer,
-    ActivationReader,
-    NNsightActivationBuffer,
-    reader_sites,
-)
+from .buffer import ActivationBuffer, NNsightActivationBuffer  # noqa: F401 (the reference re-exports them here)
 from .config import DEBUG  # noqa: F401
 from .dictionaries.base import device_of
+from .reader import ActivationReader, reader_sites
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ CONFIG_FILE = "config.json"
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 CHECKSUMS = "sha256"  # config.json: {file name relative to the folder: sha256 of its bytes}
-PREVIOUS_CHECKSUMS = "sha256_replaced"  # only while a recorded file is being replaced
+PREVIOUS_CHECKSUMS = "sha256_replaced"  # the digest of the file the last save replaced (see save_recorded)
 
 
 class CheckpointError(ValueError):
@@ -73,11 +73,12 @@ def save_recorded(
     state_dict: dict[str, torch.Tensor], folder: str | Path, name: str, config: dict | None = None
 ) -> Path:
     """Write `folder/name` (a state dict) atomically with its sha256 recorded in `folder/config.json`
-    (`config`, or the folder's current one), which `load_dictionary` checks.
+    (`config`, or the folder's current one), which `load_dictionary` checks; config.json is written
+    once, between the new file's write and its rename into place.
 
-    The two files change one after the other, so while the new weights are renamed into place
-    config.json accepts both their checksum and the one of the file they replace: a kill at any
-    instant leaves a folder that loads."""
+    The two files change one after the other, so config.json accepts both the new file's checksum
+    and the one of the file it replaces (until the next save): a kill at any instant leaves a
+    folder that loads."""
     folder = Path(folder)
     path = folder / name
     current = read_config(folder)
@@ -92,8 +93,7 @@ def save_recorded(
             transition[PREVIOUS_CHECKSUMS] = {name: old}
         atomic_write_json(transition, folder / CONFIG_FILE)
 
-    digest = atomic_write(path, _writer(state_dict, path), before_rename=record)
-    atomic_write_json(base | {CHECKSUMS: sums | {name: digest}}, folder / CONFIG_FILE)
+    atomic_write(path, _writer(state_dict, path), before_rename=record)
     return path
 
 

@@ -125,3 +125,35 @@ def push_to_hub(
             commit_message=commit_message or f"Upload {type(ae).__name__} ({ae.activation_dim} -> {ae.dict_size})",
         )
     return str(HubAddress(repo_id, folder.strip("/"), revision))
+
+
+# ------------------------------------------------------------------------------- published sweeps
+# The SAEBench Pythia-70m sweeps (the reference's authors' dictionaries): name -> folder in SWEEP_SOURCE.
+SWEEPS = {
+    "standard": "pythia70m_sweep_standard_ctx128_0712",
+    "topk": "pythia70m_sweep_topk_ctx128_0730",
+    "gated": "pythia70m_sweep_gated_ctx128_0730",
+}
+SWEEP_SOURCE = "hf://canrager/lm_sae"
+
+
+def fetch_sweep_dictionary(sweep: str, site: str, trainer: int, dest: Path) -> Path:
+    """Copy `ae.pt` and `config.json` of one published sweep dictionary into
+    DEST/dictionaries/<sweep folder>/<site>/trainer_<i> and return that folder (FileNotFoundError
+    when the source has none). $DL_SWEEPS_SOURCE replaces the Hub repository (a local mirror, for tests)."""
+    import shutil
+
+    folder = f"{SWEEPS[sweep]}/{site}/trainer_{trainer}"
+    source = os.environ.get("DL_SWEEPS_SOURCE", SWEEP_SOURCE)
+    try:
+        local = download(f"{source}/{folder}") if source.startswith(HUB_PREFIX) else Path(source) / folder
+    except FileNotFoundError:
+        local = Path("/nonexistent")
+    if not (local / "ae.pt").is_file():
+        raise FileNotFoundError(f"{source} has no dictionary {folder} (sites resid_post_layer_0-5, trainers 0-N)")
+    target = dest / "dictionaries" / folder
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("ae.pt", "config.json"):
+        if (local / name).is_file():
+            shutil.copyfile(local / name, target / name)
+    return target

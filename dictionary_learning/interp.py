@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 import torch
 
-from .buffer import ActivationReader, reader_sites
 from .dictionaries.base import device_of
 from .nnsight_io import model_device, read_activations
+from .reader import ActivationReader, reader_sites
 from .splice import dictionary_replacement, run_model
 
 

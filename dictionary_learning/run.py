@@ -205,22 +205,34 @@ class RunFolder:
         return f"the last good state, after step {self.last_backup}, is in {self.root}; resume_from continues it"
 
     # ---------------------------------------------------------------------------------------- writing
-    def write_configs(
-        self, trainers: list, records: dict[str, Any], norm_factor: float | None, sites: list[dict] | None = None
-    ) -> None:
+    @staticmethod
+    def configs(
+        trainers: list, records: dict[str, Any], norm_factor: float | None, sites: list[dict] | None = None
+    ) -> list[dict[str, Any]]:
         """Each trainer's config.json: its trainer config, the run's records, and its site."""
-        for i, (folder, trainer) in enumerate(zip(self.dirs, trainers)):
+        configs = []
+        for i, trainer in enumerate(trainers):
             config: dict[str, Any] = {"trainer": trainer.config} | ({"site": sites[i]} if sites else {})
             if norm_factor is not None:
                 config["trainer"]["norm_factor"] = norm_factor  # already folded into the saved weights
-            write_config(config | records, folder)
+            configs.append(config | records)
+        return configs
 
-    def save_weights(self, trainers: list, norm_factor: float | None, step: int | None = None) -> None:
-        """`ae.pt` (or with `step`, `checkpoints/ae_{step}.pt`), normalisation folded in."""
-        for folder, trainer in zip(self.dirs, trainers):
+    def write_configs(self, configs: list[dict[str, Any]]) -> None:
+        """Write each trainer's config.json (before any weights: the run's start)."""
+        for folder, config in zip(self.dirs, configs):
+            write_config(config, folder)
+
+    def save_weights(
+        self, trainers: list, norm_factor: float | None, step: int | None = None, configs: list[dict] | None = None
+    ) -> None:
+        """`ae.pt` (or with `step`, `checkpoints/ae_{step}.pt`), normalisation folded in; with
+        `configs`, config.json becomes those (written once, with the weights' checksum)."""
+        for i, (folder, trainer) in enumerate(zip(self.dirs, trainers)):
             scale = norm_factor or 1.0
             if step is None:
-                save_dictionary(trainer.ae, folder, read_config(folder), self.safetensors, bias_scale=scale)
+                config = configs[i] if configs is not None else read_config(folder)
+                save_dictionary(trainer.ae, folder, config, self.safetensors, bias_scale=scale)
             else:
                 save_recorded(trainer.ae.scaled_state_dict(scale), folder, f"checkpoints/ae_{step}.pt")
 

@@ -26,7 +26,6 @@ from .evaluation import (
     evaluate,  # noqa: F401
     frac_variance_explained,
 )
-from .models import layer_of
 from .run import (
     MAX_CONSECUTIVE_BAD_BATCHES,
     GracefulStop,
@@ -40,6 +39,7 @@ from .run import (
     restore_data_state,
 )
 from .run_config import RunConfig
+from .sites import site_record
 from .trainers.schedules import fit_to_run
 from .trainers.standard import StandardTrainer  # noqa: F401
 from .trainers.trainer import TRAINER_REGISTRY, BatchLayoutError, RecipeTrainer, SAETrainer, jsonable, resolve_device
@@ -113,26 +113,6 @@ def _site_keys(batch: Any, trainers: list[SAETrainer], split_by_head: bool = Fal
             )
         keys.append(name)
     return keys
-
-
-def site_record(buffer: dict | None, trainer: SAETrainer, key: str | int | None) -> dict[str, Any]:
-    """Where a trainer's activations came from, as config.json's "site" records it: the model id,
-    the module's dotted path, io and layer. From the buffer or cache when it says (the trainer's
-    `lm_name` and `layer` otherwise); None where neither knows."""
-    buffer = buffer or {}
-    modules = buffer.get("modules") or {}
-    module = modules.get(key) if isinstance(key, str) else next(iter(modules.values()), None)
-    layer = layer_of(module) if module else None
-    if buffer.get("stack_sites") or buffer.get("paired_model"):  # a crosscoder's sites: all of them, in order
-        module = list(modules.values())
-        layer = [layer_of(m) for m in module]
-    return {
-        "model": buffer.get("model") or trainer.config.get("lm_name"),
-        "module": module,
-        "io": buffer.get("io"),
-        "layer": layer if layer is not None else trainer.config.get("layer"),
-        "head": key if isinstance(key, int) else None,
-    }
 
 
 def _tensors_of(batch: Any) -> list[torch.Tensor]:
@@ -455,8 +435,9 @@ class _Run:
             records |= {"e2e": self.e2e.config} if self.e2e is not None else {}
             records["library"] = {"name": "dictionary_learning", "version": __version__}
             self.records = records
-            self.sites = [site_record(records.get("buffer"), trainer, key) for trainer, key in zip(trainers, keys)]
-            self.folder.write_configs(trainers, records, norm_factor, self.sites)
+            buffer = records.get("buffer")
+            self.sites = [site_record(buffer, trainer.config, key) for trainer, key in zip(trainers, keys)]
+            self.folder.write_configs(self.folder.configs(trainers, records, norm_factor, self.sites))
             self.norm_factor = norm_factor
             step, consumed, skipped = self._loop(batches, keys, step, consumed)
             self.guard.check(self.folder.describe_last_backup())
@@ -580,11 +561,12 @@ class _Run:
     def _backup(self, step: int, consumed: int) -> None:
         # config.json says how many steps the weights saved with it were trained for (fewer than the
         # schedule's `steps` when the data ran out or the run was stopped)
-        self.folder.write_configs(self.trainers, self.records | {"steps_trained": step}, self.norm_factor, self.sites)
+        records = self.records | {"steps_trained": step}
+        configs = self.folder.configs(self.trainers, records, self.norm_factor, self.sites)
         run_state = {"norm_factor": self.norm_factor, "e2e": self.e2e.config if self.e2e is not None else None}
         run_state["data"] = data_record(self.data)
         self.folder.save_backup(self.trainers, step, consumed, run_state)
-        self.folder.save_weights(self.trainers, self.norm_factor)  # ae.pt: the latest weights, loadable anywhere
+        self.folder.save_weights(self.trainers, self.norm_factor, configs=configs)  # ae.pt and its config.json
 
 
 def _check_enough_batches(data, steps_left: int, drawn: int = 1) -> None:

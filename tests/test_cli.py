@@ -331,7 +331,7 @@ def test_eval_json_has_the_interval_and_token_count(tmp_path, tiny, capsys):
 def test_download_one_sweep_dictionary_from_a_mirror(tmp_path, monkeypatch, capsys):
     from conftest import make_dictionary
 
-    from dictionary_learning.cli import SWEEPS
+    from dictionary_learning.hub import SWEEPS
 
     mirror = tmp_path / "mirror"
     make_dictionary("AutoEncoderTopK").save_pretrained(mirror / SWEEPS["topk"] / "resid_post_layer_3" / "trainer_7")
