@@ -452,3 +452,12 @@ def test_a_seeded_run_is_reproducible_on_the_sparse_path(name, monkeypatch):
             trainer.update(step, x)
         runs.append(trainer.ae.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), name
+
+
+def test_every_trainer_class_has_a_signature():
+    import inspect
+
+    from dictionary_learning.trainers.trainer import PenalisedTrainer, RecipeTrainer
+
+    for cls in [RecipeTrainer, PenalisedTrainer, *TRAINER_REGISTRY.values()]:
+        assert list(inspect.signature(cls).parameters)[:3] == ["steps", "activation_dim", "dict_size"], cls

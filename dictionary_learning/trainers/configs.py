@@ -73,8 +73,9 @@ class TrainerConfig:
 
     @classmethod
     def names(cls) -> list[str]:
-        """Every field, in the constructor's positional order."""
-        order = cls.positional.split()
+        """Every field, in the constructor's positional order (the fields' own order for a config
+        that states none, such as the shared bases)."""
+        order = cls.positional.split() or [f.name for f in dataclasses.fields(cls)]
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(order) == fields, f"{cls.__name__}.positional must name each field once: {set(order) ^ fields}"
         return order
