@@ -12,11 +12,12 @@ buffer has refilled `--fills` times half its `n_ctxs` contexts (rows served = ro
   * reference: dictionary-learning 0.1.0's ActivationBuffer (nnsight 0.3) in its own venv.
 The three in our process run in turn, `--repeats` rounds; the ratio to the floor is the median of
 the rounds' ratios (a round's three measurements share the machine's drift).
-Memory: the peak RSS of a process with a buffer of N2 contexts minus that of one with N1 contexts,
-both reading the same documents (the smaller buffer keeps serving and refilling), against the growth
-of the activation tensor. The model's transient working set (several hundred MB) is the same in
-both and cancels out; the probes run with a fixed glibc mmap threshold so that RSS tracks live
-memory rather than freed blocks the allocator keeps.
+Memory: the resident set of a process whose buffer holds N2 contexts minus that of one with N1
+contexts, read once both have read the same documents (the smaller buffer keeps serving and
+refilling), against the growth of the activation tensor. The model's memory is the same in both and
+cancels out (the processes' peaks would not: loading the model peaks above what it keeps); the
+probes run with a fixed glibc mmap threshold so that RSS tracks live memory rather than freed
+blocks the allocator keeps.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,8 +56,13 @@ def corpus(path: str) -> list[str]:
         return json.load(fh)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb() -> float:
+    """This process's resident set now (Linux), in MB."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+
+KEPT: list = []  # the memory probes' buffers, alive until their RSS has been read
 
 
 def fill_and_read(buffer, source: Counting, documents: int) -> float:
@@ -67,6 +72,7 @@ def fill_and_read(buffer, source: Counting, documents: int) -> float:
     seconds = time.perf_counter() - start
     while source.taken < documents:
         next(buffer)
+    KEPT.append(buffer)
     return seconds
 
 
@@ -200,7 +206,7 @@ def child(args) -> dict:
             ours(args.n_ctxs, texts, args.documents)
         else:
             reference(args.n_ctxs, texts, args.model_dir, args.documents)
-        return {"peak_mb": peak_rss_mb()}
+        return {"rss_mb": rss_mb()}
     if args.impl == "ours":  # the floor, ours and our PyTorch-hooks buffer take turns in one process
         tokens = args.fills * args.n_ctxs * CTX_LEN // 2
         rounds = [
@@ -297,10 +303,10 @@ def main() -> None:
 
     documents = n2 + LM_BATCH
     tensor_mb = (n2 - n1) * CTX_LEN * WIDTH * 4 / 2**20
-    print(f"memory, peak RSS growth from a {n1}- to a {n2}-context buffer ({tensor_mb:.0f} MB more activations),")
+    print(f"memory, RSS growth from a {n1}- to a {n2}-context buffer ({tensor_mb:.0f} MB more activations),")
     print(f"both reading {documents} documents:")
     for name, python in impls.items():
-        peaks = [run_child(python, name, n, fh.name, 0, documents)["peak_mb"] for n in (n1, n2)]
+        peaks = [run_child(python, name, n, fh.name, 0, documents)["rss_mb"] for n in (n1, n2)]
         grown = peaks[1] - peaks[0]
         print(f"  {name:30s} {grown:7.0f} MB   {grown / tensor_mb:.2f}x the tensor growth")
 
