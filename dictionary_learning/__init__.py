@@ -27,13 +27,17 @@ from .dictionaries import (
     MatryoshkaBatchTopKSAE,
     register_dictionary,
 )
+from .evaluation import evaluate
+from .reader import ActivationReader
 from .run import NonFiniteTrainingError, TrainingInterrupted
+from .run_config import RunConfig
 from .safe_io import FolderLockedError
 from .trainers import TRAINER_REGISTRY
 from .training import trainSAE
 
 __all__ = [
     "ActivationBuffer",
+    "ActivationReader",
     "DICTIONARY_REGISTRY",
     "AutoEncoder",
     "AutoEncoderNew",
@@ -50,8 +54,10 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "NonFiniteTrainingError",
     "PairedActivationBuffer",
+    "RunConfig",
     "TRAINER_REGISTRY",
     "TrainingInterrupted",
+    "evaluate",
     "get_nested_folders",
     "load_dictionary",
     "register_dictionary",
