@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 from demo_common import add_run_arguments, start_run
-from tqdm.auto import tqdm
 
 from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.cache import ActivationCache, CacheError
-from dictionary_learning.evaluation import RunningMetrics, baseline, loss_recovered_metrics, paired_ce_difference
+from dictionary_learning.evaluation import evaluate_dictionaries
 from dictionary_learning.models import default_texts, get_submodule
 from dictionary_learning.nnsight_io import model_id
 from dictionary_learning.reader import ActivationReader
@@ -142,25 +141,10 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def evaluate_all(model, site, dictionaries: list, n_tokens: int, device: str) -> list[dict]:
-    """Every dictionary on the same held-out contexts (at least `n_tokens` tokens): per batch, the
-    clean and zero-ablated runs once, then each dictionary spliced in; metrics pooled over all
-    tokens, with 95 % bootstrap intervals over contexts, and the CE difference from the dictionary
-    with the lowest CE (`vs_best`, a bootstrap paired over the same contexts)."""
+    """Every dictionary on the same held-out contexts (`evaluation.evaluate_dictionaries`)."""
     reader = ActivationReader(default_texts(split="held_out"), model, site, ctx_len=CTX_LEN)
-    running = [RunningMetrics() for _ in dictionaries]
-    n_batches = -(-n_tokens // (EVAL_BATCH * CTX_LEN))
-    for _ in tqdm(range(n_batches), desc=f"evaluating {len(dictionaries)} dictionaries"):
-        tokens = reader.tokenize(reader.text_batch(EVAL_BATCH))
-        base = baseline(reader, tokens)  # the clean and zero-ablated runs, shared by every dictionary
-        for ae, metrics in zip(dictionaries, running):
-            losses, x, x_hat, f = loss_recovered_metrics(ae.to(device), reader, tokens, base=base)
-            metrics.add(x, x_hat, f, losses["rows"])
-    results = [m.result() for m in running]
-    best = min(range(len(results)), key=lambda i: results[i]["ce_diff"])
-    for result, metrics in zip(results, running):
-        d, lo, hi = paired_ce_difference(metrics.rows, running[best].rows)
-        result |= {"vs_best": d, "vs_best_lo": lo, "vs_best_hi": hi, "best": f"trainer_{best}"}
-    return results
+    results = evaluate_dictionaries(reader, [ae.to(device) for ae in dictionaries], n_tokens, EVAL_BATCH)
+    return [r | {"best": f"trainer_{r['best']}"} for r in results]
 
 
 def print_table(results: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""Command line: `python -m dictionary_learning {train,cache,eval,features,download} --help`."""
+"""Command line: `python -m dictionary_learning {train,cache,eval,features,download,synthetic} --help`."""
 
 from __future__ import annotations
 
@@ -258,6 +258,16 @@ def _read_config_file(path: str) -> list[dict]:
     return configs
 
 
+def _with_seeds(configs: list[dict], seeds: int | None) -> list[dict]:
+    """Each config once per seed 0..seeds-1 (`--seeds`), all trained on the same stream."""
+    if not seeds:
+        return configs
+    fixed = [c["trainer"] for c in configs if "seed" in c]
+    if fixed:
+        raise SystemExit(f"error: --seeds sets every trainer's seed, but {fixed[0]} sets seed itself: drop one of them")
+    return [dict(config, seed=seed) for config in configs for seed in range(seeds)]
+
+
 def _check_out(path: Path, overwrite: bool) -> None:
     """Fail before loading anything if --out holds another run (trainSAE removes it with --overwrite)."""
     from .run import previous_run_files
@@ -418,7 +428,7 @@ def cmd_train(args) -> None:
 
     from .training import trainSAE
 
-    configs = _trainer_configs(args)
+    configs = _with_seeds(_trainer_configs(args), args.seeds)
     torch.manual_seed(args.seed)  # the trainers without a seed of their own, and the buffer's shuffle
     out = Path(args.out)
     if not args.resume:
@@ -517,29 +527,110 @@ def _check_asked_site(folder, site: dict, asked: str, args) -> None:
 
 def cmd_eval(args) -> None:
     from .checkpoint import load_dictionary
-    from .evaluation import evaluate
     from .sites import recorded_site
+    from .suite import Entry, check_suites, find_dictionaries
 
+    suites = check_suites(args.suite)
+    probe_data = _probe_data(args) if "sparse_probing" in suites else None  # a bad file fails before the model
     missing = [folder for folder in args.dictionaries if not Path(folder).exists() and "://" not in folder]
     if missing:
         raise SystemExit(f"error: {missing[0]} does not exist: give a checkpoint folder (with ae.pt and config.json)")
     dictionaries = []  # every dictionary is loaded (and checked) before the model
-    for folder in args.dictionaries:
+    for folder in find_dictionaries(args.dictionaries):
         ae, config = load_dictionary(folder, device=args.device)
         dictionaries.append((folder, ae, config, recorded_site(folder, config)))
     model, docs, plan = _eval_plan(args, dictionaries)
+    entries = [Entry(str(folder), ae, config) for folder, ae, config, _ in dictionaries]
     rows = []
-    for (folder, ae, site, io), (_, _, config, _) in zip(plan, dictionaries):
-        reader = _reader(args, docs, model, config, site, io)
+    for (folder, ae, site, io), entry in zip(plan, entries):
+        reader = _reader(args, docs, model, entry.config, site, io)
         _check_width(folder, reader, ae, model)
-        metrics = evaluate(
-            ae, reader, max_len=args.ctx_len, batch_size=args.batch_texts, n_batches=args.n_batches, device=args.device
-        )
-        rows.append((folder, reader.names[0], metrics))
-        if args.json:
-            print(json.dumps({"dictionary": str(folder), "site": reader.names[0], "text": docs.record, **metrics}))
-    if not args.json:
-        _print_eval_table(rows, docs.record)
+        entry.record |= {"dictionary": str(folder), "site": reader.names[0], "text": docs.record}
+        if "core" in suites:
+            rows.append((folder, reader.names[0], _core(args, ae, reader, entry)))
+    _probing_suites(args, suites, model, plan, entries, probe_data)
+    _eval_output(args, suites, entries, rows, docs.record)
+
+
+def _core(args, ae, reader, entry) -> dict:
+    from .evaluation import evaluate
+
+    metrics = evaluate(
+        ae, reader, max_len=args.ctx_len, batch_size=args.batch_texts, n_batches=args.n_batches, device=args.device
+    )
+    entry.record |= {f"core/{k}": v for k, v in metrics.items()}
+    return metrics
+
+
+def _probing_suites(args, suites, model, plan, entries, probe_data) -> None:
+    """Sparse probing and absorption: the SAEs at each site together, one model pass per suite."""
+    from .suite import probing_overlap, run_absorption, run_probing
+
+    by_site: dict[str, list[int]] = {}
+    for i, (_, ae, site, io) in enumerate(plan):
+        if getattr(ae, "transcoder", False) or getattr(ae, "num_layers", 1) != 1 or io not in ("out", "in"):
+            entries[i].record["note"] = "sparse probing and absorption score SAEs at one site"
+            continue
+        by_site.setdefault(site if isinstance(site, str) else _site_name(model, site), []).append(i)
+    for site, indices in by_site.items():
+        aes = [entries[i].ae for i in indices]
+        if "sparse_probing" in suites:
+            llm, records = run_probing(model, site, aes, probe_data, args.ctx_len, args.batch_texts)
+            for i, record in zip(indices, records):
+                overlap = probing_overlap(probe_data.texts, entries[i].config.get("buffer"), probe_data.source)
+                entries[i].record |= {f"sparse_probing/{k}": v for k, v in (llm | record).items()}
+                entries[i].record |= {"sparse_probing/data": probe_data.record(), "sparse_probing/overlap": overlap}
+        if "absorption" in suites:
+            probe, records = run_absorption(model, site, aes, args.absorption_words, args.batch_texts)
+            for i, record in zip(indices, records):
+                entries[i].record |= {f"absorption/{k}": v for k, v in (probe | record).items()}
+
+
+def _site_name(model, site) -> str:
+    from .nnsight_io import resolve_site
+
+    return resolve_site(model, site, "out").name
+
+
+def _probe_data(args):
+    from .probing import bbc_topics, read_probe_file
+
+    data = read_probe_file(args.probe_data, args.text_field, args.label_field) if args.probe_data else bbc_topics()
+    data.split()  # too few texts of a class on one side fails here, before the model loads
+    if args.probe_texts and len(data.texts) > args.probe_texts:  # the first N texts of each class in turn
+        from .probing import ProbeData
+
+        order = sorted(range(len(data.texts)), key=lambda i: (data.labels[:i].count(data.labels[i]), i))
+        keep = sorted(order[: args.probe_texts])
+        data = ProbeData([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.source)
+        data.split()
+    return data
+
+
+def _eval_output(args, suites, entries, rows, text_record) -> None:
+    from .suite import pareto_plots, report
+
+    if args.json == "-":
+        for entry in entries:
+            print(json.dumps(_flat(entry.record)))
+    elif args.json:
+        Path(args.json).write_text(json.dumps([_flat(e.record) for e in entries], indent=1))
+        print(f"wrote {args.json} ({len(entries)} dictionaries)")
+    if args.json != "-":
+        if suites == ["core"] and len(rows) == len(entries) and len(entries) == len({e.setting for e in entries}):
+            _print_eval_table(rows, text_record)
+        else:
+            print("\n".join(report(entries)))
+            print(f"text: the {text_record['part']} part of {text_record['source']}; ~: within seed noise of the best")
+    if args.plots:
+        for path in pareto_plots(entries, Path(args.plots)):
+            print(f"wrote {path}")
+
+
+def _flat(record: dict) -> dict:
+    """A record for --json: the core metrics also under their plain names (the reference's keys)."""
+    core = {k.removeprefix("core/"): v for k, v in record.items() if k.startswith("core/")}
+    return core | record
 
 
 def _reader(args, docs, model, config: dict, site, io: str):
@@ -754,6 +845,11 @@ def _add_train_command(sub) -> None:
     p.add_argument("--cache", help="train from this activation cache instead of running the model")
     p.add_argument("--steps", type=positive_int, required=True, help="optimisation steps")
     p.add_argument(
+        "--seeds",
+        type=positive_int,
+        help="train each trainer config once per seed 0..N-1 on the same stream (eval reports mean and spread)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -811,7 +907,7 @@ def _add_eval_command(sub) -> None:
         "Pythia folders, .../mlp_out_layer3/10_32768, from the path); a --model, --layer or --site "
         "that contradicts them is refused, and so is text the dictionary trained on.",
     )
-    p.add_argument("dictionaries", nargs="+", help="checkpoint folders")
+    p.add_argument("dictionaries", nargs="+", help="checkpoint folders, or run folders (every trainer_* in them)")
     _add_model_args(p, "transformer layer (default: the recorded one)")
     _add_text_args(p, "held-out")
     p.add_argument("--batch-texts", type=positive_int, default=32, help="contexts per evaluation batch (default: 32)")
@@ -821,7 +917,29 @@ def _add_eval_command(sub) -> None:
     p.add_argument(
         "--allow-training-text", action="store_true", help="evaluate even on text the dictionary was trained on"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object per dictionary")
+    p.add_argument(
+        "--suite",
+        default="core",
+        help="comma-separated: core (reconstruction, loss recovered), sparse_probing, absorption (default: core)",
+    )
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="OUT",
+        help="one JSON record per dictionary: printed, or written to OUT as a list",
+    )
+    p.add_argument("--plots", metavar="DIR", help="write Pareto plots (L0 against FVE, CE increase, top-1 accuracy)")
+    probe = p.add_argument_group("sparse probing and absorption")
+    probe.add_argument("--probe-data", help="a labelled .jsonl or .csv file (default: the BBC News topics, 5 classes)")
+    probe.add_argument("--text-field", default="text", help="the probe file's text field (default: text)")
+    probe.add_argument("--label-field", default="label", help="the probe file's label field (default: label)")
+    probe.add_argument(
+        "--probe-texts", type=positive_int, help="probe at most this many texts, an equal share per class (default all)"
+    )
+    probe.add_argument(
+        "--absorption-words", type=positive_int, default=100, help="words per first letter (default: 100)"
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -866,6 +984,50 @@ def _add_download_command(sub) -> None:
     p.set_defaults(func=cmd_download)
 
 
+def cmd_synthetic(args) -> None:
+    from .synthetic_bench import SyntheticRun, run_synthetic, table
+
+    recipes = tuple(r.strip() for r in args.trainers.split(",") if r.strip())
+    unknown = [r for r in recipes if r not in TRAINER_REGISTRY]
+    if unknown:
+        raise SystemExit(f"error: unknown trainer {unknown[0]!r}; choose from {', '.join(TRAINER_REGISTRY)}")
+    if args.saelens_python and not Path(args.saelens_python).exists():
+        raise SystemExit(f"error: --saelens-python {args.saelens_python} does not exist")
+    run = SyntheticRun(recipes=recipes, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+                       n_features=args.features, d=args.d, mean_l0=args.mean_l0, dict_size=args.dict_size,
+                       k=args.k, lr=args.lr)  # fmt: skip
+    rows = run_synthetic(run, args.saelens_python)
+    print("\n".join(table(rows, run)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"run": run.__dict__, "rows": rows}, indent=1, default=str))
+        print(f"wrote {args.json}")
+
+
+def _add_synthetic_command(sub) -> None:
+    p = sub.add_parser(
+        "synthetic",
+        help="train recipes on a synthetic model and score them against its ground truth",
+        description="Train recipes on activations of a synthetic model with known features (Zipfian firing, "
+        "hierarchy, correlations), several seeds each, and print MCC, F1, shrinkage, FVE, L0, dead latents and "
+        "seconds per step (mean ± sd over seeds). With --saelens-python, SAELens's TopK, BatchTopK and "
+        "Matryoshka train beside ours on the same batches, width, k, lr and steps.",
+    )
+    p.add_argument("--trainers", default="TopKTrainer,BatchTopKTrainer,MatryoshkaBatchTopKTrainer",
+                   help="comma-separated recipes (default: the TopK family)")  # fmt: skip
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per recipe (default: 3)")
+    p.add_argument("--steps", type=positive_int, default=1500, help="training steps (default: 1500)")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="samples per step (default: 1024)")
+    p.add_argument("--features", type=positive_int, default=1024, help="true features (default: 1024)")
+    p.add_argument("--d", type=positive_int, default=128, help="activation width (default: 128)")
+    p.add_argument("--mean-l0", type=float, default=16.0, help="true features firing per sample (default: 16)")
+    p.add_argument("--dict-size", type=positive_int, default=1024, help="latents (default: 1024)")
+    p.add_argument("--k", type=positive_int, default=16, help="k of the TopK family, JumpReLU's target L0 (16)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of every recipe (default: 3e-4)")
+    p.add_argument("--saelens-python", help="python of a venv with sae-lens (tools/setup_saelens_venv.sh)")
+    p.add_argument("--json", help="write the rows (every seed's metrics) to this file")
+    p.set_defaults(func=cmd_synthetic)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dictionary_learning",
@@ -886,6 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(sub)
     _add_features_command(sub)
     _add_download_command(sub)
+    _add_synthetic_command(sub)
     return parser
 
 

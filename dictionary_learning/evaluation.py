@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .buffer import ActivationBuffer, NNsightActivationBuffer  # noqa: F401 (the reference re-exports them here)
 from .config import DEBUG  # noqa: F401
 from .dictionaries.base import device_of
+from .ground_truth import ground_truth_metrics  # noqa: F401 (its home is ground_truth; evaluation lists it)
 from .reader import ActivationReader, reader_sites
 
 
@@ -451,3 +452,32 @@ def loss_recovered(
     losses, _, _, _ = loss_recovered_metrics(dictionary, reader, reader.tokenize(rows), io, normalize_batch)
     losses.pop("rows")
     return tuple(torch.tensor(losses[k]) for k in ("loss_original", "loss_reconstructed", "loss_zero"))
+
+
+@torch.no_grad()
+def evaluate_dictionaries(
+    reader, dictionaries: list, n_tokens: int, batch_size: int = 32, progress: bool = True
+) -> list[dict[str, float]]:
+    """Every dictionary at the reader's site on the same contexts (at least `n_tokens` tokens): per
+    batch the clean and zero-ablated runs once, then each dictionary spliced in; metrics pooled over
+    all tokens (`RunningMetrics`), with 95 % bootstrap intervals over contexts, and each one's CE
+    difference from the dictionary with the lowest CE (`vs_best`, paired over the same contexts)."""
+    running = [RunningMetrics() for _ in dictionaries]
+    n_batches = -(-n_tokens // (batch_size * reader.ctx_len))
+    for _ in tqdm(range(n_batches), desc=f"evaluating {len(dictionaries)} dictionaries", disable=not progress):
+        try:
+            tokens = reader.tokenize(reader.text_batch(batch_size))
+        except StopIteration:
+            break
+        base = baseline(reader, tokens)  # shared by every dictionary
+        for ae, metrics in zip(dictionaries, running):
+            losses, x, x_hat, f = loss_recovered_metrics(ae, reader, tokens, base=base)
+            metrics.add(x, x_hat, f, losses["rows"])
+    if not running[0].rows:
+        raise ValueError("the evaluation text holds no tokens: give held-out text")
+    results = [m.result() for m in running]
+    best = min(range(len(results)), key=lambda i: results[i]["ce_diff"])
+    for result, metrics in zip(results, running):
+        d, lo, hi = paired_ce_difference(metrics.rows, running[best].rows)
+        result |= {"vs_best": d, "vs_best_lo": lo, "vs_best_hi": hi, "best": best}
+    return results

@@ -185,14 +185,19 @@ class ActivationReader:
     def read(self, tokens: dict[str, torch.Tensor], return_ids: bool = False) -> list[torch.Tensor]:
         """Activations of the kept positions of a token batch, one `[N, ...]` tensor per site (and,
         with `return_ids`, the `[N]` token ids of those positions last)."""
+        raw, keep, input_ids = self.read_padded(tokens)
+        kept = [r[keep] for r in raw]
+        return kept + [input_ids[keep]] if return_ids else kept
+
+    def read_padded(self, tokens: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """`(activations, keep, input_ids)` of a token batch: one `[B, L, ...]` tensor per site, the
+        `[B, L]` mask of the positions `read` keeps, and the ids (for per-text pooling)."""
         device = self._device()
         input_ids = tokens["input_ids"].to(device)
         attention_mask = tokens["attention_mask"].to(device)
         raw = self._read_raw(input_ids, attention_mask)
         raw = [torch.stack(r, dim=2) if isinstance(r, tuple) else r for r in raw]  # in_to_out: [B, L, 2, d]
-        keep = self.keep_mask(input_ids, attention_mask, raw)
-        kept = [r[keep] for r in raw]
-        return kept + [input_ids[keep]] if return_ids else kept
+        return raw, self.keep_mask(input_ids, attention_mask, raw), input_ids
 
     def keep_mask(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, acts: list[torch.Tensor]
