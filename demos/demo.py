@@ -3,7 +3,7 @@
     python demos/demo.py                                  # SmolLM2-135M, layer 3 MLP, offline
     python demos/demo.py --model EleutherAI/pythia-70m-deduped --layer 3 --site resid --device cuda
 
-1. caches the activations once (ActivationCache, with the model stopped after the layer);
+1. caches 196,608 activations once (ActivationCache, with the model stopped after the layer);
 2. trains Standard, Gated, p-anneal, TopK, BatchTopK, Matryoshka and JumpReLU dictionaries at two
    sparsities each, all from the same stream in one trainSAE call;
 3. evaluates each on 4,096 tokens of held-out articles (32 contexts of the deterministic split's
@@ -12,8 +12,11 @@
    dictionary replaces the layer's output, with 95 % bootstrap intervals over the evaluated
    contexts, and each dictionary's CE increase against the best one's, paired over the same
    contexts (those intervals stay tight on few tokens, where the absolute ones do not);
-4. writes results.json, plots/l0_vs_fve.png and plots/l0_vs_loss.png (loss recovered and CE
-   increase against L0, each point labelled with its setting), and prints a table.
+4. probes each on 500 BBC News articles for their topic (sparse probing, SAEBench's procedure:
+   logistic regression on the top-1 and top-5 latents, one model pass shared by all 14);
+5. writes results.json, plots/l0_vs_fve.png, plots/l0_vs_loss.png (loss recovered and CE
+   increase against L0) and plots/l0_vs_probing.png (top-1 and top-5 probing accuracy against
+   L0), each point labelled with its setting, and prints a table.
 The default settings take about 10 minutes on 2 CPU cores (`--full`: about 30, most of it 16 runs
 of the whole model over the 32k tokens).
 """
@@ -33,7 +36,9 @@ from dictionary_learning.cache import ActivationCache, CacheError
 from dictionary_learning.evaluation import evaluate_dictionaries
 from dictionary_learning.models import default_texts, get_submodule
 from dictionary_learning.nnsight_io import model_id
+from dictionary_learning.probing import bbc_topics
 from dictionary_learning.reader import ActivationReader
+from dictionary_learning.suite import probing_overlap, run_probing
 from dictionary_learning.trainers import (
     BatchTopKTrainer,
     GatedSAETrainer,
@@ -111,6 +116,10 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             ("frac_recovered", "fraction of next-token loss recovered"),
             ("ce_diff", "CE increase when spliced in (nats)"),
         ],
+        "l0_vs_probing.png": [
+            ("sae_top_1_test_accuracy", "top-1 sparse probing accuracy (BBC topics)"),
+            ("sae_top_5_test_accuracy", "top-5 sparse probing accuracy"),
+        ],
     }
     paths = []
     for name, keys in panels.items():
@@ -147,12 +156,23 @@ def evaluate_all(model, site, dictionaries: list, n_tokens: int, device: str) ->
     return [r | {"best": f"trainer_{r['best']}"} for r in results]
 
 
+def probe_all(model, site, dictionaries: list, results: list[dict], n_texts: int, cache_config: dict) -> dict:
+    """Sparse probing of every dictionary on BBC topics (one model pass; `suite.run_probing`); the
+    accuracies go into each result, the model's own and the data's record into the returned dict."""
+    data = bbc_topics().limited(n_texts)
+    llm, records = run_probing(model, site, dictionaries, data, CTX_LEN, EVAL_BATCH)
+    for result, record in zip(results, records):
+        result |= {k: v for k, v in record.items() if k != "per_class"}
+    overlap = probing_overlap(data.texts, cache_config, data.source)
+    return {"llm_test_accuracy": llm["llm_test_accuracy"], "data": data.record(), "overlap": overlap}
+
+
 def print_table(results: list[dict]) -> None:
     """One line per dictionary; "vs best": its CE increase minus the best one's, paired over the
     same contexts ("=" marks an interval that holds 0: not told apart from the best on this text)."""
     print(
         f"{'trainer':11s} {'recipe':27s} {'setting':25s} {'L0':>6s} {'FVE':>6s} {'loss recovered':>21s} "
-        f"{'CE increase':>22s} {'vs best (paired)':>26s} {'alive':>5s}"
+        f"{'CE increase':>22s} {'vs best (paired)':>26s} {'top-1':>5s} {'top-5':>5s}"
     )
     for r in results:
         rec = f"{r['frac_recovered']:.3f} [{r['frac_recovered_lo']:.3f}, {r['frac_recovered_hi']:.3f}]"
@@ -161,7 +181,8 @@ def print_table(results: list[dict]) -> None:
         vs = f"{r['vs_best']:+.4f} [{r['vs_best_lo']:+.4f}, {r['vs_best_hi']:+.4f}]{same}"
         print(
             f"{r['trainer']:11s} {r['recipe']:27s} {r['setting']:25s} {r['l0']:6.1f} "
-            f"{r['frac_variance_explained']:6.3f} {rec:>21s} {diff:>22s} {vs:>26s} {r['frac_alive']:5.2f}"
+            f"{r['frac_variance_explained']:6.3f} {rec:>21s} {diff:>22s} {vs:>26s} "
+            f"{r['sae_top_1_test_accuracy']:5.3f} {r['sae_top_5_test_accuracy']:5.3f}"
         )
 
 
@@ -169,11 +190,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", type=int, default=3, help="transformer layer to read")
     parser.add_argument("--site", default="mlp", choices=["mlp", "resid", "attn"], help="output of which module")
-    parser.add_argument("--tokens", type=int, default=262_144, help="training tokens (cached once)")
+    parser.add_argument("--tokens", type=int, default=196_608, help="training tokens (cached once)")
     parser.add_argument("--dict-size", type=int, default=None, help="features per dictionary (default 4 x width)")
     parser.add_argument("--batch-size", type=int, default=1024, help="activations per training step")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens to evaluate on")
     parser.add_argument("--full", action="store_true", help="evaluate on 32,768 held-out tokens (about 30 minutes)")
+    parser.add_argument(
+        "--probe-texts", type=int, default=500, help="BBC articles for sparse probing, an equal share per topic"
+    )
     add_run_arguments(parser, "runs/demo")
     args = parser.parse_args(argv)
     if args.full:
@@ -227,6 +251,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     eval_seconds = time.perf_counter() - start
     eval_tokens = results[0]["n_tokens"]
+    start = time.perf_counter()
+    probing = probe_all(model, site, dictionaries, results, args.probe_texts, cache.config)
+    probe_seconds = time.perf_counter() - start
 
     (out / "results.json").write_text(
         json.dumps(
@@ -239,7 +266,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "train_text": cache.config["text"],
                 "eval_text": default_texts(split="held_out").record,
                 "eval_tokens": eval_tokens,
-                "seconds": {"cache": cache_seconds, "train": train_seconds, "evaluate": eval_seconds},
+                "seconds": {
+                    "cache": cache_seconds,
+                    "train": train_seconds,
+                    "evaluate": eval_seconds,
+                    "probe": probe_seconds,
+                },
+                "sparse_probing": probing,
                 "results": results,
             },
             indent=2,
@@ -256,8 +289,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"clean CE {first['ce_clean']:.3f}, zero-ablated CE {first['ce_zero']:.3f} "
         f"[{first['ce_zero_lo']:.3f}, {first['ce_zero_hi']:.3f}]; times: cache {cache_seconds:.0f} s, "
-        f"training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s, "
+        f"training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s, probing {probe_seconds:.0f} s, "
         f"in all {time.perf_counter() - began:.0f} s"
+    )
+    print(
+        f"sparse probing: {probing['data']['n_train']} training and {probing['data']['n_test']} test BBC articles, 5 "
+        f"topics; the model's own activations: {probing['llm_test_accuracy']:.3f}; {probing['overlap']}"
     )
     print(f"wrote {out / 'results.json'}" + "".join(f", {p}" for p in plots))
     return results

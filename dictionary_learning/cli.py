@@ -596,14 +596,8 @@ def _probe_data(args):
     from .probing import bbc_topics, read_probe_file
 
     data = read_probe_file(args.probe_data, args.text_field, args.label_field) if args.probe_data else bbc_topics()
+    data = data.limited(args.probe_texts)
     data.split()  # too few texts of a class on one side fails here, before the model loads
-    if args.probe_texts and len(data.texts) > args.probe_texts:  # the first N texts of each class in turn
-        from .probing import ProbeData
-
-        order = sorted(range(len(data.texts)), key=lambda i: (data.labels[:i].count(data.labels[i]), i))
-        keep = sorted(order[: args.probe_texts])
-        data = ProbeData([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.source)
-        data.split()
     return data
 
 

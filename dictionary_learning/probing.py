@@ -68,6 +68,18 @@ class ProbeData:
                 )
         return train, test
 
+    def limited(self, n: int | None) -> ProbeData:
+        """At most `n` texts, taken from the classes in turn (an equal share each, as far as they go)."""
+        if not n or len(self.texts) <= n:
+            return self
+        seen: Counter = Counter()
+        rank = []
+        for i, label in enumerate(self.labels):
+            rank.append((seen[label], i))
+            seen[label] += 1
+        keep = sorted(i for _, i in sorted(rank)[:n])
+        return ProbeData([self.texts[i] for i in keep], [self.labels[i] for i in keep], self.source)
+
     def record(self, test_fraction: float = TEST_FRACTION) -> dict[str, Any]:
         train, test = self.split(test_fraction)
         return {
