@@ -873,6 +873,11 @@ def _add_train_command(sub) -> None:
         choices=["data", "trainers"],
         help="under torchrun: split each batch over processes (data) or spread the trainers over them (trainers)",
     )
+    _add_e2e_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_e2e_args(p: argparse.ArgumentParser) -> None:
     e2e = p.add_argument_group(
         "end-to-end training",
         "train with the dictionary spliced into the model (Braun et al. 2024): each step is one batch of "
@@ -889,7 +894,6 @@ def _add_train_command(sub) -> None:
     e2e.add_argument(
         "--downstream-weight", type=float, default=1.0, help="weight of each downstream MSE term (default: 1)"
     )
-    p.set_defaults(func=cmd_train)
 
 
 def _add_eval_command(sub) -> None:
