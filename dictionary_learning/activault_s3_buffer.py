@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .shuffle import OwnedShuffle
+
 MB = 1024 * 1024
 BUCKET_NAME = os.environ.get("S3_BUCKET_NAME", "main")
 _SIDE_FILES = ("metadata.json", "statistics.json", "cfg.json")
@@ -294,15 +296,12 @@ class ActivaultS3ActivationBuffer:
         self.d_submodule = cache.metadata["shape"][-1]
         self._files = iter(cache)
         self._rows = torch.empty(0, self.d_submodule)
-        # The shuffle here (when the cache does not shuffle): its own generator, seeded like ActivationBuffer's.
-        self.seed, self.generator, self._served = seed, None, 0
+        self.shuffle, self._served = OwnedShuffle(seed), 0  # used when the cache does not shuffle
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to read the same batches again: this shuffle's seed, and whether
         the cache's own order (file order and token shuffle) is seeded, which replay needs."""
-        if self.seed is None:
-            self.seed = int(torch.randint(0, 2**62, ()))
-        state: dict[str, Any] = {"seed": self.seed}
+        state = self.shuffle.state_dict()
         if self.replay_problem:
             state["not_replayable"] = self.replay_problem
         return state
@@ -319,9 +318,9 @@ class ActivaultS3ActivationBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the shuffle seed of an earlier run's buffer (`state_dict`); the buffer must be unread."""
-        if self._served or self.generator is not None:
+        if self._served or self.shuffle.started:
             raise ValueError("load_state_dict needs an unread buffer: build a new ActivaultS3ActivationBuffer")
-        self.seed = int(state["seed"])
+        self.shuffle.load_state_dict(state)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -346,18 +345,11 @@ class ActivaultS3ActivationBuffer:
             states = megabatch["states"] if isinstance(megabatch, dict) else megabatch
             new = states.reshape(-1, self.d_submodule)
             if not self.cache.shuffle or self.cache.return_ids:  # else the cache already shuffled its tokens
-                new = new[torch.randperm(new.shape[0], generator=self._generator()).to(new.device)]
+                new = new[torch.randperm(new.shape[0], generator=self.shuffle.generator()).to(new.device)]
             self._rows = torch.cat([self._rows.to(new.device, new.dtype), new]) if self._rows.numel() else new
         batch, self._rows = self._rows[: self.batch_size], self._rows[self.batch_size :]
         self._served += 1
         return batch.to(self.device)
-
-    def _generator(self) -> torch.Generator:
-        if self.generator is None:
-            if self.seed is None:
-                self.seed = int(torch.randint(0, 2**62, ()))
-            self.generator = torch.Generator().manual_seed(self.seed)
-        return self.generator
 
     def close(self) -> None:
         self.cache.close()

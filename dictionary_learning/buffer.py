@@ -27,6 +27,7 @@ from .reader import (  # noqa: F401 (ActivationReader and the helpers were impor
     tokenize_batch,
     tracer_kwargs,
 )
+from .shuffle import OwnedShuffle
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ class ActivationBuffer(ActivationReader):
         self.stack_sites = stack_sites
         self.n_ctxs, self.out_batch_size = int(n_ctxs), int(out_batch_size)
         self.device = torch.device(device)
-        self.seed = seed
-        self.generator: torch.Generator | None = None  # made at the first fill (see `_shuffle_generator`)
+        self.shuffle = OwnedShuffle(seed)
         self.dtype = dtype or next(self._torch_module().parameters()).dtype
         self.capacity = self.n_ctxs * self.ctx_len
         row_shape = self._row_shape()
@@ -191,23 +191,19 @@ class ActivationBuffer(ActivationReader):
         bar.close()
         self._filled = max(self._filled, int(free[:n_new].max()) + 1 if n_new else 0)
         valid = torch.cat([kept, free[:n_new]])
-        self._order = valid[torch.randperm(valid.numel(), generator=self._shuffle_generator())]
+        self._order = valid[torch.randperm(valid.numel(), generator=self.shuffle.generator())]
         self._ptr = 0
 
-    def _shuffle_generator(self) -> torch.Generator:
-        """The buffer's own generator; its seed is drawn from torch's global one when none was given."""
-        if self.generator is None:
-            if self.seed is None:
-                self.seed = int(torch.randint(0, 2**62, ()))
-            self.generator = torch.Generator().manual_seed(self.seed)
-        return self.generator
+    @property
+    def seed(self) -> int | None:
+        """The shuffle's seed (None until the first fill draws one, when none was given)."""
+        return self.shuffle.seed
 
     # ------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to serve the same batches again from the start of the text: the
         shuffle's seed (drawn now if the buffer has not been read yet)."""
-        self._shuffle_generator()
-        return {"seed": self.seed}
+        return self.shuffle.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the shuffle seed of an earlier run's buffer (`state_dict`); the buffer must be unread."""
@@ -216,7 +212,7 @@ class ActivationBuffer(ActivationReader):
                 "load_state_dict needs an unread buffer (this one has served activations already): build a new "
                 "ActivationBuffer for the resumed run"
             )
-        self.seed, self.generator = int(state["seed"]), None
+        self.shuffle.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------ records
     @property
