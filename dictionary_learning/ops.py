@@ -108,6 +108,14 @@ def row_sums(f_BF, weight_F: torch.Tensor | None = None) -> torch.Tensor:
     return (f_BF if weight_F is None else f_BF * weight_F).sum(-1)
 
 
+def tanh_row_sums(f_BF, weight_F: torch.Tensor, scale: float) -> torch.Tensor:
+    """`[B]` sums over each row's features of `tanh(scale * f * weight_F)`, for a dense code or a
+    `SparseCode` (its absent entries add tanh(0) = 0): Anthropic's smooth L0 (January 2025 update)."""
+    if isinstance(f_BF, SparseCode):
+        return f_BF.row_sums(torch.tanh(scale * f_BF.values * per_entry(weight_F, f_BF.features)))
+    return torch.tanh(scale * f_BF * weight_F).sum(-1)
+
+
 # ------------------------------------------------------------------------ JumpReLU estimators
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)

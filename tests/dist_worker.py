@@ -88,7 +88,7 @@ def scenario(name: str, rank: int, out: Path):
         configs = [dict(CONFIGS[0], k=4 + rank)]
         return trainSAE(batches(), configs, STEPS, progress=False, dist_timeout=60)
     if name == "uneven":
-        return trainSAE([torch.randn(63, D)] * 3, CONFIGS[:1], 3, progress=False, dist_timeout=60)
+        return trainSAE([torch.randn(63, D)] * STEPS, CONFIGS[:1], STEPS, progress=False, dist_timeout=60)
     if name == "crash":
 
         def data():

@@ -113,13 +113,14 @@ def test_fused_jumprelu_with_l0_matches_the_two_functions():
     theta = (torch.rand(20) * 0.1).requires_grad_()
     weights = torch.randn(64, 20)
     pre_a, pre_b = pre.clone().requires_grad_(), pre.clone().requires_grad_()
+    row_weights = torch.randn(64)  # a per-row L0 loss (the quadratic target-L0 penalty is one)
     f, l0 = JumpReLUWithL0.apply(pre_a, theta, 0.05)
-    ((f * weights).sum() + 3 * l0).backward()
+    ((f * weights).sum() + (row_weights * l0).sum()).backward()
     grads = pre_a.grad, theta.grad.clone()
     theta.grad = None
     f_ref = JumpReLUFunction.apply(pre_b, theta, 0.05)
-    l0_ref = StepFunction.apply(pre_b, theta, 0.05).sum(-1).mean()
-    ((f_ref * weights).sum() + 3 * l0_ref).backward()
+    l0_ref = StepFunction.apply(pre_b, theta, 0.05).sum(-1)
+    ((f_ref * weights).sum() + (row_weights * l0_ref).sum()).backward()
     torch.testing.assert_close(f, f_ref)
     torch.testing.assert_close(l0, l0_ref)
     torch.testing.assert_close(grads[0], pre_b.grad)
@@ -273,7 +274,7 @@ def test_sparse_jumprelu_path_matches_dense():
 
     def run(max_density):
         f, l0, x_hat = jumprelu_dictionary(x, ae.W_enc.T, ae.b_enc, ae.threshold, ae.W_dec, ae.b_dec, bw, max_density)
-        ((x_hat * weights).sum() + 3 * l0).backward()
+        ((x_hat * weights).sum() + (torch.arange(64.0) * l0).sum()).backward()
         return f, l0, x_hat
 
     (s, g_s), (d, g_d) = _both_paths(run, dict(ae.named_parameters()))

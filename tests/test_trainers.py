@@ -461,3 +461,49 @@ def test_every_trainer_class_has_a_signature():
 
     for cls in [RecipeTrainer, PenalisedTrainer, *TRAINER_REGISTRY.values()]:
         assert list(inspect.signature(cls).parameters)[:3] == ["steps", "activation_dim", "dict_size"], cls
+
+
+# ---------------------------------------------------------------- the recipes the field added in 2025-26
+def _trained(config: dict, steps: int = 1000):
+    from dictionary_learning import trainSAE
+
+    planted = PlantedFeatures(d=D)
+    (ae,) = trainSAE(planted.batches(steps, batch_size=256), [config], steps, progress=False)
+    return planted.recovered(ae.decoder_FD())
+
+
+def test_jumprelu_with_gemma_scope_2_s_quadratic_target_l0_loss_recovers_planted_features():
+    config = dict(trainer=JumpReluTrainer, **dict(PENALISED, lr=3e-3), sparsity_loss="quadratic", target_l0=4,
+                  sparsity_penalty=0.1)  # fmt: skip
+    assert _trained(config) >= 40
+
+
+def test_topk_with_signum_recovers_planted_features():
+    assert _trained(dict(trainer=TopKTrainer, **TOPK, optimizer_name="signum", lr=1e-3)) >= 45
+
+
+def test_jumprelu_tanh_loss_and_pre_activation_loss_are_their_formulas():
+    trainer = JumpReluTrainer(steps=100, sparsity_loss="tanh", tanh_scale=4.0, pre_act_loss=1e-2,
+                              **dict(PENALISED, warmup_steps=5, sparsity_warmup_steps=5))  # fmt: skip
+    x = next(PlantedFeatures(d=D).batches(1, batch_size=64))
+    ae = trainer.ae
+    with torch.no_grad():
+        pre = x @ ae.W_enc + ae.b_enc
+        f = torch.where(pre > ae.threshold, pre, 0.0)
+        tanh = torch.tanh(4.0 * f * ae.W_dec.norm(dim=-1)).sum(-1).mean()
+    out = trainer.loss(x, step=99)
+    assert float(out.losses["sparsity_loss"]) == pytest.approx(float(tanh), rel=1e-5)
+    nobody_dead = float(out.loss) - float(out.losses["mse_loss"]) - float(out.losses["sparsity_loss"])
+    assert nobody_dead == pytest.approx(0.0, abs=1e-6)
+    trainer.num_tokens_since_fired.fill_(10**8)  # silent for 100M tokens, and on this batch too: dead
+    with torch.no_grad():
+        ae.threshold.fill_(10.0)
+        gap = (ae.threshold - pre).relu()
+        expected = (gap * ae.W_dec.norm(dim=-1)).sum(-1).mean() * 1e-2
+    out = trainer.loss(x, step=99)
+    extra = float(out.loss) - float(out.losses["mse_loss"]) - float(out.losses["sparsity_loss"])
+    assert extra == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(ValueError, match="sparsity_loss must be one of"):
+        JumpReluTrainer(steps=100, sparsity_loss="cosh", **dict(PENALISED, warmup_steps=5))
+    with pytest.raises(ValueError, match="optimizer_name must be one of"):
+        TopKTrainer(steps=100, optimizer_name="sgd", **dict(TOPK, warmup_steps=5))

@@ -15,16 +15,16 @@ from .saelens import dictionary_from_saelens
 
 # ------------------------------------------------------------------- training forward (fused backward)
 class JumpReLUWithL0(torch.autograd.Function):
-    """`(x * 1[x > theta], mean_b sum_F 1[x > theta])`: JumpReLUFunction and the row-mean of
-    StepFunction in one pass, with one shared rectangle-kernel pass in backward (same gradients)."""
+    """`(x * 1[x > theta], sum_F 1[x > theta])`: JumpReLUFunction and each row's L0 (`[B]`, the row
+    sums of StepFunction) in one pass, with one shared rectangle-kernel pass in backward (same gradients)."""
 
     @staticmethod
     def forward(ctx, x_BF, threshold_F, bandwidth):
         active = x_BF > threshold_F
         ctx.save_for_backward(x_BF, threshold_F)
         ctx.bandwidth = bandwidth
-        l0 = active.sum(-1, dtype=x_BF.dtype).mean()
-        return torch.where(active, x_BF, 0.0), l0
+        l0_B = active.sum(-1, dtype=x_BF.dtype)
+        return torch.where(active, x_BF, 0.0), l0_B
 
     @staticmethod
     def backward(ctx, grad_f_BF, grad_l0):
@@ -35,13 +35,13 @@ class JumpReLUWithL0(torch.autograd.Function):
         grad_theta = torch.zeros_like(threshold_F)
         if grad_f_BF is not None:
             grad_theta -= (threshold_F / bw) * torch.where(near_BF, grad_f_BF, 0.0).sum(0)
-        if grad_l0 is not None:
-            grad_theta -= near_BF.sum(0, dtype=x_BF.dtype) * (grad_l0 / (bw * x_BF.shape[0]))
+        if grad_l0 is not None:  # d L0_b / d theta = -kernel / bw for each row b
+            grad_theta -= (near_BF.to(x_BF.dtype) * grad_l0[:, None]).sum(0) / bw
         return grad_x, grad_theta, None
 
 
 def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D, bandwidth, max_density=0.0):
-    """(f, mean L0, x_hat) of a JumpReLU dictionary in training (2-D `x`): `f = jumprelu(x W_enc.T + b_enc)`,
+    """(f, L0 per row `[B]`, x_hat) of a JumpReLU dictionary in training (2-D `x`): `f = jumprelu(x W_enc.T + b_enc)`,
     `x_hat = f W_dec + b_dec`, with the straight-through threshold gradients of `JumpReLUWithL0`.
 
     With `max_density > 0`, on CPU, when the entries that are active or within a bandwidth of their
@@ -61,8 +61,8 @@ def jumprelu_dictionary(x_BD, W_enc_FD, b_enc_F, threshold_F, W_dec_FD, b_dec_D,
         pre_N = selected_preactivations(x_BD, W_enc_FD, b_enc_F, pre_BF.detach(), rows_N, features_N, offsets_B)
         threshold_N = per_entry(threshold_F, features_N)
         values_N = JumpReLUFunction.apply(pre_N, threshold_N, bandwidth)
-        l0 = StepFunction.apply(pre_N, threshold_N, bandwidth).sum() / x_BD.shape[0]
         code = SparseCode(values_N, features_N, rows_N, offsets_B, W_enc_FD.shape[0])
+        l0 = code.row_sums(StepFunction.apply(pre_N, threshold_N, bandwidth))
         return code, l0, sparse_decode(code, W_dec_FD) + b_dec_D
     f_BF, l0 = JumpReLUWithL0.apply(pre_BF, threshold_F, bandwidth)
     return f_BF, l0, f_BF @ W_dec_FD + b_dec_D
@@ -112,7 +112,7 @@ class JumpReluAutoEncoder(Dictionary):
                 W_FD = nn.init.kaiming_uniform_(torch.empty(dict_size, activation_dim, device=device))
                 self.W_enc.copy_((W_FD / W_FD.norm(dim=1, keepdim=True)).T)
 
-    def _input(self, x_BD: torch.Tensor) -> torch.Tensor:
+    def encoder_input(self, x_BD: torch.Tensor) -> torch.Tensor:
         """What the encoder reads: `x`, or `x - b_dec` with SAELens's `apply_b_dec_to_input`."""
         if self.apply_b_dec_to_input:
             if self.transcoder:
@@ -122,7 +122,7 @@ class JumpReluAutoEncoder(Dictionary):
 
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
         self._check_width(x_BD)
-        x_BD = self._input(x_BD)
+        x_BD = self.encoder_input(x_BD)
         return x_BD @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor, output_pre_jump: bool = False):
@@ -204,12 +204,19 @@ class JumpReluAutoEncoder(Dictionary):
         }
 
     def training_forward(self, x_BD: torch.Tensor, bandwidth: float, max_density: float = 0.0):
-        """`(x, f, mean L0, x_hat)` for training on rows `x` (`x_BD` flattened to 2-D, in the weights'
+        """`(x, f, L0 per row [B], x_hat)` for training on rows `x` (`x_BD` flattened to 2-D, in the weights'
         dtype), with the straight-through threshold gradients of Rajamanoharan et al. 2024 (rectangle
         kernel of width `bandwidth`) and a fused backward (`jumprelu_dictionary`)."""
         x = x_BD.reshape(-1, x_BD.shape[-1]).to(self.W_enc.dtype)
         self._check_width(x)
         f, l0, x_hat = jumprelu_dictionary(
-            self._input(x), self.W_enc.T, self.b_enc, self.threshold, self.W_dec, self.b_dec, bandwidth, max_density
+            self.encoder_input(x),
+            self.W_enc.T,
+            self.b_enc,
+            self.threshold,
+            self.W_dec,
+            self.b_dec,
+            bandwidth,
+            max_density,
         )
         return x, f, l0, x_hat + self.skip(x)

@@ -42,27 +42,17 @@ def adam(
     return ConstrainedAdam(params, constrained, fused=fused, max_grad_norm=max_grad_norm, **kwargs)
 
 
-class ConstrainedAdam(torch.optim.Adam):
-    """Adam that keeps each feature direction of `constrained_params` at unit norm: the one
-    implementation of the decoder-norm constraint.
+class DecoderConstraint:
+    """The decoder-norm constraint, for any torch optimizer it is mixed into: each step removes the
+    gradient component parallel to each feature direction of `constrained_params`, clips the
+    gradient norm of all parameters to `max_grad_norm` when given (after the projection, as the
+    reference's TopK and JumpReLU trainers do), takes the optimizer's step, and renormalises the
+    directions. Entries are parameters (Linear-style `[D, F]` decoders, a feature is a column, as in
+    the reference) or `(parameter, feature_dim)` pairs."""
 
-    Entries are parameters (Linear-style `[D, F]` decoders, a feature is a column, as in the
-    reference) or `(parameter, feature_dim)` pairs. Each step removes the gradient component
-    parallel to each feature direction, clips the gradient norm of all parameters to
-    `max_grad_norm` when given (after the projection, as the reference's TopK and JumpReLU trainers
-    do), takes the Adam step, and renormalises the directions.
-    """
+    param_groups: list[dict]
 
-    def __init__(
-        self,
-        params: Iterable,
-        constrained_params: Iterable,
-        lr: float,
-        betas=(0.9, 0.999),
-        max_grad_norm: float | None = None,
-        **kwargs,
-    ):
-        super().__init__(params, lr=lr, betas=betas, **kwargs)
+    def _constrain(self, constrained_params: Iterable, max_grad_norm: float | None) -> None:
         self.constrained_params = [p if isinstance(p, tuple) else (p, 1) for p in constrained_params]
         self.max_grad_norm = max_grad_norm
 
@@ -77,3 +67,51 @@ class ConstrainedAdam(torch.optim.Adam):
         for p, dim in self.constrained_params:
             unit_norm_rows_(feature_first(p.data, dim))
         return loss
+
+
+class ConstrainedAdam(DecoderConstraint, torch.optim.Adam):
+    """Adam that keeps each feature direction of `constrained_params` at unit norm (see
+    `DecoderConstraint`): the optimizer of every recipe."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        constrained_params: Iterable,
+        lr: float,
+        betas=(0.9, 0.999),
+        max_grad_norm: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(params, lr=lr, betas=betas, **kwargs)
+        self._constrain(constrained_params, max_grad_norm)
+
+
+class Signum(torch.optim.Optimizer):
+    """Sign descent with momentum (Bernstein et al. 2018, "signSGD"; sparsify's default optimizer):
+    `m = beta * m + (1 - beta) * g`, `p -= lr * sign(m)`. Every coordinate moves by lr, so the step
+    does not depend on the gradient's scale."""
+
+    def __init__(self, params: Iterable, lr: float, beta: float = 0.9):
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                momentum.lerp_(p.grad, 1 - group["beta"])
+                p.add_(momentum.sign(), alpha=-group["lr"])
+        return loss
+
+
+class ConstrainedSignum(DecoderConstraint, Signum):
+    """Signum that keeps each feature direction of `constrained_params` at unit norm (`DecoderConstraint`)."""
+
+    def __init__(
+        self, params: Iterable, constrained_params: Iterable, lr: float, beta: float = 0.9, max_grad_norm=None
+    ):
+        super().__init__(params, lr=lr, beta=beta)
+        self._constrain(constrained_params, max_grad_norm)

@@ -51,7 +51,7 @@ def resample_dead_features(
 
     for param, dim in ae.feature_parameters():
         state = optimizer.state.get(param, {})
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "momentum"):
             if key in state:
                 feature_first(state[key], dim)[dead_idx] = 0.0
     return dead_idx

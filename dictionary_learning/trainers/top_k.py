@@ -8,6 +8,7 @@ threshold for JumpReLU-style inference.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from ..dictionaries import (
 )
 from ..dictionaries.topk import TrainingCode, decode_selected_dense, row_topk  # noqa: F401 (row_topk: the reference's path)
 from ..ops import auxk_loss, geometric_median
+from .optim import ConstrainedSignum
 from .trainer import (  # noqa: F401
     RecipeTrainer,
     SAETrainer,
@@ -39,6 +41,8 @@ from .trainer import (  # noqa: F401
 __all__ = ["AutoEncoderTopK", "TopKTrainer", "geometric_median"]
 
 
+OPTIMIZERS = ("adam", "signum")
+
 # A latent is dead after this many tokens without firing (Gao et al. 2024, appendix A.2).
 DEAD_FEATURE_TOKENS = 10_000_000
 
@@ -48,7 +52,7 @@ class TopKConfig(TranscoderConfig):
     positional = (
         "steps activation_dim dict_size k layer lm_name dict_class lr auxk_alpha warmup_steps decay_start "
         "threshold_beta threshold_start_step k_anneal_steps seed device wandb_name submodule_name sparse "
-        "transcoder output_dim skip_connection"
+        "transcoder output_dim skip_connection optimizer_name"
     )
     k: int
     """latents kept per row"""
@@ -64,9 +68,14 @@ class TopKConfig(TranscoderConfig):
     k_anneal_steps: int | None = None
     """steps over which k falls linearly from activation_dim to k (None: fixed k)"""
     wandb_name: str = "AutoEncoderTopK"
+    optimizer_name: str = "adam"
+    """'adam' (the reference's) or 'signum' (sign descent with momentum, as sparsify trains by default;
+    its default lr is sparsify's 5e-3 / sqrt(dict_size / 2^14))"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.optimizer_name not in OPTIMIZERS:
+            raise ValueError(f"optimizer_name must be one of {OPTIMIZERS}, got {self.optimizer_name!r}")
         if self.k_anneal_steps is not None and not 0 < self.k_anneal_steps < self.steps:
             raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be > 0 and < steps={self.steps}")
 
@@ -102,11 +111,16 @@ class TopKTrainer(RecipeTrainer):
         return cfg.activation_dim, cfg.dict_size, cfg.k
 
     def setup(self, cfg: TopKConfig) -> None:
-        self.lr = default_topk_lr(self.ae.dict_size) if cfg.lr is None else cfg.lr
+        signum = cfg.optimizer_name == "signum"
+        default_lr = 5e-3 / math.sqrt(self.ae.dict_size / 2**14) if signum else default_topk_lr(self.ae.dict_size)
+        self.lr = default_lr if cfg.lr is None else cfg.lr
         self.top_k_aux = self.ae.activation_dim // 2  # Gao et al. appendix B.1 use k_aux = d_model / 2
         self.k_anneal_start = max(self.ae.activation_dim, cfg.k) if cfg.k_anneal_steps else cfg.k
         self.k_anneal_start = min(self.k_anneal_start, self.ae.dict_size)
-        self.optimizer = adam(self.ae.parameters(), self._decoder_constraint(), 1.0, lr=self.lr, betas=(0.9, 0.999))
+        if signum:
+            self.optimizer = ConstrainedSignum(self.ae.parameters(), self._decoder_constraint(), lr=self.lr)
+        else:
+            self.optimizer = adam(self.ae.parameters(), self._decoder_constraint(), 1.0, lr=self.lr, betas=(0.9, 0.999))
         self._set_schedule(get_lr_schedule(cfg.steps, cfg.warmup_steps, cfg.decay_start))
         self.num_tokens_since_fired = torch.zeros(self.ae.dict_size, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
