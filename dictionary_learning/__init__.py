@@ -14,6 +14,7 @@ from .buffer import ActivationBuffer, PairedActivationBuffer
 from .checkpoint import CheckpointError, get_nested_folders, load_dictionary, save_dictionary
 from .dictionaries import (
     DICTIONARY_REGISTRY,
+    AbsTopKSAE,
     AutoEncoder,
     AutoEncoderNew,
     AutoEncoderTopK,
@@ -24,6 +25,7 @@ from .dictionaries import (
     GatedAutoEncoder,
     IdentityDict,
     JumpReluAutoEncoder,
+    MatchingPursuitSAE,
     MatryoshkaBatchTopKSAE,
     register_dictionary,
 )
@@ -39,6 +41,7 @@ __all__ = [
     "ActivationBuffer",
     "ActivationReader",
     "DICTIONARY_REGISTRY",
+    "AbsTopKSAE",
     "AutoEncoder",
     "AutoEncoderNew",
     "AutoEncoderTopK",
@@ -51,6 +54,7 @@ __all__ = [
     "GatedAutoEncoder",
     "IdentityDict",
     "JumpReluAutoEncoder",
+    "MatchingPursuitSAE",
     "MatryoshkaBatchTopKSAE",
     "NonFiniteTrainingError",
     "PairedActivationBuffer",

@@ -47,9 +47,9 @@ class SparseCode(NamedTuple):
         return values_N.new_zeros(self.n_rows).index_add(0, self.rows, values_N)
 
     def fired(self) -> torch.Tensor:
-        """`[F]` bool: features with a positive value in some row."""
-        positive_N = (self.values.detach() > 0).float()
-        return positive_N.new_zeros(self.dict_size).index_add_(0, self.features, positive_N) > 0
+        """`[F]` bool: features with a nonzero value in some row (signed codes fire both ways)."""
+        nonzero_N = (self.values.detach() != 0).float()
+        return nonzero_N.new_zeros(self.dict_size).index_add_(0, self.features, nonzero_N) > 0
 
 
 # The Triton kernels of `triton_kernels.py` for the two backward primitives below, on CUDA tensors

@@ -22,11 +22,13 @@ class PlantedFeatures:
             magnitude = 0.5 + torch.rand(batch_size, self.n_features, generator=gen)
             yield (active * magnitude) @ self.directions
 
-    def recovered(self, decoder_FD: torch.Tensor, threshold: float = 0.9) -> int:
-        """How many planted directions some decoder row matches with cosine > threshold."""
+    def recovered(self, decoder_FD: torch.Tensor, threshold: float = 0.9, either_sign: bool = False) -> int:
+        """How many planted directions some decoder row matches with cosine > threshold (with
+        `either_sign`, |cosine|: a signed code such as AbsTopK's writes a direction with -1 times its row)."""
         W = decoder_FD.detach().float().cpu()
         W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return int(((self.directions @ W.T).max(dim=1).values > threshold).sum())
+        cos = self.directions @ W.T
+        return int(((cos.abs() if either_sign else cos).max(dim=1).values > threshold).sum())
 
 
 class SyntheticModel:

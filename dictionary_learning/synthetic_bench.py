@@ -25,6 +25,8 @@ SAELENS_ARCHITECTURES = {
     "TopKTrainer": "topk",
     "BatchTopKTrainer": "batchtopk",
     "MatryoshkaBatchTopKTrainer": "matryoshka_batchtopk",
+    "AbsTopKTrainer": "abstopk",
+    "MatchingPursuitTrainer": "matching_pursuit",  # stopped after exactly k steps, as ours
 }
 MATRYOSHKA_FRACTIONS = [0.25, 0.25, 0.5]  # both libraries' groups: widths F/4, F/2, F
 METRICS = ("mcc", "f1", "shrinkage", "fve", "l0", "dead")

@@ -21,7 +21,7 @@ def make_dictionary(name: str, seed: int = 0):
     cls = DICTIONARY_REGISTRY[name]
     if name == "IdentityDict":
         return cls(D)
-    kwargs = {"k": K} if "TopK" in name else {}
+    kwargs = {"k": K} if "TopK" in name or name == "MatchingPursuitSAE" else {}
     if name == "MatryoshkaBatchTopKSAE":
         kwargs["group_sizes"] = GROUP_SIZES
     if "CrossCoder" in name:

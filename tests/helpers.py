@@ -83,6 +83,8 @@ LEARNING_CONFIGS = {
     ),
     "TopKTrainer": (LEARN_TOPK, 1000),
     "BatchTopKTrainer": (LEARN_TOPK, 1000),
+    "AbsTopKTrainer": (LEARN_TOPK, 1000),
+    "MatchingPursuitTrainer": (dict(LEARN_COMMON, k=4, lr=3e-3), 1000),
     # The first group must reconstruct alone, so it needs room for the 48 planted features.
     "MatryoshkaBatchTopKTrainer": (dict(LEARN_TOPK, group_fractions=[0.75, 0.25]), 1000),
     "JumpReluTrainer": (dict(LEARN_PENALISED, lr=3e-3, target_l0=4), 1000),

@@ -99,8 +99,8 @@ def test_no_private_name_is_imported_from_another_module():
 
 def test_each_recipe_s_loss_is_the_first_method_of_its_own_file():
     """docs/architecture.md: a recipe's loss is its `loss()`, a plain method (no decorator) that
-    returns a StepOutput, first in its class; BatchTopK uses TopK's loss unchanged (only its
-    encoding differs)."""
+    returns a StepOutput, first in its class; BatchTopK and AbsTopK use TopK's loss unchanged (only
+    their encoding differs)."""
     import inspect
 
     from dictionary_learning.trainers import TRAINER_REGISTRY
@@ -117,8 +117,9 @@ def test_each_recipe_s_loss_is_the_first_method_of_its_own_file():
             own_loss[name] = inspect.getsourcefile(cls)
     recipe_files = {str(p) for p in (PACKAGE / "trainers").glob("*.py")} - {
         str(PACKAGE / "trainers" / f)
-        for f in ("__init__.py", "trainer.py", "batch_top_k.py", "configs.py", "optim.py", "schedules.py",
-                  "resampling.py", "layout.py")
+        for f in ("__init__.py", "trainer.py", "batch_top_k.py", "abs_top_k.py", "configs.py", "optim.py",
+                  "schedules.py", "resampling.py", "layout.py")
     }  # fmt: skip
     assert recipe_files <= set(own_loss.values()), recipe_files - set(own_loss.values())
     assert "loss" not in vars(TRAINER_REGISTRY["BatchTopKTrainer"])
+    assert "loss" not in vars(TRAINER_REGISTRY["AbsTopKTrainer"])

@@ -47,6 +47,9 @@ REFERENCE_STATE_DICTS = {
     "IdentityDict": [],
 }
 REFERENCE_STATE_DICTS["BatchTopKSAE"] = REFERENCE_STATE_DICTS["AutoEncoderTopK"]
+# Beyond the reference: AbsTopK keeps TopK's layout; matching pursuit has no encoder of its own.
+REFERENCE_STATE_DICTS["AbsTopKSAE"] = REFERENCE_STATE_DICTS["AutoEncoderTopK"]
+REFERENCE_STATE_DICTS["MatchingPursuitSAE"] = [("W_dec", [F, D]), ("b_dec", [D]), ("k", [])]
 # The crosscoder fork's layout (one site here, as conftest builds them).
 REFERENCE_STATE_DICTS["CrossCoder"] = [
     ("encoder.weight", [1, D, F]),

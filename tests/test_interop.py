@@ -22,12 +22,14 @@ from safetensors.torch import load_file, save_file
 from dictionary_learning import load_dictionary
 from dictionary_learning.checkpoint import CheckpointError
 from dictionary_learning.dictionaries import (
+    AbsTopKSAE,
     AutoEncoder,
     AutoEncoderNew,
     AutoEncoderTopK,
     BatchTopKSAE,
     GatedAutoEncoder,
     JumpReluAutoEncoder,
+    MatchingPursuitSAE,
     MatryoshkaBatchTopKSAE,
 )
 from dictionary_learning.interop import load_saelens, load_sparsify, save_saelens, save_sparsify
@@ -57,6 +59,8 @@ def _random(cls):
     ae = {
         AutoEncoderTopK: lambda: cls(D, F, 3),
         BatchTopKSAE: lambda: cls(D, F, 3),
+        AbsTopKSAE: lambda: cls(D, F, 3),
+        MatchingPursuitSAE: lambda: cls(D, F, 3),
         MatryoshkaBatchTopKSAE: lambda: cls(D, F, 3, [4, 12]),
     }.get(cls, lambda: cls(D, F))()
     return randomized(ae)
@@ -87,7 +91,10 @@ def test_sparsify_folder_loads_with_sparsify_outputs():
     torch.testing.assert_close(out, expected["sae_out"], rtol=1e-5, atol=1e-5)
 
 
-ROUND_TRIP = [AutoEncoder, AutoEncoderNew, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE]
+ROUND_TRIP = [
+    *(AutoEncoder, AutoEncoderNew, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE),
+    *(AbsTopKSAE, MatchingPursuitSAE),
+]
 
 
 @pytest.mark.parametrize("cls", ROUND_TRIP, ids=lambda c: c.__name__)
@@ -152,7 +159,7 @@ def _edit_cfg(folder: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"architecture": "matching_pursuit"}, "architecture 'matching_pursuit' is not supported"),
+        ({"architecture": "temporal"}, "architecture 'temporal' is not supported"),
         ({"d_sae": 32}, "'W_enc' has shape"),
         ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
         ({"activation_fn": "tanh"}, "activation_fn='tanh'"),
@@ -255,6 +262,20 @@ for folder in sys.argv[1:]:
     out[folder] = y.tolist()
 print(json.dumps(out))
 """
+
+
+def test_abstopk_codes_are_signed_and_matching_pursuit_early_stopping_is_refused(tmp_path):
+    ae = _random(AbsTopKSAE)
+    f = ae.encode(torch.randn(64, D))
+    assert (f < 0).any() and (f > 0).any() and ((f != 0).sum(-1) == 3).all()
+    mp = _random(MatchingPursuitSAE)
+    save_saelens(mp, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert (cfg["max_iterations"], cfg["residual_threshold"], cfg["stop_on_duplicate_support"]) == (3, 0.0, False)
+    cfg["residual_threshold"] = 0.01  # SAELens's default: stops when the residual is small, no fixed k
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="runs exactly k steps: set residual_threshold=0"):
+        load_saelens(tmp_path)
 
 
 @pytest.mark.skipif(not SIDE_PYTHON, reason="set DL_SAELENS_PYTHON to a venv with sae-lens and eai-sparsify")

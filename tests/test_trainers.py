@@ -44,15 +44,19 @@ def test_every_registered_trainer_has_a_learning_test():
 @pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
 def test_trainer_recovers_planted_features(name):
     config, steps = LEARNING_CONFIGS[name]
-    data = PlantedFeatures(d=D)
+    data = PlantedFeatures(d=D, seed=1)  # not the trainers' seed 0: randn-initialised decoders would start on it
     trainer = TRAINER_REGISTRY[name](steps=steps, **config)
     held_out = next(data.batches(1, 2048, seed=99))
     initial_loss = float(trainer.loss(held_out, step=steps, logging=True).losses["loss"])
+    assert data.recovered(trainer.ae.decoder_FD(), either_sign=True) < 5  # learnt, not there from the start
     for step, x in enumerate(data.batches(steps)):
         trainer.update(step, x)
     final_loss = float(trainer.loss(held_out, step=steps, logging=True).losses["loss"])
-    assert final_loss < 0.5 * initial_loss
-    assert data.recovered(trainer.ae.decoder_FD()) >= 38, "most of the 48 planted directions should be found"
+    # A k-step pursuit over random unit atoms already explains 94 % of this data's variance (32 dims,
+    # 64 atoms): matching pursuit learns the directions, its loss has little left to fall.
+    assert final_loss < (0.99 if name == "MatchingPursuitTrainer" else 0.5) * initial_loss
+    signed = getattr(trainer.ae, "signed", False)  # AbsTopK: a latent may write its row's opposite
+    assert data.recovered(trainer.ae.decoder_FD(), either_sign=signed) >= 38, "most of the 48 should be found"
     with torch.no_grad():
         x_hat, f = trainer.ae(held_out, output_features=True)
     fve = 1 - (held_out - x_hat).var(0).sum() / held_out.var(0).sum()
@@ -350,8 +354,9 @@ def test_april_update_counts_decoder_norms_once_with_autoencoder_new():
 
 def test_loss_with_logging_changes_no_state():
     for name, (config, steps) in LEARNING_CONFIGS.items():
-        trainer = TRAINER_REGISTRY[name](
-            steps=steps, **dict(config, threshold_start_step=0) if "k" in config else config
+        cls = TRAINER_REGISTRY[name]
+        trainer = cls(
+            steps=steps, **dict(config, threshold_start_step=0) if "auxk_alpha" in cls.config_keys() else config
         )
         x = next(PlantedFeatures(d=D).batches(1))
         trainer.update(0, x)
@@ -388,6 +393,8 @@ def test_trainsae_accepts_all_trainers_at_once():
         "GatedAutoEncoder",
         "AutoEncoderTopK",
         "BatchTopKSAE",
+        "AbsTopKSAE",
+        "MatchingPursuitSAE",
         "MatryoshkaBatchTopKSAE",
         "JumpReluAutoEncoder",
         "CrossCoder",

@@ -5,10 +5,11 @@ calls it so that both libraries train on the same batches with the same width, k
     python tools/saelens_synthetic.py BATCHES.pt SPECS.json OUT_DIR
 
 BATCHES.pt: a `[steps, batch, d]` tensor. SPECS.json: a list of {"name", "architecture" (topk,
-batchtopk or matryoshka_batchtopk), "d_sae", "k", "lr", "seed", and for Matryoshka
-"matryoshka_widths"}. Each SAE is trained by SAELens's `SAETrainer` (constant learning rate, its
-defaults otherwise) and saved in SAELens's inference format to OUT_DIR/<name>, with the training's
-seconds per step in OUT_DIR/<name>/timing.json.
+batchtopk, matryoshka_batchtopk, abstopk or matching_pursuit), "d_sae", "k", "lr", "seed", and for
+Matryoshka "matryoshka_widths"}. Matching pursuit runs exactly k steps (max_iterations=k, no
+residual threshold, no stop on a repeated support), as ours does. Each SAE is trained by SAELens's
+`SAETrainer` (constant learning rate, its defaults otherwise) and saved in SAELens's inference
+format to OUT_DIR/<name>, with the training's seconds per step in OUT_DIR/<name>/timing.json.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from pathlib import Path
 
 import torch
 from sae_lens import (
+    AbsTopKTrainingSAE,
+    AbsTopKTrainingSAEConfig,
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
+    MatchingPursuitTrainingSAE,
+    MatchingPursuitTrainingSAEConfig,
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
     TopKTrainingSAE,
@@ -34,6 +39,8 @@ ARCHITECTURES = {
     "topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
     "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE),
     "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAE),
+    "abstopk": (AbsTopKTrainingSAEConfig, AbsTopKTrainingSAE),
+    "matching_pursuit": (MatchingPursuitTrainingSAEConfig, MatchingPursuitTrainingSAE),
 }
 
 
@@ -41,8 +48,12 @@ def train(batches: torch.Tensor, spec: dict, out: Path) -> None:
     torch.manual_seed(spec["seed"])
     config_cls, sae_cls = ARCHITECTURES[spec["architecture"]]
     options = {"matryoshka_widths": spec["matryoshka_widths"]} if "matryoshka_widths" in spec else {}
-    sae = sae_cls(config_cls(d_in=batches.shape[-1], d_sae=spec["d_sae"], k=spec["k"], dtype="float32",
-                             device="cpu", **options))  # fmt: skip
+    if spec["architecture"] == "matching_pursuit":
+        options |= {"max_iterations": spec["k"], "residual_threshold": 0.0, "stop_on_duplicate_support": False}
+    else:
+        options["k"] = spec["k"]
+    sae = sae_cls(config_cls(d_in=batches.shape[-1], d_sae=spec["d_sae"], dtype="float32", device="cpu",
+                             **options))  # fmt: skip
     steps, batch = batches.shape[0], batches.shape[1]
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch,

@@ -5,11 +5,13 @@ from .crosscoder import BatchTopKCrossCoder, CrossCoder, relative_decoder_norms
 from .gated import GatedAutoEncoder
 from .identity import IdentityDict
 from .jumprelu import JumpReluAutoEncoder
+from .pursuit import MatchingPursuitSAE
 from .relu import AutoEncoder, AutoEncoderNew
-from .topk import AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE
+from .topk import AbsTopKSAE, AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE
 
 __all__ = [
     "DICTIONARY_REGISTRY",
+    "AbsTopKSAE",
     "AutoEncoder",
     "AutoEncoderNew",
     "AutoEncoderTopK",
@@ -21,6 +23,7 @@ __all__ = [
     "GatedAutoEncoder",
     "IdentityDict",
     "JumpReluAutoEncoder",
+    "MatchingPursuitSAE",
     "MatryoshkaBatchTopKSAE",
     "register_dictionary",
     "relative_decoder_norms",

@@ -24,6 +24,8 @@ SAELENS_ARCHITECTURES = {
     "jumprelu": ("b_enc", "threshold"),
     "topk": ("b_enc",),
     "batchtopk": ("b_enc", "topk_threshold"),
+    "abstopk": ("b_enc",),
+    "matching_pursuit": (),  # no encoder of its own: W_enc is W_dec.T
     # transcoders (SAELens's Transcoder classes): W_dec is [d_sae, d_out], the skip ones add W_skip [d_out, d_in]
     "transcoder": ("b_enc",),
     "skip_transcoder": ("b_enc",),
@@ -65,8 +67,10 @@ def parse_saelens(cfg: dict, state: dict[str, torch.Tensor], source: str = "SAEL
     D, F = int(require_field(cfg, "d_in", source)), int(require_field(cfg, "d_sae", source))
     transcoder = arch.endswith("transcoder")
     D_out = int(require_field(cfg, "d_out", source)) if transcoder else D
-    W_enc = checked_tensor(state, "W_enc", (D, F), source)
+    tied = arch == "matching_pursuit"  # its encoder is its decoder
+    W_enc = None if tied else checked_tensor(state, "W_enc", (D, F), source)
     W_dec = checked_tensor(state, "W_dec", (F, D_out), source)
+    W_enc = W_dec.T if tied else W_enc
     b_dec = checked_tensor(state, "b_dec", (D_out,), source)
     extra = {
         name: checked_tensor(state, name, () if name == "topk_threshold" else (F,), source)

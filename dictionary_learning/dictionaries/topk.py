@@ -1,4 +1,5 @@
-"""TopK-family dictionaries: TopK (Gao et al. 2024), BatchTopK (Bussmann et al. 2024) and Matryoshka.
+"""TopK-family dictionaries: TopK (Gao et al. 2024), BatchTopK (Bussmann et al. 2024), Matryoshka
+and AbsTopK (arXiv 2510.00404: ranked by magnitude, signed codes).
 
 All three keep `k` (int32) and `threshold` (float32, -1 = "not yet estimated") as buffers so that a
 saved file carries them. After training, the threshold allows JumpReLU-style inference with one
@@ -81,6 +82,12 @@ class TopKBase(Dictionary):
 
     # ---------------------------------------------------------------------- sparse training path
     batch_selection: bool = False  # training keeps the k * B largest of the batch instead of k per row
+    # Codes keep the pre-activation's sign and latents are ranked by magnitude (AbsTopK), instead of ReLU.
+    signed: bool = False
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """The code's value of a selected latent: ReLU of its pre-activation, or itself when signed."""
+        return pre if self.signed else torch.relu(pre)
 
     def encoder_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_enc as `[F, D]`, b_enc `[F]`): pre-activations are `(x - b_dec) @ W.T + b`."""
@@ -104,19 +111,22 @@ class TopKBase(Dictionary):
         with torch.no_grad():
             pre_BF = torch.addmm(b_F, x_BD if shift is None else x_BD - shift, W_FD.T)
             weights_F = self.selection_weights()
-            ranked_BF = pre_BF if weights_F is None else torch.relu(pre_BF) * weights_F
+            if self.signed:
+                ranked_BF = pre_BF.abs()
+            else:
+                ranked_BF = pre_BF if weights_F is None else torch.relu(pre_BF) * weights_F
         select = batch_topk_entries if self.batch_selection else row_topk_entries
         rows_N, features_N, offsets_B = select(ranked_BF, self._k)
         pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, shift)
-        return SparseCode(torch.relu(pre_N), features_N, rows_N, offsets_B, self.dict_size), pre_BF
+        return SparseCode(self.activation(pre_N), features_N, rows_N, offsets_B, self.dict_size), pre_BF
 
     def decode_selected(self, x_BD, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
-        """Decoder output (no bias) of the ReLU activations of latents `indices_BK` (where `valid_BK`),
+        """Decoder output (no bias) of the activations of latents `indices_BK` (where `valid_BK`),
         differentiable in the encoder and decoder rows it reads; `pre_BF` from `encode_sparse`."""
         W_FD, b_F = self.encoder_weight_bias()
         rows_N, features_N, offsets_B = per_row_entries(indices_BK)
         pre_N = selected_preactivations(x_BD, W_FD, b_F, pre_BF, rows_N, features_N, offsets_B, self.input_shift)
-        values_N = torch.relu(pre_N) * valid_BK.flatten()
+        values_N = self.activation(pre_N) * valid_BK.flatten()
         return sparse_decode(SparseCode(values_N, features_N, rows_N, offsets_B, self.dict_size), self.decoder_FD())
 
     def decode_sparse(self, code: SparseCode) -> torch.Tensor:
@@ -137,12 +147,12 @@ class TopKBase(Dictionary):
         f, values_BK, indices_BK, pre = self.encode(x_BD, return_topk=True, use_threshold=False)
         fired_F = torch.zeros(self.dict_size, dtype=torch.bool, device=x_BD.device)
         fired_F[indices_BK.flatten()] = True
-        return TrainingCode(self, x_BD, f, pre, fired_F, values_BK)
+        return TrainingCode(self, x_BD, f, pre, fired_F, values_BK.abs() if self.signed else values_BK)
 
     def threshold_input(self, code: SparseCode) -> torch.Tensor:
         """What the inference threshold's estimate reads from a sparse training code: the kept
         values (`[B, k]` per row for per-row top-k; weighted like the selection, if it is)."""
-        values = code.values.detach()
+        values = code.values.detach().abs() if self.signed else code.values.detach()
         if not self.batch_selection:
             return values.view(code.n_rows, -1)  # exactly k per row
         weights_F = self.selection_weights()
@@ -181,6 +191,10 @@ class TrainingCode:
     fired_F: torch.Tensor
     kept: torch.Tensor
 
+    def aux_ranking(self) -> torch.Tensor:
+        """What AuxK ranks the dead latents by: the pre-activations (their magnitude when signed)."""
+        return self.pre.abs() if self.ae.signed else self.pre
+
     def decode(self) -> torch.Tensor:
         """`f @ W_dec + b_dec`; on the sparse path from the kept latents' decoder rows only."""
         if isinstance(self.f, SparseCode):
@@ -195,7 +209,8 @@ class TrainingCode:
 
 
 def decode_selected_dense(ae: TopKBase, pre_BF, indices_BK, valid_BK) -> torch.Tensor:
-    """`pre` kept at `indices_BK` (zeroed where not `valid_BK`) times the decoder, without bias."""
+    """`pre` kept at `indices_BK` (zeroed where not `valid_BK`) times the decoder, without bias (`pre`:
+    the ReLU pre-activations, or the signed ones of an AbsTopK dictionary)."""
     values_BK = pre_BF.gather(-1, indices_BK) * valid_BK
     return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK) @ ae.decoder_FD()
 
@@ -300,6 +315,37 @@ class AutoEncoderTopK(_LinearTopK):
 
     def to_saelens(self):
         fields = {"architecture": "topk", "k": self._k, "rescale_acts_by_decoder_norm": False}
+        return fields, self._linear_saelens_weights() | {"b_dec": self.b_dec}
+
+
+@register_dictionary
+class AbsTopKSAE(_LinearTopK):
+    """AbsTopK SAE (arXiv 2510.00404): the k pre-activations of largest magnitude per row, kept with
+    their sign (no ReLU), so one latent can write its direction or its opposite. `use_threshold=True`
+    keeps the entries whose magnitude passes the inference threshold instead."""
+
+    signed = True
+
+    def relu_pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """The signed pre-activations `W_enc (x - b_dec) + b_enc` (no ReLU in this architecture)."""
+        self._check_width(x_BD)
+        return self.encoder(x_BD - self.input_shift)
+
+    def encode(self, x: torch.Tensor, return_topk: bool = False, use_threshold: bool = False):
+        """With `return_topk`: `(f, top_values_BK, top_indices_BK, pre_BF)`, values signed."""
+        a_BF = self.relu_pre_activations(x)
+        indices_BK = a_BF.abs().topk(self._k, dim=-1, sorted=False).indices
+        values_BK = a_BF.gather(-1, indices_BK)
+        if use_threshold:
+            f_BF = a_BF * (a_BF.abs() > self.threshold)
+        else:
+            f_BF = torch.zeros_like(a_BF).scatter_(-1, indices_BK, values_BK)
+        return (f_BF, values_BK, indices_BK, a_BF) if return_topk else f_BF
+
+    saelens_architecture = "abstopk"
+
+    def to_saelens(self):
+        fields = {"architecture": "abstopk", "k": self._k, "rescale_acts_by_decoder_norm": False}
         return fields, self._linear_saelens_weights() | {"b_dec": self.b_dec}
 
 

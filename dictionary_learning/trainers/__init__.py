@@ -1,10 +1,12 @@
 """Training recipes. Each registers itself in TRAINER_REGISTRY (the list trainSAE and the CLI read)."""
 
+from .abs_top_k import AbsTopKSAE, AbsTopKTrainer
 from .batch_top_k import BatchTopKSAE, BatchTopKTrainer
 from .crosscoder import BatchTopKCrossCoderTrainer, CrossCoderTrainer
 from .gated_anneal import GatedAnnealTrainer
 from .gdm import GatedSAETrainer
 from .jumprelu import JumpReluTrainer
+from .matching_pursuit import MatchingPursuitSAE, MatchingPursuitTrainer
 from .matryoshka_batch_top_k import MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTrainer
 from .p_anneal import PAnnealTrainer
 from .standard import StandardTrainer, StandardTrainerAprilUpdate
@@ -13,6 +15,8 @@ from .trainer import TRAINER_REGISTRY, ConstrainedAdam, SAETrainer, register_tra
 
 __all__ = [
     "TRAINER_REGISTRY",
+    "AbsTopKSAE",
+    "AbsTopKTrainer",
     "AutoEncoderTopK",
     "BatchTopKCrossCoderTrainer",
     "BatchTopKSAE",
@@ -22,6 +26,8 @@ __all__ = [
     "GatedAnnealTrainer",
     "GatedSAETrainer",
     "JumpReluTrainer",
+    "MatchingPursuitSAE",
+    "MatchingPursuitTrainer",
     "MatryoshkaBatchTopKSAE",
     "MatryoshkaBatchTopKTrainer",
     "PAnnealTrainer",

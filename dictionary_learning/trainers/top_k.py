@@ -163,7 +163,7 @@ class TopKTrainer(RecipeTrainer):
         # Until DEAD_FEATURE_TOKENS tokens have been seen no latent can be dead: skip AuxK (no sync needed).
         if self.auxk_alpha > 0 and self.tokens_seen + n_rows >= DEAD_FEATURE_TOKENS:
             residual = (x.reshape(-1, x.shape[-1]) - x_hat_BD).detach()
-            auxk, raw = auxk_loss(residual, code.pre, dead_F, self.top_k_aux, code.decode_dead)
+            auxk, raw = auxk_loss(residual, code.aux_ranking(), dead_F, self.top_k_aux, code.decode_dead)
         else:
             auxk = raw = torch.zeros((), device=x.device)
         loss = recon + self.auxk_alpha * auxk
