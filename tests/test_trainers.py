@@ -514,3 +514,15 @@ def test_jumprelu_tanh_loss_and_pre_activation_loss_are_their_formulas():
         JumpReluTrainer(steps=100, sparsity_loss="cosh", **dict(PENALISED, warmup_steps=5))
     with pytest.raises(ValueError, match="optimizer_name must be one of"):
         TopKTrainer(steps=100, optimizer_name="sgd", **dict(TOPK, warmup_steps=5))
+
+
+def test_batchtopk_s_inference_threshold_keeps_about_k_latents_after_a_short_run():
+    """The threshold's EMA is fitted to a short run (schedules.fit_to_run): with the reference's
+    beta 0.999 it lags the falling cutoff of a 600-step run and inference keeps fewer than k."""
+    planted = PlantedFeatures(d=D, seed=1)
+    config = dict(trainer=BatchTopKTrainer, **dict(TOPK, k=6, threshold_start_step=60))
+    fitted, lagging = trainSAE(planted.batches(600), [config, dict(config, threshold_beta=0.999)], 600, progress=False)
+    x = next(planted.batches(1, 4096, seed=99))
+    with torch.no_grad():
+        l0 = [float((ae.encode(x) != 0).float().sum(-1).mean()) for ae in (fitted, lagging)]
+    assert abs(l0[0] - 6) < 0.6 and l0[1] < l0[0] - 0.3, l0

@@ -192,8 +192,9 @@ def test_a_warmup_that_does_not_fit_a_short_run_is_fitted_with_a_note_or_refused
     unset = {k: v for k, v in CONFIGS[0].items() if k not in ("warmup_steps", "threshold_start_step")}
     trainSAE(batches(), [unset], STEPS, save_dir=tmp_path / "a", progress=False)
     assert "TopKTrainer: a 60-step run: warmup_steps 1000 -> 3, threshold_start_step 1000 -> 6" in caplog.text
+    assert "threshold_beta 0.999 -> 0.8148" in caplog.text  # a memory of 54 / 10 steps, not 1,000
     trainer = json.loads((tmp_path / "a" / "trainer_0" / "config.json").read_text())["trainer"]
-    assert (trainer["warmup_steps"], trainer["threshold_start_step"]) == (3, 6)
+    assert (trainer["warmup_steps"], trainer["threshold_start_step"], trainer["threshold_beta"]) == (3, 6, 0.8148)
     trainSAE(batches(), None, STEPS, resume_from=tmp_path / "a", progress=False)  # the same fitted values
     with pytest.raises(ValueError, match=r"TopKTrainer: warmup_steps=31 takes more than half .* warmup_steps=6"):
         trainSAE(batches(), [dict(unset, warmup_steps=31)], STEPS, progress=False)

@@ -14,7 +14,7 @@ import torch
 from .. import distributed
 from ..dictionaries import MatchingPursuitSAE
 from ..ops import geometric_median
-from .top_k import DEAD_FEATURE_TOKENS
+from .top_k import DEAD_FEATURE_TOKENS, KLatentCounters
 from .trainer import (
     RecipeTrainer,
     StepOutput,
@@ -44,7 +44,7 @@ class MatchingPursuitConfig(TrainerConfig):
 
 
 @register_trainer
-class MatchingPursuitTrainer(RecipeTrainer):
+class MatchingPursuitTrainer(KLatentCounters, RecipeTrainer):
     """MP-SAE recipe: Adam on the reconstruction error of a k-step pursuit code, decoder rows kept
     at unit norm (projected gradients, clipping at 1). No auxiliary loss: an atom that has not fired
     is picked again as soon as it best matches some residual. `sparse` does not apply (the pursuit
@@ -82,15 +82,6 @@ class MatchingPursuitTrainer(RecipeTrainer):
 
     def _resolved_config(self):
         return {"lr": self.lr}
-
-    @property
-    def effective_l0(self) -> int:
-        return self.ae.active_k
-
-    @property
-    def dead_features(self) -> int:
-        """Latents that have not fired for DEAD_FEATURE_TOKENS tokens (reads the device: logging only)."""
-        return int((self.num_tokens_since_fired >= DEAD_FEATURE_TOKENS).sum())
 
     def _prepare(self, step, x):
         if step == 0 and self.steps_done == 0:  # b_dec starts at the geometric median of the batch

@@ -77,12 +77,31 @@ WARMUPS = ("warmup_steps", "sparsity_warmup_steps", "k_anneal_steps")
 logger = logging.getLogger(__name__)
 
 
+# The inference threshold's EMA (TopK family) should forget its start within a tenth of the steps it
+# tracks: the reference's beta 0.999 (a 1,000-step memory) lags a 1,500-step run's falling cutoff, and
+# BatchTopK then infers with L0 12.6 for k 16 (docs/evaluation.md).
+THRESHOLD_MEMORY_SHARE = 1 / 10
+
+
+def _fitted_threshold_beta(fitted: dict[str, Any], defaults: dict[str, Any], steps: int) -> float | None:
+    """The EMA decay for a threshold left at its default whose memory, 1 / (1 - beta) steps, exceeds
+    THRESHOLD_MEMORY_SHARE of the steps it is tracked over; None when it fits (or is set)."""
+    default = defaults.get("threshold_beta")
+    if "threshold_beta" in fitted or not isinstance(default, float):
+        return None
+    tracked = steps - fitted.get("threshold_start_step", defaults.get("threshold_start_step", 0))
+    if tracked <= 0 or 1 / (1 - default) <= tracked * THRESHOLD_MEMORY_SHARE:
+        return None
+    return round(1 - 1 / max(1.0, tracked * THRESHOLD_MEMORY_SHARE), 4)
+
+
 def fit_to_run(
     options: dict[str, Any], defaults: dict[str, Any], steps: int, owner: str, new_run: bool = True
 ) -> dict[str, Any]:
     """A trainer's options for a run of `steps` steps (a new dict): a schedule option left unset
     whose default does not fit the run (the reference's 1,000-step warm-up of a 1,500-step run) is
-    set to its share of the run, with a one-line note; a warm-up set explicitly to more than half
+    set to its share of the run, and an inference threshold's EMA to a memory of a tenth of the steps
+    it tracks, with a one-line note; a warm-up set explicitly to more than half
     the run is refused. The one rule for Python and the command line. A resumed run (`new_run`
     False) gets the same fitted values, without the note or the refusal."""
     fitted, changed = dict(options), []
@@ -92,6 +111,10 @@ def fit_to_run(
             continue
         fitted[option] = max(1, int(steps * rule["share"]))
         changed.append(f"{option} {default} -> {fitted[option]}")
+    beta = _fitted_threshold_beta(fitted, defaults, steps)
+    if beta is not None:
+        fitted["threshold_beta"] = beta
+        changed.append(f"threshold_beta {defaults['threshold_beta']} -> {beta}")
     for option in WARMUPS if new_run else ():
         value = options.get(option)
         if isinstance(value, int) and not isinstance(value, bool) and value > steps / 2:

@@ -80,8 +80,22 @@ class TopKConfig(TranscoderConfig):
             raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be > 0 and < steps={self.steps}")
 
 
+class KLatentCounters:
+    """The logging parameters of a recipe whose dictionary keeps k latents (`ae.active_k`) and that
+    counts each latent's tokens since it fired (`num_tokens_since_fired`)."""
+
+    @property
+    def effective_l0(self) -> int:
+        return self.ae.active_k
+
+    @property
+    def dead_features(self) -> int:
+        """Latents that have not fired for DEAD_FEATURE_TOKENS tokens (reads the device: logging only)."""
+        return int((self.num_tokens_since_fired >= DEAD_FEATURE_TOKENS).sum())
+
+
 @register_trainer
-class TopKTrainer(RecipeTrainer):
+class TopKTrainer(KLatentCounters, RecipeTrainer):
     """TopK recipe: Adam, decoder kept unit-norm with projected gradients, clipping at 1,
     geometric-median `b_dec` init, AuxK (coefficient `auxk_alpha`, 1/32 as in appendix B.1),
     optional k-annealing from `activation_dim` down to `k` over `k_anneal_steps`.
@@ -129,15 +143,6 @@ class TopKTrainer(RecipeTrainer):
 
     def _resolved_config(self):
         return {"lr": self.lr, "top_k_aux": self.top_k_aux}
-
-    @property
-    def effective_l0(self) -> int:
-        return self.ae.active_k
-
-    @property
-    def dead_features(self) -> int:
-        """Latents that have not fired for DEAD_FEATURE_TOKENS tokens (reads the device: logging only)."""
-        return int((self.num_tokens_since_fired >= DEAD_FEATURE_TOKENS).sum())
 
     # ------------------------------------------------------------------------------------- hooks
     def annealed_k(self, step: int) -> int:
