@@ -48,7 +48,10 @@ class MatchingPursuitSAE(Dictionary):
         check_sizes(activation_dim, dict_size, k)
         self.activation_dim = activation_dim
         self.dict_size = dict_size
-        W_dec = torch.randn(dict_size, activation_dim)
+        # Drawn as [D, F] and transposed: a plain randn(F, D) under seed 0 is, row for row, the
+        # directions of a synthetic model or planted-feature set built with seed 0 (and a uniform
+        # draw from that stream still correlates with them: mean |cos| 0.35 in 128 dims).
+        W_dec = torch.randn(activation_dim, dict_size).T.contiguous()
         self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
         self.register_buffer("k", torch.tensor(k, dtype=torch.int32))
