@@ -25,10 +25,13 @@ from .dictionaries import (
     GatedAutoEncoder,
     IdentityDict,
     JumpReluAutoEncoder,
+    JumpReluCrossLayerTranscoder,
     MatchingPursuitSAE,
     MatryoshkaBatchTopKSAE,
+    TopKCrossLayerTranscoder,
     register_dictionary,
 )
+from .circuit_export import export_circuit_tracer, load_circuit_tracer
 from .evaluation import evaluate
 from .reader import ActivationReader
 from .run import NonFiniteTrainingError, TrainingInterrupted
@@ -54,15 +57,19 @@ __all__ = [
     "GatedAutoEncoder",
     "IdentityDict",
     "JumpReluAutoEncoder",
+    "JumpReluCrossLayerTranscoder",
     "MatchingPursuitSAE",
     "MatryoshkaBatchTopKSAE",
     "NonFiniteTrainingError",
     "PairedActivationBuffer",
     "RunConfig",
     "TRAINER_REGISTRY",
+    "TopKCrossLayerTranscoder",
     "TrainingInterrupted",
     "evaluate",
+    "export_circuit_tracer",
     "get_nested_folders",
+    "load_circuit_tracer",
     "load_dictionary",
     "register_dictionary",
     "save_dictionary",

@@ -31,10 +31,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+def layer_spec(text: str) -> list[int] | str:
+    """One --layer item: a layer `3`, an inclusive range `0-29`, or `all` (every layer of the model)."""
+    if text == "all":
+        return text
+    first, dash, last = text.partition("-")
+    try:
+        layers = [int(text)] if not dash else list(range(int(first), int(last) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer (3), a range (0-29) or 'all', got {text!r}") from None
+    if not layers or layers[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected layers >= 0 in increasing order, got {text!r}")
+    return layers
+
+
+def _flatten_layers(args) -> None:
+    """--layer items as one list of ints, or ["all"] (resolved once the model is loaded: `_resolve_layers`)."""
+    items = getattr(args, "layer", None)
+    if not items:
+        return
+    if "all" in items:
+        if len(items) > 1:
+            raise SystemExit("error: --layer all means every layer: give it alone")
+        args.layer = ["all"]
+        return
+    args.layer = [layer for item in items for layer in item]
+
+
+def _resolve_layers(layers: list, model) -> list[int]:
+    from .models import num_layers
+
+    return list(range(num_layers(model))) if layers == ["all"] else layers
+
+
 def _add_model_args(parser: argparse.ArgumentParser, layer_help: str = "transformer layer(s)") -> None:
     group = parser.add_argument_group("model and site")
     group.add_argument("--model", help=f"Hugging Face id or local folder (default: {DEFAULT_MODEL})")
-    group.add_argument("--layer", type=int, nargs="+", help=layer_help)
+    group.add_argument("--layer", type=layer_spec, nargs="+", help=f"{layer_help}: 3, a range 0-29, or all")
     group.add_argument(
         "--site",
         default=None,
@@ -292,6 +325,7 @@ def cmd_cache(args) -> None:
     layers = _layers(args)
     docs = _documents(args)  # before the model: a bad --texts fails at once
     model = _load_model(args)
+    layers = _resolve_layers(layers, model)
     if args.stack_sites and len(layers) < 2:
         raise SystemExit("error: --stack-sites caches several sites for a crosscoder: give --layer with two or more")
     cache = ActivationCache.build(
@@ -324,8 +358,8 @@ def _data_for_training(args):
         from .e2e import E2EObjective, TokenBatches
         from .models import get_submodule
 
-        if args.transcoder or args.crosscoder:
-            raise SystemExit("error: --e2e trains SAEs: drop --transcoder/--crosscoder")
+        if args.transcoder or args.crosscoder or args.clt:
+            raise SystemExit("error: --e2e trains SAEs: drop --transcoder/--crosscoder/--clt")
         if args.cache or not args.layer or len(args.layer) != 1:
             raise SystemExit("error: --e2e trains through the model: give one --layer (and --site), not --cache")
         docs = _documents(args)
@@ -341,15 +375,18 @@ def _data_for_training(args):
         )
         data = TokenBatches(docs, model, batch_size=args.lm_batch_size, ctx_len=args.ctx_len, pack=not args.no_pack)
         return data, {None: (e2e.activation_dim, args.layer[0])}, model_id(model), e2e
-    if args.transcoder and args.crosscoder:
-        raise SystemExit("error: --transcoder and --crosscoder train different dictionaries: choose one")
+    if sum(map(bool, (args.transcoder, args.crosscoder, args.clt))) > 1:
+        raise SystemExit("error: --transcoder, --crosscoder and --clt train different dictionaries: choose one")
     if args.paired_model and not args.crosscoder:
         raise SystemExit("error: --paired-model reads two models for a crosscoder: add --crosscoder")
     if args.cache:
-        data = ActivationCache(args.cache, batch_size=args.batch_size, loop=args.loop, stack_sites=args.crosscoder)
+        stacked = args.crosscoder or args.clt
+        data = ActivationCache(args.cache, batch_size=args.batch_size, loop=args.loop, stack_sites=stacked)
         config = data.config
-        if args.crosscoder:
+        if stacked:
             layers = [layer_of(module or "") for module in config["modules"].values()]
+            if args.clt:
+                check_clt_layers(layers)
             return data, {None: (config["d_submodule"][0], layers)}, config["model"], None
         widths = config["d_submodule"] if len(data.sites) > 1 else [config["d_submodule"]]
         given = args.layer[0] if args.layer and len(args.layer) == 1 else None
@@ -361,7 +398,8 @@ def _data_for_training(args):
     layers = _layers(args)
     docs = _documents(args)
     model = _load_model(args)
-    site = args.site or ("mlp" if args.transcoder else "resid")
+    layers = _resolve_layers(layers, model)
+    site = args.site or ("mlp" if args.transcoder or args.clt else "resid")
     reading = dict(
         n_ctxs=args.n_ctxs,
         refresh_batch_size=args.lm_batch_size,
@@ -372,6 +410,8 @@ def _data_for_training(args):
     )
     if args.crosscoder:
         return _crosscoder_data(args, docs, model, layers, site, reading)
+    if args.clt:
+        return _clt_data(docs, model, layers, site, reading)
     io = "in_and_out" if args.transcoder else "out"
     data = ActivationBuffer(docs, model, _sites(model, layers, site), io=io, **reading)
     widths = data.widths
@@ -397,6 +437,29 @@ def _crosscoder_data(args, docs, model, layers: list[int], site: str, reading: d
     sites = [get_submodule(model, layer, site) for layer in layers]
     data = ActivationBuffer(docs, model, sites, stack_sites=True, **reading)
     return data, {None: (data.widths[0], layers)}, model_id(model), None
+
+
+def _clt_data(docs, model, layers: list[int], site: str, reading: dict):
+    """A cross-layer transcoder's buffer: every --layer MLP's input and output, stacked `[B, L, 2, d]`."""
+    from .buffer import ActivationBuffer
+    from .models import get_submodule
+    from .nnsight_io import model_id
+
+    check_clt_layers(layers)
+    if site != "mlp":
+        raise SystemExit(f"error: a cross-layer transcoder reads and writes MLPs: drop --site {site}")
+    sites = [get_submodule(model, layer, "mlp") for layer in layers]
+    data = ActivationBuffer(docs, model, sites, io="in_and_out", stack_sites=True, **reading)
+    return data, {None: (data.widths[0], layers)}, model_id(model), None
+
+
+def check_clt_layers(layers: list[int]) -> None:
+    """A CLT's layers are consecutive (a latent writes to every later layer's MLP)."""
+    if len(layers) < 2 or layers != list(range(layers[0], layers[0] + len(layers))):
+        raise SystemExit(
+            f"error: a cross-layer transcoder reads consecutive layers (two or more), got --layer "
+            f"{' '.join(map(str, layers))}: give a range such as 0-29, or all"
+        )
 
 
 def _per_site(configs: list[dict], sites: dict, lm_name: str, device: str) -> list[dict]:
@@ -834,6 +897,12 @@ def _add_train_command(sub) -> None:
         "[B, L, d], or with --paired-model on one site of two models",
     )
     kind.add_argument(
+        "--clt",
+        action="store_true",
+        help="train a cross-layer transcoder (TopKCLTTrainer, JumpReluCLTTrainer) over the --layer MLPs "
+        "(consecutive; usually all): each layer's MLP input and output read in one pass, stacked [B, L, 2, d]",
+    )
+    kind.add_argument(
         "--paired-model", help="with --crosscoder: a second model (e.g. the fine-tuned one) read on the same tokens"
     )
     p.add_argument("--cache", help="train from this activation cache instead of running the model")
@@ -941,6 +1010,56 @@ def _add_eval_command(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_export_command(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write transcoders in another library's format (circuit-tracer)",
+        description="Write MLP transcoders (one per layer, every layer of the model: a run of train "
+        "--transcoder --layer all) or a cross-layer transcoder (train --clt) as a circuit-tracer folder. TopK "
+        "dictionaries get JumpReLU thresholds calibrated on held-out activations read from the recorded model.",
+    )
+    p.add_argument("dictionaries", nargs="+", help="checkpoint folders, or run folders (every trainer_* in them)")
+    p.add_argument("--format", required=True, choices=["circuit-tracer"], help="the format to write")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument(
+        "--held-out-tokens",
+        type=positive_int,
+        default=16384,
+        help="held-out tokens that TopK thresholds are calibrated on (default: 16384)",
+    )
+    _add_model_args(p, "unused (the recorded site is exported)")
+    _add_text_args(p, "held-out")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> None:
+    from .circuit_export import export_circuit_tracer, needs_held_out, read_mlp_pairs, transcoders_by_layer
+    from .suite import find_dictionaries
+
+    missing = [folder for folder in args.dictionaries if not Path(folder).exists()]
+    if missing:
+        raise SystemExit(f"error: {missing[0]} does not exist: give a checkpoint or run folder")
+    dictionaries, layers, lm_name = transcoders_by_layer(find_dictionaries(args.dictionaries))
+    held_out = None
+    if needs_held_out(dictionaries):
+        if args.model is None and lm_name is not None:
+            args.model = None if lm_name == _default_model_id() else lm_name
+        model = _load_model(args)
+        pairs = read_mlp_pairs(model, layers, _documents(args), args.held_out_tokens, args.ctx_len)
+        held_out = pairs if not isinstance(dictionaries, list) else {i: pairs[:, i] for i in range(len(layers))}
+    record = export_circuit_tracer(dictionaries, args.out, held_out, model_name=lm_name)
+    kind = record["model_kind"]
+    print(f"wrote a circuit-tracer {kind} of {len(layers)} layers to {args.out}")
+    for layer, report in (record["dictionary_learning"].get("calibration") or {}).items():
+        print(f"  {layer}: {json.dumps(report)}")
+
+
+def _default_model_id() -> str:
+    from .models import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
+
+
 def _add_features_command(sub) -> None:
     p = sub.add_parser(
         "features",
@@ -1045,6 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_eval_command(sub)
     _add_features_command(sub)
+    _add_export_command(sub)
     _add_download_command(sub)
     _add_synthetic_command(sub)
     return parser
@@ -1055,6 +1175,7 @@ def main(argv: list[str] | None = None) -> None:
     from .run import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
+    _flatten_layers(args)
     logging.basicConfig(format="note: %(message)s", level=logging.WARNING)  # the library's notes, one line each
     try:
         args.func(args)

@@ -154,6 +154,17 @@ def _walk(obj, path: str):
     return obj
 
 
+def num_layers(model) -> int:
+    """The number of transformer blocks of a model of a known family (nnsight-wrapped or plain)."""
+    hf = torch_model(model) if hasattr(model, "trace") else model
+    model_type = getattr(hf.config, "model_type", None)
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(
+            f"cannot count the layers of a {model_type!r} model (known: {', '.join(sorted(MODEL_FAMILIES))})"
+        )
+    return len(_walk(hf, MODEL_FAMILIES[model_type][1]))
+
+
 def get_submodule(model, layer: int, kind: str = "resid"):
     """The submodule of a GPT-NeoX/Pythia, GPT-2, Llama/SmolLM, Gemma, Qwen or Mistral model whose
     output is layer `layer`'s residual stream ("resid", the block), attention output ("attn"), MLP

@@ -1,6 +1,7 @@
 """Dictionary architectures; importing this package registers every one of them."""
 
 from .base import DICTIONARY_REGISTRY, Dictionary, FeatureLayout, register_dictionary
+from .clt import CrossLayerTranscoderBase, JumpReluCrossLayerTranscoder, TopKCrossLayerTranscoder
 from .crosscoder import BatchTopKCrossCoder, CrossCoder, relative_decoder_norms
 from .gated import GatedAutoEncoder
 from .identity import IdentityDict
@@ -18,13 +19,16 @@ __all__ = [
     "BatchTopKCrossCoder",
     "BatchTopKSAE",
     "CrossCoder",
+    "CrossLayerTranscoderBase",
     "Dictionary",
     "FeatureLayout",
     "GatedAutoEncoder",
     "IdentityDict",
     "JumpReluAutoEncoder",
+    "JumpReluCrossLayerTranscoder",
     "MatchingPursuitSAE",
     "MatryoshkaBatchTopKSAE",
+    "TopKCrossLayerTranscoder",
     "register_dictionary",
     "relative_decoder_norms",
 ]

@@ -278,7 +278,7 @@ class Dictionary(nn.Module):
     @classmethod
     def matches_state_dict(cls, keys: set[str], state_dict: dict[str, torch.Tensor] | None = None) -> bool:
         """Whether a state dict with these keys (and, when given, these tensors) belongs to this architecture."""
-        expected = set(cls._expected_keys())
+        expected = set(cls._keys_of(keys))
         fits = expected <= keys <= expected | set(cls._optional_keys())
         return fits and (state_dict is None or cls._shapes_fit(state_dict))
 
@@ -297,6 +297,12 @@ class Dictionary(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def _keys_of(cls, keys: set[str]) -> tuple[str, ...]:
+        """The keys a state dict with these keys must hold: `_expected_keys()`, unless the class's
+        keys depend on its size (one decoder per layer: `W_dec.0`, `W_dec.1`, ...)."""
+        return cls._expected_keys()
+
+    @classmethod
     def from_state_dict(
         cls,
         state_dict: dict[str, torch.Tensor],
@@ -306,8 +312,9 @@ class Dictionary(nn.Module):
         **kwargs: Any,
     ) -> Dictionary:
         """Build an instance from a state dict (strict key and shape check; errors name `source`)."""
-        missing = set(cls._expected_keys()) - set(state_dict)
-        unexpected = set(state_dict) - set(cls._expected_keys()) - set(cls._optional_keys())
+        expected = set(cls._keys_of(set(state_dict)))
+        missing = expected - set(state_dict)
+        unexpected = set(state_dict) - expected - set(cls._optional_keys())
         if missing or unexpected:
             raise CheckpointError(
                 f"{source}: keys do not match {cls.__name__} "

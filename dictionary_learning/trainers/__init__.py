@@ -2,6 +2,7 @@
 
 from .abs_top_k import AbsTopKSAE, AbsTopKTrainer
 from .batch_top_k import BatchTopKSAE, BatchTopKTrainer
+from .clt import JumpReluCLTTrainer, TopKCLTTrainer
 from .crosscoder import BatchTopKCrossCoderTrainer, CrossCoderTrainer
 from .gated_anneal import GatedAnnealTrainer
 from .gdm import GatedSAETrainer
@@ -25,6 +26,7 @@ __all__ = [
     "CrossCoderTrainer",
     "GatedAnnealTrainer",
     "GatedSAETrainer",
+    "JumpReluCLTTrainer",
     "JumpReluTrainer",
     "MatchingPursuitSAE",
     "MatchingPursuitTrainer",
@@ -34,6 +36,7 @@ __all__ = [
     "SAETrainer",
     "StandardTrainer",
     "StandardTrainerAprilUpdate",
+    "TopKCLTTrainer",
     "TopKTrainer",
     "register_trainer",
 ]

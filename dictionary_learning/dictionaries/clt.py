@@ -1,0 +1,240 @@
+"""Cross-layer transcoders (Anthropic 2025, "Circuit Tracing"; Ameisen et al.): the replacement for
+every MLP of a model at once.
+
+A CLT reads the MLP input of each of L layers and writes the MLP outputs: latent f of source layer s
+reads `x_s` (layer s's MLP input) and writes to the MLP outputs of layers s, s+1, ..., L-1. So
+
+    a_s = act(x_s @ W_enc[s] + b_enc[s])                 [..., F] per source layer
+    y_l = b_dec[l] + sum over s <= l of a_s @ W_dec[s][:, l - s]
+
+Batches are `[B, L, 2, D]` (each layer's MLP input and output: a buffer or cache reading every MLP
+with io="in_and_out", stacked) or pairs `(inputs [B, L, D], outputs [B, L, D])`;
+`encode(inputs) -> [B, L, F]`, `decode(codes) -> [B, L, D]`.
+
+The decoder of source layer s is one parameter `W_dec.{s}` of shape `[F, L - s, D]`: a latent's
+rows for all the layers it writes to are contiguous, so the sparse path (`decode_sparse`) reads
+and updates only the active latents' rows. These are circuit-tracer's shapes (`W_dec_{s}`), and
+`dict_size` is F, the latents of one layer (L * F in all).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F_
+from torch import nn
+
+from ..ops import JumpReLUFunction
+from .base import Dictionary, check_sizes, register_dictionary
+
+
+class CrossLayerTranscoderBase(Dictionary):
+    """Parameters, shapes, the dense decoder and the sparse one, shared by the CLT activations."""
+
+    layout = None  # per-(layer, latent) decoders of different lengths: no one [F, D] decoder view
+    transcoder = True
+    bias_names: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
+
+    def _init_clt(self, activation_dim: int, dict_size: int, num_layers: int) -> None:
+        check_sizes(activation_dim, dict_size)
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        L, D, F = num_layers, activation_dim, dict_size
+        self.activation_dim, self.dict_size, self.num_layers = D, F, L
+        # Each latent starts reading and writing one random unit direction at its own layer; its rows for
+        # later layers start small (1/sqrt(L - s) of a unit in all), so the model is a per-layer transcoder at first.
+        directions = torch.randn(L, F, D)
+        directions /= directions.norm(dim=-1, keepdim=True)
+        self.W_enc = nn.Parameter(directions.transpose(1, 2).contiguous())  # [L, D, F]
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        decoders = []
+        for s in range(L):
+            W = torch.randn(F, L - s, D) * (0.1 / D**0.5)
+            W[:, 0] = directions[s]
+            decoders.append(nn.Parameter(W))
+        self.W_dec = nn.ParameterList(decoders)
+        self.b_dec = nn.Parameter(torch.zeros(L, D))
+
+    # ------------------------------------------------------------------------------------ shapes
+    def check_layers(self, x: torch.Tensor, what: str = "MLP inputs") -> None:
+        """`x` must be `[..., L, D]`; the error names the fix."""
+        L, D = self.num_layers, self.activation_dim
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or tuple(x.shape[-2:]) != (L, D):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"{type(self).__name__} reads {what} of shape [..., num_layers={L}, {D}], got {shape}: read every "
+                f"layer's MLP (a buffer or cache over all {L} MLPs with io='in_and_out', stack_sites=True)"
+            )
+
+    @property
+    def output_dim(self) -> int:
+        return self.activation_dim
+
+    @output_dim.setter
+    def output_dim(self, value: int) -> None:
+        if value != self.activation_dim:
+            raise ValueError("a cross-layer transcoder writes MLP outputs as wide as its inputs")
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., L, D]` MLP inputs -> `[..., L, F]`: `x_s @ W_enc[s] + b_enc[s]` for each layer s."""
+        self.check_layers(x)
+        lead = x.shape[:-2]
+        x_LND = x.reshape(-1, self.num_layers, self.activation_dim).transpose(0, 1)
+        pre_LNF = torch.baddbmm(self.b_enc.unsqueeze(1), x_LND, self.W_enc)
+        return pre_LNF.transpose(0, 1).reshape(*lead, self.num_layers, self.dict_size)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """`[..., L, F]` codes -> `[..., L, D]` MLP outputs (dense: every latent's rows)."""
+        L, D = self.num_layers, self.activation_dim
+        lead = f.shape[:-2]
+        f_NLF = f.reshape(-1, L, self.dict_size)
+        parts = [self.b_dec.expand(f_NLF.shape[0], L, D)]
+        for s in range(L):
+            written = f_NLF[:, s] @ self.W_dec[s].reshape(self.dict_size, -1)  # [N, (L - s) * D]
+            parts.append(F_.pad(written.view(-1, L - s, D), (0, 0, s, 0)))
+        return torch.stack(parts).sum(0).reshape(*lead, L, D)
+
+    def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The decoder from each row's active latents only: `indices`/`values` `[N, L, K]` (latent
+        ids and their activations per source layer; a value of 0 adds nothing) -> `[N, L, D]`. Reads
+        and (in backward) writes only those latents' decoder rows."""
+        N, L, D = indices.shape[0], self.num_layers, self.activation_dim
+        out = self.b_dec.expand(N, L, D)
+        parts = [out]
+        for s in range(L):
+            written = F_.embedding_bag(
+                indices[:, s], self.W_dec[s].view(self.dict_size, -1), per_sample_weights=values[:, s], mode="sum"
+            )
+            parts.append(F_.pad(written.view(N, L - s, D), (0, 0, s, 0)))
+        return torch.stack(parts).sum(0)
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        """Every layer's MLP output `[..., L, D]` from every layer's MLP input."""
+        f = self.encode(x)
+        y = self.decode(f)
+        return (y, f) if output_features else y
+
+    def decoder_norms(self) -> torch.Tensor:
+        """`[L, F]`: the norm of each latent's whole decoder (its rows for every layer it writes to)."""
+        return torch.stack([W.flatten(1).norm(dim=-1) for W in self.W_dec])
+
+    def decoder_norms_by_target(self) -> torch.Tensor:
+        """`[L_source, F, L_target]`: the norm of each latent's row for each layer (0 before its own)."""
+        L = self.num_layers
+        return torch.stack([F_.pad(W.norm(dim=-1), (s, 0)) for s, W in enumerate(self.W_dec)])[..., :L]
+
+    def skip(self, x: torch.Tensor) -> float:
+        return 0.0
+
+    # ------------------------------------------------------------------------------------- files
+    def architecture_config(self) -> dict[str, Any]:
+        return {
+            "dict_class": type(self).__name__,
+            "activation_dim": self.activation_dim,
+            "dict_size": self.dict_size,
+            "num_layers": self.num_layers,
+            "transcoder": True,
+        }
+
+    @classmethod
+    def _expected_keys(cls) -> tuple[str, ...]:
+        return ("W_enc", "b_enc", "b_dec", "W_dec.0")
+
+    @classmethod
+    def _keys_of(cls, keys: set[str]) -> tuple[str, ...]:
+        layers = sum(1 for key in keys if key.startswith("W_dec.") and key[6:].isdigit())
+        return (*cls._expected_keys()[:3], *(f"W_dec.{s}" for s in range(max(layers, 1))))
+
+    @classmethod
+    def _shapes_fit(cls, state_dict) -> bool:
+        return state_dict["W_enc"].ndim == 3
+
+    @classmethod
+    def _sizes(cls, state_dict) -> tuple[int, int, int]:
+        """(activation_dim, dict_size, num_layers) of a state dict, with its decoders checked."""
+        L, D, F = state_dict["W_enc"].shape
+        for s in range(L):
+            W = state_dict.get(f"W_dec.{s}")
+            if W is None or tuple(W.shape) != (F, L - s, D):
+                got = "missing" if W is None else tuple(W.shape)
+                raise ValueError(f"W_dec.{s} should be [{F}, {L - s}, {D}] for W_enc [{L}, {D}, {F}], got {got}")
+        return D, F, L
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_layers={self.num_layers}"
+
+
+@register_dictionary
+class TopKCrossLayerTranscoder(CrossLayerTranscoderBase):
+    """CLT whose latents of each source layer are the k largest ReLU pre-activations of that layer
+    (k per layer, per token). circuit-tracer loads JumpReLU CLTs: `calibrate_thresholds` gives one
+    that keeps about k latents per layer (see `interop_circuit_tracer`)."""
+
+    def __init__(self, activation_dim: int, dict_size: int, num_layers: int, k: int):
+        super().__init__()
+        check_sizes(activation_dim, dict_size, k)
+        self._init_clt(activation_dim, dict_size, num_layers)
+        self.register_buffer("k", torch.tensor(k, dtype=torch.long))
+
+    def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, indices `[..., L, k]` of each layer's k largest ReLU pre-activations, pre `[..., L, F]`)."""
+        pre = self.pre_activations(x)
+        values, indices = torch.relu(pre).topk(int(self.k), dim=-1, sorted=False)
+        return values, indices, pre
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices, pre = self.topk(x)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+    def architecture_config(self) -> dict[str, Any]:
+        return super().architecture_config() | {"k": int(self.k)}
+
+    @classmethod
+    def _expected_keys(cls) -> tuple[str, ...]:
+        return ("W_enc", "b_enc", "b_dec", "k", "W_dec.0")
+
+    @classmethod
+    def _keys_of(cls, keys: set[str]) -> tuple[str, ...]:
+        return (*super()._keys_of(keys), "k")
+
+    @classmethod
+    def _from_state_dict_shapes(cls, state_dict, **kwargs):
+        D, F, L = cls._sizes(state_dict)
+        return cls(D, F, L, int(state_dict["k"]))
+
+
+@register_dictionary
+class JumpReluCrossLayerTranscoder(CrossLayerTranscoderBase):
+    """CLT with a JumpReLU per latent: `a = pre * 1[pre > threshold]` (thresholds `[L, F]`,
+    positive); circuit-tracer's native CLT. Trained with Anthropic's tanh sparsity penalty weighted
+    by each latent's whole decoder norm (`JumpReluCLTTrainer`)."""
+
+    bias_names = ("b_enc", "b_dec", "threshold")
+
+    def __init__(self, activation_dim: int, dict_size: int, num_layers: int, threshold: float = 0.03):
+        super().__init__()
+        self._init_clt(activation_dim, dict_size, num_layers)
+        self.threshold = nn.Parameter(torch.full((num_layers, dict_size), float(threshold)))
+
+    def jump(self, pre: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:
+        """JumpReLU of `[..., L, F]` pre-activations; with a bandwidth, the straight-through threshold gradient."""
+        if bandwidth is None:
+            return pre * (pre > self.threshold)
+        return JumpReLUFunction.apply(pre, self.threshold, bandwidth)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.jump(self.pre_activations(x))
+
+    @classmethod
+    def _expected_keys(cls) -> tuple[str, ...]:
+        return ("W_enc", "b_enc", "b_dec", "threshold", "W_dec.0")
+
+    @classmethod
+    def _keys_of(cls, keys: set[str]) -> tuple[str, ...]:
+        return (*super()._keys_of(keys), "threshold")
+
+    @classmethod
+    def _from_state_dict_shapes(cls, state_dict, **kwargs):
+        D, F, L = cls._sizes(state_dict)
+        return cls(D, F, L)

@@ -1,0 +1,180 @@
+"""Cross-layer transcoders: planted cross-layer latents are recovered by both recipes, the sparse
+decoder equals the dense one (values and gradients), files round-trip, trainSAE trains one from a
+tiny model's buffer and resumes it exactly, `train --clt` and `--layer all` work from the command
+line, and bad input is named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_cli_folder
+
+from dictionary_learning import load_dictionary, trainSAE
+from dictionary_learning.cli import main
+from dictionary_learning.dictionaries import JumpReluCrossLayerTranscoder, TopKCrossLayerTranscoder
+from dictionary_learning.files import CheckpointError
+from dictionary_learning.trainers import JumpReluCLTTrainer, TopKCLTTrainer
+
+L, D, PER_LAYER = 4, 32, 12  # 48 planted latents, 12 per source layer
+
+
+class PlantedCLT:
+    """MLP inputs `x_s = codes_s @ A_s` and outputs `y_l = sum_(s <= l) codes_s @ W_s[:, l - s]`:
+    latent (s, j) reads direction A[s, j] at layer s and writes to layers s..L-1."""
+
+    def __init__(self, seed: int = 1):
+        gen = torch.Generator().manual_seed(seed)
+        self.A = F.normalize(torch.randn(L, PER_LAYER, D, generator=gen), dim=-1)
+        self.W = [torch.randn(PER_LAYER, L - s, D, generator=gen) / D**0.5 for s in range(L)]
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def batch(self, n: int = 512) -> torch.Tensor:
+        codes = (torch.rand(n, L, PER_LAYER, generator=self.gen) < 0.08) * (
+            0.5 + 2.5 * torch.rand(n, L, PER_LAYER, generator=self.gen)
+        )
+        x = torch.einsum("nsj,sjd->nsd", codes, self.A)
+        y = torch.zeros(n, L, D)
+        for s in range(L):
+            y[:, s:] += torch.einsum("nj,jtd->ntd", codes[:, s], self.W[s])
+        return torch.stack([x, y], dim=2)  # [n, L, 2, D]
+
+    def recovered(self, ae, threshold: float = 0.9) -> int:
+        found = 0
+        for s in range(L):
+            learned = F.normalize(ae.W_dec[s].detach().flatten(1), dim=-1)
+            true = F.normalize(self.W[s].flatten(1), dim=-1)
+            found += int(((true @ learned.T).max(-1).values > threshold).sum())
+        return found
+
+
+RECIPES = {
+    TopKCLTTrainer: dict(k=4),
+    JumpReluCLTTrainer: dict(sparsity_penalty=0.1, pre_act_loss=0.0),
+}
+
+
+def clt_trainer(cls, steps: int, **kwargs):
+    options = dict(activation_dim=D, dict_size=32, num_layers=L, warmup_steps=20, lr=3e-3, seed=0) | RECIPES[cls]
+    return cls(steps=steps, **(options | kwargs))
+
+
+@pytest.mark.parametrize("cls", list(RECIPES))
+def test_a_clt_recovers_planted_cross_layer_latents(cls):
+    data = PlantedCLT()
+    trainer = clt_trainer(cls, 600)
+    assert data.recovered(trainer.ae) < 3  # not found by the initialisation
+    first = float(trainer.loss(data.batch()).loss.detach())
+    for step in range(600):
+        trainer.update(step, data.batch())
+    out = trainer.loss(data.batch())
+    assert float(out.losses["normalised_mse"].detach()) < 0.15 * first
+    assert data.recovered(trainer.ae) >= 42, data.recovered(trainer.ae)
+    if cls is JumpReluCLTTrainer:
+        assert float(out.losses["l0"]) < 8 and bool((trainer.ae.threshold > 0).all())
+
+
+def test_the_sparse_decoder_equals_the_dense_one_in_values_and_gradients():
+    torch.manual_seed(0)
+    ae = TopKCrossLayerTranscoder(D, 32, L, k=4)
+    x = PlantedCLT().batch(16)[:, :, 0]
+    values, indices, pre = ae.topk(x)
+    sparse = ae.decode_sparse(indices, values)
+    dense = ae.decode(torch.zeros_like(pre).scatter(-1, indices, values))
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(ae(x), dense)
+    (g_sparse,) = torch.autograd.grad(sparse.pow(2).sum(), [ae.W_dec[1]])
+    (g_dense,) = torch.autograd.grad(dense.pow(2).sum(), [ae.W_dec[1]])
+    torch.testing.assert_close(g_sparse, g_dense)
+    # layer s writes nothing to the layers before it
+    f = torch.zeros(1, L, 32)
+    f[0, 2, 5] = 1.0
+    out = ae.decode(f) - ae.b_dec
+    assert out[0, :2].abs().max() == 0 and out[0, 2:].abs().min() > 0
+    assert ae.decoder_norms_by_target().shape == (L, 32, L)
+
+
+@pytest.mark.parametrize("cls", [TopKCrossLayerTranscoder, JumpReluCrossLayerTranscoder])
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_clt_files_round_trip(tmp_path, cls, safetensors):
+    torch.manual_seed(0)
+    ae = cls(D, 32, L, 4) if cls is TopKCrossLayerTranscoder else cls(D, 32, L)
+    with torch.no_grad():
+        ae.b_enc.normal_()
+        ae.b_dec.normal_()
+    ae.save_pretrained(tmp_path / "clt", safetensors=safetensors)
+    loaded, config = load_dictionary(tmp_path / "clt")
+    assert type(loaded) is cls and loaded.num_layers == L and config["trainer"]["num_layers"] == L
+    x = torch.randn(3, L, D)
+    torch.testing.assert_close(loaded(x), ae(x))
+    assert set(loaded.state_dict()) == set(ae.state_dict()) and "W_dec.3" in loaded.state_dict()
+
+
+def test_a_clt_checkpoint_with_a_decoder_missing_or_misshapen_is_named(tmp_path):
+    ae = TopKCrossLayerTranscoder(D, 32, L, 4)
+    state = ae.state_dict()
+    del state["W_dec.2"]
+    with pytest.raises(CheckpointError, match=r"missing \['W_dec.2'\]"):
+        TopKCrossLayerTranscoder.from_state_dict(state)
+    state = dict(ae.state_dict())
+    state["W_dec.1"] = state["W_dec.1"][:, :2]
+    with pytest.raises(CheckpointError, match=r"W_dec.1 should be \[32, 3, 32\]"):
+        TopKCrossLayerTranscoder.from_state_dict(state)
+
+
+def test_clt_batches_of_the_wrong_layout_are_named():
+    trainer = clt_trainer(TopKCLTTrainer, 30)
+    with pytest.raises(ValueError, match=r"the data holds 3 layers but num_layers=4"):
+        trainer.update(0, torch.randn(8, 3, 2, D))
+    with pytest.raises(ValueError, match=r"one activation per layer: read each MLP's input and output"):
+        trainer.update(0, torch.randn(8, L, D))
+    with pytest.raises(ValueError, match=r"reads MLP inputs of shape \[..., num_layers=4, 32\], got \(8, 32\)"):
+        trainer.ae.encode(torch.randn(8, D))
+    with pytest.raises(TypeError, match="unknown config keys 'transcoder'"):
+        TopKCLTTrainer(steps=10, activation_dim=D, dict_size=32, num_layers=L, k=4, transcoder=True)
+
+
+def test_trainsae_trains_a_clt_on_every_mlp_of_a_tiny_model_and_resumes_exactly(tmp_path):
+    import tiny_models
+
+    from dictionary_learning.buffer import ActivationBuffer
+
+    model = tiny_models.llama(n_layers=3)
+    texts = [" ".join(tiny_models.SENTENCES[i : i + 5]) for i in range(0, 35, 2)]
+    mlps = [model.model.layers[i].mlp for i in range(3)]
+
+    buffer = ActivationBuffer(texts, model, mlps, io="in_and_out", stack_sites=True, n_ctxs=64, ctx_len=16,
+                              out_batch_size=32, loop=True, seed=0)  # fmt: skip
+    batches = [next(buffer) for _ in range(20)]
+    assert batches[0].shape == (32, 3, 2, 32)
+    config = dict(trainer=TopKCLTTrainer, activation_dim=32, dict_size=16, num_layers=3, k=2, warmup_steps=2, seed=0)
+    (full,) = trainSAE(batches, [config], 20, save_dir=tmp_path / "full", progress=False, normalize_activations=True)
+    loaded, saved = load_dictionary(tmp_path / "full" / "trainer_0")
+    x = batches[0][:, :, 0]
+    torch.testing.assert_close(loaded(x), full(x))  # the normalisation is folded into the saved file
+    assert saved["steps_trained"] == 20 and saved["trainer"]["num_layers"] == 3
+    trainSAE(batches[:10], [config], 20, save_dir=tmp_path / "half", progress=False, normalize_activations=True,
+             backup_steps=5)  # fmt: skip
+    (resumed,) = trainSAE(batches, None, 20, resume_from=tmp_path / "half", progress=False)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_train_clt_and_a_transcoder_per_layer_from_the_command_line(tmp_path, capsys):
+    tiny = tiny_cli_folder(tmp_path)
+    common = [*tiny, "--set", "dict_size=16", "--steps", "4", "--batch-size", "16", "--n-ctxs", "8"]
+    main(["train", *common, "--layer", "all", "--transcoder", "--trainer", "TopKTrainer:k=2",
+          "--out", str(tmp_path / "set")])  # fmt: skip
+    configs = [load_dictionary(tmp_path / "set" / f"trainer_{i}")[1] for i in range(2)]
+    assert [c["site"]["module"] for c in configs] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    main(["train", *common, "--layer", "0-1", "--clt", "--trainer", "TopKCLTTrainer:k=2",
+          "--out", str(tmp_path / "clt")])  # fmt: skip
+    ae, config = load_dictionary(tmp_path / "clt" / "trainer_0")
+    assert type(ae) is TopKCrossLayerTranscoder and ae.num_layers == 2 and config["site"]["layer"] == [0, 1]
+    with pytest.raises(SystemExit, match="a cross-layer transcoder reads consecutive layers"):
+        main(["train", *common, "--layer", "1", "--clt", "--trainer", "TopKCLTTrainer:k=2",
+              "--out", str(tmp_path / "x")])  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["train", *common, "--layer", "one", "--clt", "--trainer", "TopKCLTTrainer:k=2",
+              "--out", str(tmp_path / "x")])  # fmt: skip
+    assert "expected a layer (3), a range (0-29) or 'all', got 'one'" in capsys.readouterr().err
