@@ -12,6 +12,7 @@ Importing the package touches neither the network nor nnsight.
 from ._version import __version__ as __version__
 from .buffer import ActivationBuffer, PairedActivationBuffer
 from .checkpoint import CheckpointError, get_nested_folders, load_dictionary, save_dictionary
+from .circuit_export import export_circuit_tracer, load_circuit_tracer
 from .dictionaries import (
     DICTIONARY_REGISTRY,
     AbsTopKSAE,
@@ -31,7 +32,6 @@ from .dictionaries import (
     TopKCrossLayerTranscoder,
     register_dictionary,
 )
-from .circuit_export import export_circuit_tracer, load_circuit_tracer
 from .evaluation import evaluate
 from .reader import ActivationReader
 from .run import NonFiniteTrainingError, TrainingInterrupted

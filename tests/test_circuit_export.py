@@ -30,7 +30,7 @@ from dictionary_learning.dictionaries import (
 from dictionary_learning.files import CheckpointError
 
 SIDE_PYTHON = os.environ.get("DL_CIRCUIT_TRACER_PYTHON")
-CHECK = Path(__file__).with_name("circuit_tracer_check.py")
+CHECK = Path(__file__).resolve().parents[1] / "tools" / "circuit_tracer_side.py"
 L, D, F, K = 3, 16, 24, 4
 
 

@@ -5,6 +5,8 @@ line, and bad input is named."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,66 @@ def test_train_clt_and_a_transcoder_per_layer_from_the_command_line(tmp_path, ca
         main(["train", *common, "--layer", "one", "--clt", "--trainer", "TopKCLTTrainer:k=2",
               "--out", str(tmp_path / "x")])  # fmt: skip
     assert "expected a layer (3), a range (0-29) or 'all', got 'one'" in capsys.readouterr().err
+
+
+def test_a_clt_layer_by_layer_equals_its_whole_forward():
+    torch.manual_seed(0)
+    for ae in (TopKCrossLayerTranscoder(D, 32, L, k=4), JumpReluCrossLayerTranscoder(D, 32, L, threshold=0.1)):
+        x = PlantedCLT().batch(16)[:, :, 0]
+        with torch.no_grad():
+            codes = [ae.encode_layer(x[:, s], s) for s in range(L)]
+            by_layer = torch.stack([ae.decode_layer(codes, layer) for layer in range(L)], 1)
+            torch.testing.assert_close(by_layer, ae(x))
+            torch.testing.assert_close(torch.stack(codes, 1), ae.encode(x))
+
+
+def test_the_replacement_model_of_a_tiny_model():
+    import tiny_models
+
+    from dictionary_learning.replacement import evaluate_replacement, mlp_replacements
+    from dictionary_learning.splice import run_model
+
+    model = tiny_models.llama(n_layers=3)
+    texts = [" ".join(tiny_models.SENTENCES[i : i + 5]) for i in range(0, 35, 2)]
+    ids = model.tokenizer(texts[:2], return_tensors="pt", padding=True).input_ids
+    mlps = [copy.deepcopy(model.model.layers[i].mlp._module) for i in range(3)]  # copies: no hook of their own
+    clean, _ = run_model(model, ids)
+    same, _ = run_model(model, ids, transcode=mlp_replacements(model, mlps))  # each MLP standing in for itself
+    torch.testing.assert_close(same, clean)
+    clt = TopKCrossLayerTranscoder(32, 16, 3, k=2)
+    result = evaluate_replacement(model, clt, texts, n_contexts=6, ctx_len=16, batch_size=4)
+    assert result["n_contexts"] == 6 and len(result["fve"]) == 3 and result["l0"] == [2.0, 2.0, 2.0]
+    with torch.no_grad():
+        for W in clt.W_dec:
+            W.zero_()
+        clt.b_dec.zero_()
+    silent = evaluate_replacement(model, clt, texts, n_contexts=6, ctx_len=16, batch_size=4)
+    assert silent["ce_replaced"] == pytest.approx(silent["ce_zero"]) and silent["frac_recovered"] == pytest.approx(0)
+    with pytest.raises(ValueError, match="the replacement has 2 layers, the model 3: replace every MLP"):
+        evaluate_replacement(model, TopKCrossLayerTranscoder(32, 16, 2, k=2), texts)
+
+
+def test_train_clt_from_a_cache_of_every_mlp(tmp_path):
+    tiny = tiny_cli_folder(tmp_path)
+    main(["cache", *tiny, "--layer", "all", "--site", "mlp", "--io", "in_and_out", "--stack-sites",
+          "--tokens", "400", "--out", str(tmp_path / "cache")])  # fmt: skip
+    main(["train", "--cache", str(tmp_path / "cache"), "--clt", "--trainer", "TopKCLTTrainer:k=2", "--set",
+          "dict_size=16", "--steps", "4", "--batch-size", "16", "--out", str(tmp_path / "clt")])  # fmt: skip
+    ae, config = load_dictionary(tmp_path / "clt" / "trainer_0")
+    assert ae.num_layers == 2 and config["site"]["layer"] == [0, 1]
+    main(["cache", *tiny, "--layer", "all", "--site", "mlp", "--stack-sites", "--tokens", "400",
+          "--out", str(tmp_path / "outputs")])  # fmt: skip
+    with pytest.raises(ValueError, match="one activation per layer: read each MLP's input and output"):
+        main(["train", "--cache", str(tmp_path / "outputs"), "--clt", "--trainer", "TopKCLTTrainer:k=2",
+              "--set", "dict_size=16", "--steps", "4", "--batch-size", "16", "--out", str(tmp_path / "x"),
+              "--debug"])  # fmt: skip
+
+
+def test_the_decoder_s_gradients_are_those_of_the_plain_sum():
+    from dictionary_learning.dictionaries.clt import _SumWrites
+
+    b = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+    writes = [torch.randn(2, 3 - s, 4, dtype=torch.double, requires_grad=True) for s in range(3)]
+    assert torch.autograd.gradcheck(_SumWrites.apply, (b, *writes))
+    plain = b + sum(F.pad(w, (0, 0, s, 0)) for s, w in enumerate(writes))
+    torch.testing.assert_close(_SumWrites.apply(b, *writes), plain)

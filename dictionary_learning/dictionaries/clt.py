@@ -29,6 +29,25 @@ from ..ops import JumpReLUFunction
 from .base import Dictionary, check_sizes, register_dictionary
 
 
+class _SumWrites(torch.autograd.Function):
+    """`out[:, l] = b_dec[l] + sum over s <= l of writes[s][:, l - s]` for the per-source writes
+    `[N, L - s, D]`; the backward hands each source a view of the output's gradient (an in-place
+    sum on slices would copy the whole gradient once per source)."""
+
+    @staticmethod
+    def forward(ctx, b_dec_LD, *writes):
+        N, (L, D) = writes[0].shape[0], b_dec_LD.shape
+        out = b_dec_LD.expand(N, L, D).clone()
+        for s, written in enumerate(writes):
+            out[:, s:] += written
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_NLD):
+        L = grad_NLD.shape[1]
+        return (grad_NLD.sum(0), *(grad_NLD[:, s:] for s in range(L)))
+
+
 class CrossLayerTranscoderBase(Dictionary):
     """Parameters, shapes, the dense decoder and the sparse one, shared by the CLT activations."""
 
@@ -89,25 +108,37 @@ class CrossLayerTranscoderBase(Dictionary):
         L, D = self.num_layers, self.activation_dim
         lead = f.shape[:-2]
         f_NLF = f.reshape(-1, L, self.dict_size)
-        parts = [self.b_dec.expand(f_NLF.shape[0], L, D)]
-        for s in range(L):
-            written = f_NLF[:, s] @ self.W_dec[s].reshape(self.dict_size, -1)  # [N, (L - s) * D]
-            parts.append(F_.pad(written.view(-1, L - s, D), (0, 0, s, 0)))
-        return torch.stack(parts).sum(0).reshape(*lead, L, D)
+        writes = [(f_NLF[:, s] @ self.W_dec[s].reshape(self.dict_size, -1)).view(-1, L - s, D) for s in range(L)]
+        return _SumWrites.apply(self.b_dec, *writes).reshape(*lead, L, D)
 
     def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The decoder from each row's active latents only: `indices`/`values` `[N, L, K]` (latent
         ids and their activations per source layer; a value of 0 adds nothing) -> `[N, L, D]`. Reads
         and (in backward) writes only those latents' decoder rows."""
         N, L, D = indices.shape[0], self.num_layers, self.activation_dim
-        out = self.b_dec.expand(N, L, D)
-        parts = [out]
-        for s in range(L):
-            written = F_.embedding_bag(
+        writes = [
+            F_.embedding_bag(
                 indices[:, s], self.W_dec[s].view(self.dict_size, -1), per_sample_weights=values[:, s], mode="sum"
-            )
-            parts.append(F_.pad(written.view(N, L - s, D), (0, 0, s, 0)))
-        return torch.stack(parts).sum(0)
+            ).view(N, L - s, D)
+            for s in range(L)
+        ]
+        return _SumWrites.apply(self.b_dec, *writes)
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """One source layer's code `[..., F]` from that layer's MLP input `[..., D]` (what a forward
+        pass with the CLT in place of every MLP computes when it reaches the layer)."""
+        pre = torch.addmm(self.b_enc[layer], x.reshape(-1, self.activation_dim), self.W_enc[layer])
+        return self._activate(pre, layer).reshape(*x.shape[:-1], self.dict_size)
+
+    def decode_layer(self, codes: list[torch.Tensor], layer: int) -> torch.Tensor:
+        """Layer `layer`'s MLP output `[..., D]` from the codes of source layers 0..layer (a list)."""
+        out = self.b_dec[layer]
+        for s, f in enumerate(codes[: layer + 1]):
+            out = out + f @ self.W_dec[s][:, layer - s]
+        return out
+
+    def _activate(self, pre_NF: torch.Tensor, layer: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, output_features: bool = False):
         """Every layer's MLP output `[..., L, D]` from every layer's MLP input."""
@@ -187,6 +218,10 @@ class TopKCrossLayerTranscoder(CrossLayerTranscoderBase):
         values, indices, pre = self.topk(x)
         return torch.zeros_like(pre).scatter_(-1, indices, values)
 
+    def _activate(self, pre_NF, layer):
+        values, indices = torch.relu(pre_NF).topk(int(self.k), dim=-1, sorted=False)
+        return torch.zeros_like(pre_NF).scatter_(-1, indices, values)
+
     def architecture_config(self) -> dict[str, Any]:
         return super().architecture_config() | {"k": int(self.k)}
 
@@ -225,6 +260,9 @@ class JumpReluCrossLayerTranscoder(CrossLayerTranscoderBase):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.jump(self.pre_activations(x))
+
+    def _activate(self, pre_NF, layer):
+        return pre_NF * (pre_NF > self.threshold[layer])
 
     @classmethod
     def _expected_keys(cls) -> tuple[str, ...]:

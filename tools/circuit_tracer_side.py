@@ -1,11 +1,13 @@
-"""Runs in the circuit-tracer side venv (tests/test_circuit_export.py starts it): loads our exports
-with circuit-tracer's own loaders and prints, as one JSON line, what circuit-tracer computes.
+"""Runs in the circuit-tracer side venv (tools/setup_circuit_tracer_venv.sh): loads our exports with
+circuit-tracer's own loaders and prints, as one JSON line, what circuit-tracer computes. Started by
+tests/test_circuit_export.py and demos/circuit_tracing.py.
 
-    python circuit_tracer_check.py formats CASES_DIR      # every case: encode and decode given inputs
-    python circuit_tracer_check.py model CASES_DIR        # SmolLM2, both backends: activations, a graph
+    python circuit_tracer_side.py formats CASES_DIR      # every case: encode and decode given inputs
+    python circuit_tracer_side.py model CASES_DIR        # SmolLM2, both backends: activations, a graph
+    python circuit_tracer_side.py graph CASES_DIR        # SmolLM2, nnsight: a pruned graph per case
 
 CASES_DIR holds, per case, a folder `<name>/` (the export) and `<name>.safetensors` with the MLP
-inputs `x [L, N, D]` (for the model check: the prompt's token ids `ids [N]`).
+inputs `x [L, N, D]` (for the model and graph modes: the prompt's token ids `ids [N]`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def smollm2():
     return hf, tokenizer
 
 
+def smollm2_folder():
+    """`(model, tokenizer, folder)`: SmolLM2 and a model folder of it, which the nnsight backend loads."""
+    import tempfile
+
+    hf, tokenizer = smollm2()
+    folder = tempfile.mkdtemp()
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return hf, tokenizer, folder
+
+
 def transformerlens_model(hf, tokenizer, folder: str, transcoders):
     """A TransformerLens replacement model of a Llama that TransformerLens has no name for: its config
     converted from the model folder, its weights from the loaded model."""
@@ -75,16 +88,11 @@ def transformerlens_model(hf, tokenizer, folder: str, transcoders):
 
 
 def model_check(root: Path) -> dict:
-    import tempfile
-
     from circuit_tracer.attribution.attribute import attribute
     from circuit_tracer.graph import compute_graph_scores
     from circuit_tracer.replacement_model import ReplacementModel
 
-    hf, tokenizer = smollm2()
-    folder = tempfile.mkdtemp()
-    hf.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    hf, tokenizer, folder = smollm2_folder()
     out = {}
     for name, export, inputs in cases(root):
         ids = inputs["ids"].long().unsqueeze(0)
@@ -112,6 +120,57 @@ def model_check(root: Path) -> dict:
     return out
 
 
+def pruned(graph, tokenizer, top_edges: int = 80) -> dict:
+    """The graph's nodes that carry 80 % of the influence on the logits and its strongest edges among
+    them: nodes `(kind, layer, position, label, influence)`, edges `(source, target, weight)`."""
+    from circuit_tracer.graph import prune_graph
+
+    node_mask, edge_mask, cumulative = prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
+    n_features, n_layers = len(graph.selected_features), graph.cfg.n_layers
+    n_pos, n_logits = len(graph.input_tokens), len(graph.logit_targets)
+    tokens = [tokenizer.decode([int(t)]) for t in graph.input_tokens]
+    nodes, index = [], {}
+    for i in node_mask.nonzero().flatten().tolist():
+        if i < n_features:
+            layer, pos, feature = graph.active_features[graph.selected_features[i]].tolist()
+            node = ("feature", layer, pos, f"L{layer}/{feature}")
+        elif i < n_features + n_layers * n_pos:
+            layer, pos = divmod(i - n_features, n_pos)
+            node = ("error", layer, pos, f"error L{layer}")
+        elif i < n_features + n_layers * n_pos + n_pos:
+            pos = i - n_features - n_layers * n_pos
+            node = ("token", -1, pos, repr(tokens[pos]))
+        else:
+            target = graph.logit_targets[i - (graph.adjacency_matrix.shape[0] - n_logits)]
+            node = ("logit", n_layers, n_pos - 1, repr(getattr(target, "token_str", str(target))))
+        index[i] = len(nodes)
+        nodes.append([*node, float(cumulative[i])])
+    A = graph.adjacency_matrix * edge_mask  # A[target, source]
+    edges = [(index[s], index[t], float(A[t, s])) for t in index for s in index if A[t, s] != 0]
+    edges.sort(key=lambda e: -abs(e[2]))
+    return {"tokens": tokens, "nodes": nodes, "edges": edges[:top_edges]}
+
+
+def graphs(root: Path) -> dict:
+    from circuit_tracer.attribution.attribute import attribute
+    from circuit_tracer.graph import compute_graph_scores
+    from circuit_tracer.replacement_model import ReplacementModel
+
+    hf, tokenizer, folder = smollm2_folder()
+    out = {}
+    for name, export, inputs in cases(root):
+        ids = inputs["ids"].long().unsqueeze(0)
+        model = ReplacementModel.from_pretrained(folder, str(export), backend="nnsight", dtype=torch.float32)
+        start = time.perf_counter()
+        graph = attribute(ids, model, max_n_logits=5, batch_size=64, max_feature_nodes=1024)
+        seconds = time.perf_counter() - start
+        replacement, completeness = compute_graph_scores(graph)
+        out[name] = {"replacement": replacement, "completeness": completeness, "graph_seconds": seconds,
+                     "features": int(graph.active_features.shape[0]), **pruned(graph, tokenizer)}  # fmt: skip
+    return out
+
+
 if __name__ == "__main__":
     mode, root = sys.argv[1], Path(sys.argv[2])
-    print(json.dumps(formats(root) if mode == "formats" else model_check(root)))
+    run = {"formats": formats, "model": model_check, "graph": graphs}[mode]
+    print(json.dumps(run(root)))
