@@ -53,6 +53,8 @@ def _flatten_layers(args) -> None:
     if "all" in items:
         if len(items) > 1:
             raise SystemExit("error: --layer all means every layer: give it alone")
+        if args.func not in (cmd_train, cmd_cache):
+            raise SystemExit("error: --layer all reads every layer for train and cache; here give the layer(s)")
         args.layer = ["all"]
         return
     args.layer = [layer for item in items for layer in item]
@@ -602,6 +604,8 @@ def cmd_eval(args) -> None:
     for folder in find_dictionaries(args.dictionaries):
         ae, config = load_dictionary(folder, device=args.device)
         dictionaries.append((folder, ae, config, recorded_site(folder, config)))
+    if any(getattr(ae, "num_layers", 1) > 1 and ae.transcoder for _, ae, _, _ in dictionaries):
+        return _eval_clt(args, dictionaries)
     model, docs, plan = _eval_plan(args, dictionaries)
     entries = [Entry(str(folder), ae, config) for folder, ae, config, _ in dictionaries]
     rows = []
@@ -613,6 +617,28 @@ def cmd_eval(args) -> None:
             rows.append((folder, reader.names[0], _core(args, ae, reader, entry)))
     _probing_suites(args, suites, model, plan, entries, probe_data)
     _eval_output(args, suites, entries, rows, docs.record)
+
+
+def _eval_clt(args, dictionaries) -> None:
+    """A cross-layer transcoder replaces every MLP at once: `replacement.evaluate_replacement`."""
+    from .replacement import evaluate_replacement
+
+    if len(dictionaries) > 1:
+        raise SystemExit("error: a cross-layer transcoder replaces every MLP: evaluate it by itself")
+    folder, ae, _, site = dictionaries[0]
+    if args.model is None and site.get("model") not in (None, _default_model_id()):
+        args.model = site["model"]
+    model, docs = _load_model(args), _documents(args)
+    result = evaluate_replacement(model, ae, docs, n_contexts=args.n_batches * args.batch_texts,
+                                  ctx_len=args.ctx_len, batch_size=args.batch_texts)  # fmt: skip
+    if args.json:
+        print(json.dumps({"dictionary": str(folder), **result}))
+        return
+    fve = result["fve"]
+    print(f"{folder}: every MLP replaced on {result['n_tokens']} tokens ({docs.record['part']} part)")
+    print(f"  CE clean {result['ce_clean']:.3f}, replaced {result['ce_replaced']:.3f}, zeroed {result['ce_zero']:.3f}; "
+          f"loss recovered {result['frac_recovered']:.3f}; KL {result['kl_div']:.3f}")  # fmt: skip
+    print(f"  FVE per layer: mean {sum(fve) / len(fve):.3f}, min {min(fve):.3f}; L0 per layer {result['l0'][0]:.1f}")
 
 
 def _core(args, ae, reader, entry) -> dict:

@@ -6,6 +6,7 @@ line, and bad input is named."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -173,6 +174,12 @@ def test_train_clt_and_a_transcoder_per_layer_from_the_command_line(tmp_path, ca
           "--out", str(tmp_path / "clt")])  # fmt: skip
     ae, config = load_dictionary(tmp_path / "clt" / "trainer_0")
     assert type(ae) is TopKCrossLayerTranscoder and ae.num_layers == 2 and config["site"]["layer"] == [0, 1]
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "clt" / "trainer_0"), *tiny, "--n-batches", "1", "--batch-texts", "4", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["l0"] == [2.0, 2.0] and result["n_contexts"] == 4 and "frac_recovered" in result
+    with pytest.raises(SystemExit, match="--layer all reads every layer for train and cache"):
+        main(["eval", str(tmp_path / "clt" / "trainer_0"), *tiny, "--layer", "all"])
     with pytest.raises(SystemExit, match="a cross-layer transcoder reads consecutive layers"):
         main(["train", *common, "--layer", "1", "--clt", "--trainer", "TopKCLTTrainer:k=2",
               "--out", str(tmp_path / "x")])  # fmt: skip
