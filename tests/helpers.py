@@ -93,6 +93,22 @@ LEARNING_CONFIGS = {
     "BatchTopKCrossCoderTrainer": (dict(LEARN_TOPK, num_layers=1), 1000),
 }
 
+# Cross-layer transcoders read [B, L, 2, D] (every layer's MLP input and output): their learning test
+# is tests/test_clt.py's, on planted cross-layer latents (4 layers of 32, 12 latents each).
+CLT_CONFIGS = {
+    "TopKCLTTrainer": dict(activation_dim=32, dict_size=32, num_layers=4, warmup_steps=20, lr=3e-3, seed=0, k=4),
+    "JumpReluCLTTrainer": dict(
+        activation_dim=32,
+        dict_size=32,
+        num_layers=4,
+        warmup_steps=20,
+        lr=3e-3,
+        seed=0,
+        sparsity_penalty=0.1,
+        pre_act_loss=0.0,
+    ),
+}
+
 
 # ------------------------------------------------------------------- the sparse path against the dense one
 SPARSE_D, SPARSE_F, SPARSE_K = 24, 96, 6

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_cli_folder
+from helpers import CLT_CONFIGS, tiny_cli_folder
 
 from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.cli import main
@@ -51,15 +51,11 @@ class PlantedCLT:
         return found
 
 
-RECIPES = {
-    TopKCLTTrainer: dict(k=4),
-    JumpReluCLTTrainer: dict(sparsity_penalty=0.1, pre_act_loss=0.0),
-}
+RECIPES = [TopKCLTTrainer, JumpReluCLTTrainer]
 
 
 def clt_trainer(cls, steps: int, **kwargs):
-    options = dict(activation_dim=D, dict_size=32, num_layers=L, warmup_steps=20, lr=3e-3, seed=0) | RECIPES[cls]
-    return cls(steps=steps, **(options | kwargs))
+    return cls(steps=steps, **(CLT_CONFIGS[cls.__name__] | kwargs))
 
 
 @pytest.mark.parametrize("cls", list(RECIPES))

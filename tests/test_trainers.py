@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
+from helpers import CLT_CONFIGS, LEARNING_CONFIGS
 from helpers import LEARN_COMMON as COMMON
 from helpers import LEARN_D as D
 from helpers import LEARN_F as F
 from helpers import LEARN_PENALISED as PENALISED
 from helpers import LEARN_TOPK as TOPK
-from helpers import LEARNING_CONFIGS
 
 from dictionary_learning import TRAINER_REGISTRY, trainSAE
 from dictionary_learning.synthetic import PlantedFeatures
@@ -38,7 +38,7 @@ from dictionary_learning.trainers.trainer import (
 
 
 def test_every_registered_trainer_has_a_learning_test():
-    assert set(LEARNING_CONFIGS) == set(TRAINER_REGISTRY)
+    assert set(LEARNING_CONFIGS) | set(CLT_CONFIGS) == set(TRAINER_REGISTRY)  # CLTs: tests/test_clt.py
 
 
 @pytest.mark.parametrize("name", sorted(LEARNING_CONFIGS))
@@ -167,7 +167,7 @@ def test_every_option_has_a_doc_and_the_fields_are_trainer_attributes(name):
     cls = TRAINER_REGISTRY[name]
     docs = cls.Config.docs()
     assert not [f for f in cls.config_keys() if not docs.get(f)], "fields without a docstring"
-    config, steps = LEARNING_CONFIGS[name]
+    config, steps = LEARNING_CONFIGS[name] if name in LEARNING_CONFIGS else (CLT_CONFIGS[name], 600)
     trainer = cls(steps=steps, **config)
     for key in cls.config_keys():
         if key not in ("device", "dict_class", "lr", "anneal_end", "group_weights"):  # resolved from None or a name
@@ -444,7 +444,10 @@ def test_a_seeded_run_is_reproducible_on_the_sparse_path(name, monkeypatch):
     torch.set_num_threads(max(2, torch.get_num_threads()))
     batches = list(PlantedFeatures(32, 48, seed=0).batches(12, batch_size=2048))
     cls = TRAINER_REGISTRY[name]
-    config, _ = LEARNING_CONFIGS[name]
+    if name in CLT_CONFIGS:  # [B, L, 2, D]: four layers' inputs and outputs
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randn(2048, 4, 2, 32, generator=gen) for _ in range(12)]
+    config = LEARNING_CONFIGS[name][0] if name in LEARNING_CONFIGS else CLT_CONFIGS[name]
     config = dict(config, warmup_steps=2, dict_size=128)
     if "sparsity_warmup_steps" in cls.config_keys():
         config["sparsity_warmup_steps"] = 2
