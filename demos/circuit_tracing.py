@@ -118,19 +118,21 @@ def draw(graph: dict, path: Path, title: str) -> None:
     colours = {"feature": "tab:blue", "error": "tab:gray", "token": "tab:green", "logit": "tab:red"}
     nodes = graph["nodes"]
     fig, ax = plt.subplots(figsize=(12, 8))
-    spread: dict[tuple, int] = {}
-    xy = []
+    counts: dict[tuple, int] = {}
     for _, layer, pos, _, _ in nodes:
-        slot = spread.setdefault((layer, pos), 0)
-        spread[(layer, pos)] += 1
-        xy.append((pos + 0.12 * slot, layer))
+        counts[(layer, pos)] = counts.get((layer, pos), 0) + 1
+    seen: dict[tuple, int] = {}
+    xy = []
+    for _, layer, pos, _, _ in nodes:  # a cell's nodes side by side within its token's column
+        slot = seen[(layer, pos)] = seen.get((layer, pos), -1) + 1
+        xy.append((pos - 0.4 + 0.8 * (slot + 0.5) / counts[(layer, pos)], layer))
     strongest = max((abs(w) for _, _, w in graph["edges"]), default=1.0)
     for source, target, weight in graph["edges"]:
         (x0, y0), (x1, y1) = xy[source], xy[target]
         ax.plot([x0, x1], [y0, y1], color="tab:orange" if weight > 0 else "tab:purple",
                 alpha=0.15 + 0.85 * abs(weight) / strongest, linewidth=0.5 + 2 * abs(weight) / strongest)  # fmt: skip
     for (kind, _, _, label, _), (x, y) in zip(nodes, xy):
-        ax.scatter([x], [y], color=colours[kind], s=40, zorder=3)
+        ax.scatter([x], [y], color=colours[kind], s=14, zorder=3)
         if kind == "logit" or (kind == "feature" and len(nodes) < 60):
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xticks(range(len(graph["tokens"])), graph["tokens"], rotation=45, fontsize=8)
