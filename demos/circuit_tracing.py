@@ -91,8 +91,7 @@ def export_both(args, model, dictionaries: dict, out: Path) -> tuple[dict, dict]
     held_out = read_mlp_pairs(model, layers, default_texts(split="held_out"), args.calibration_tokens, CTX_LEN)
     records = {}
     for name, d in dictionaries.items():
-        data = held_out if name == "clt" else {layer: held_out[:, layer] for layer in layers}
-        records[name] = export_circuit_tracer(d, out / "circuit_tracer" / name, data, model_name=model_id(model))
+        records[name] = export_circuit_tracer(d, out / "circuit_tracer" / name, held_out, model_name=model_id(model))
     ids = model.tokenizer(PROMPT, return_tensors="pt").input_ids[0].to(torch.int32)
     for name in dictionaries:
         save_file({"ids": ids}, str(out / "circuit_tracer" / f"{name}.safetensors"))

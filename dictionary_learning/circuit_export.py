@@ -77,8 +77,7 @@ def _transcoder_tensors(ae: Dictionary, layer: int, held_out: torch.Tensor | Non
         raise ValueError(
             f"layer {layer}: circuit-tracer's transcoders write the input's width; this one writes {ae.output_dim}"
         )
-    own_threshold = type(ae) is BatchTopKSAE and float(ae.threshold) >= 0
-    if type(ae) is AutoEncoderTopK or (type(ae) is BatchTopKSAE and (held_out is not None or not own_threshold)):
+    if _needs_calibration(ae):
         return _topk_tensors(ae, layer, held_out)
     fields, state = ae.saelens_state()  # Standard -> "transcoder" (ReLU), JumpReLU -> "jumprelu_transcoder"
     if fields["architecture"] not in (
@@ -107,30 +106,48 @@ def _topk_tensors(ae, layer: int, held_out: torch.Tensor | None) -> tuple[dict, 
         )
     W_FD, b_F = ae.encoder_weight_bias()
     shift = ae.input_shift
-    b_F = b_F if shift is None else b_F - shift @ W_FD.T
-    x, y = _held_out_pairs(held_out, ae.activation_dim, f"layer {layer}")
+    b_F = b_F if shift is None else b_F - shift @ W_FD.T  # circuit-tracer subtracts nothing from its input
+    _check_held_out(held_out, (2, ae.activation_dim), f"layer {layer}: held-out activations", "(MLP input, output)")
+    x, y = held_out[:, 0], held_out[:, 1]
     with torch.no_grad():
-        pre = x.float() @ W_FD.T.float() + b_F.float()
-        threshold = calibrate_threshold(torch.relu(pre), int(ae.k))
-        W_dec = ae.decoder_FD()
-        jump = pre * (pre > threshold)
-        skip = ae.skip(x)
+        a = ae.relu_pre_activations(x)
+        threshold = calibrate_threshold(a, ae.active_k)
+        jump = a * (a > threshold)
         topk_fve = _fve(y, ae(x))
-        jump_fve = _fve(y, jump @ W_dec + ae.b_dec + skip)
+        jump_fve = _fve(y, ae.decode(jump) + ae.skip(x))
         l0 = float((jump > 0).sum(-1).float().mean())
-    tensors = {"W_enc": W_FD, "b_enc": b_F, "W_dec": W_dec, "b_dec": ae.b_dec,
+    tensors = {"W_enc": W_FD, "b_enc": b_F, "W_dec": ae.decoder_FD(), "b_dec": ae.b_dec,
                "activation_function.threshold": torch.full((ae.dict_size,), threshold)}  # fmt: skip
     if ae.skip_connection:
         tensors["W_skip"] = ae.W_skip.T
-    report = {"k": int(ae.k), "threshold": threshold, "l0": l0, "fve_topk": topk_fve, "fve_jumprelu": jump_fve}
+    report = {"k": ae.active_k, "threshold": threshold, "l0": l0, "fve_topk": topk_fve, "fve_jumprelu": jump_fve}
     return tensors, report
 
 
-def _held_out_pairs(held_out: torch.Tensor, width: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(held_out, torch.Tensor) and held_out.ndim == 3 and held_out.shape[1:] == (2, width)):
+def _check_held_out(held_out: Any, tail: tuple[int, ...], what: str, meaning: str) -> None:
+    """Held-out activations must be `[N, *tail]`; the error names the shape and what it holds."""
+    if not (isinstance(held_out, torch.Tensor) and held_out.ndim == len(tail) + 1 and held_out.shape[1:] == tail):
         shape = tuple(held_out.shape) if isinstance(held_out, torch.Tensor) else type(held_out).__name__
-        raise ValueError(f"{where}: held-out activations must be [N, 2, {width}] (MLP input, output), got {shape}")
-    return held_out[:, 0], held_out[:, 1]
+        raise ValueError(f"{what} must be [N, {', '.join(map(str, tail))}] {meaning}, got {shape}")
+
+
+def _held_out_by_layer(held_out: Any, layers: int, width: int) -> dict[int, torch.Tensor]:
+    """A set's held-out activations by layer: from `{layer: [N, 2, d]}`, a list by layer, or one
+    `[N, L, 2, d]` tensor of every layer's (what `read_mlp_pairs` returns)."""
+    if held_out is None:
+        return {}
+    if isinstance(held_out, Mapping):
+        return dict(held_out)
+    if isinstance(held_out, torch.Tensor):
+        _check_held_out(held_out, (layers, 2, width), "held-out activations", "(every layer's MLP input, output)")
+        return {layer: held_out[:, layer] for layer in range(layers)}
+    return dict(enumerate(held_out))
+
+
+def _needs_calibration(ae: Dictionary) -> bool:
+    """A TopK dictionary (k per token), or a BatchTopK one whose inference threshold was never set."""
+    topk = type(ae) in (AutoEncoderTopK, TopKCrossLayerTranscoder)
+    return topk or (type(ae) is BatchTopKSAE and float(ae.threshold) < 0)
 
 
 # ------------------------------------------------------------------------------------ a CLT
@@ -145,11 +162,7 @@ def _clt_tensors(ae: CrossLayerTranscoderBase, held_out: torch.Tensor | None) ->
                 "a TopK cross-layer transcoder keeps the top k latents per layer, which circuit-tracer cannot load: "
                 "give held-out MLP inputs and outputs of every layer ([N, L, 2, d]) to calibrate JumpReLU thresholds"
             )
-        if not (isinstance(held_out, torch.Tensor) and held_out.ndim == 4 and held_out.shape[1:] == (L, 2, D)):
-            shape = tuple(held_out.shape) if isinstance(held_out, torch.Tensor) else type(held_out).__name__
-            raise ValueError(
-                f"held-out activations must be [N, {L}, 2, {D}] (every layer's MLP input, output), got {shape}"
-            )
+        _check_held_out(held_out, (L, 2, D), "held-out activations", "(every layer's MLP input, output)")
         thresholds, report = _calibrate_clt(ae, held_out)
     else:
         raise ValueError(f"circuit-tracer has no {type(ae).__name__}")
@@ -169,7 +182,7 @@ def _clt_tensors(ae: CrossLayerTranscoderBase, held_out: torch.Tensor | None) ->
 def _calibrate_clt(ae: TopKCrossLayerTranscoder, held_out: torch.Tensor) -> tuple[torch.Tensor, dict]:
     x, y = held_out[:, :, 0], held_out[:, :, 1]
     pre = ae.pre_activations(x)
-    k = int(ae.k)
+    k = ae.active_k
     per_layer = [calibrate_threshold(torch.relu(pre[:, s]), k) for s in range(ae.num_layers)]
     thresholds = torch.tensor(per_layer).unsqueeze(1).expand(ae.num_layers, ae.dict_size).clone()
     jump = pre * (pre > thresholds)
@@ -194,8 +207,8 @@ def export_circuit_tracer(
     """Write `dictionaries` as a circuit-tracer folder `out`: one cross-layer transcoder, or one MLP
     transcoder per layer (a list whose i-th entry is layer i's, every layer of the model, no gaps).
 
-    `held_out`: what TopK dictionaries are calibrated on: for a CLT `[N, L, 2, d]` (every layer's
-    MLP input and output), for a set `{layer: [N, 2, d]}` (or a list by layer). Returns the record
+    `held_out`: what TopK dictionaries are calibrated on: `[N, L, 2, d]` (every layer's MLP input and
+    output), or for a set also `{layer: [N, 2, d]}` or a list by layer. Returns the record
     written to config.yaml, with the calibration report of each TopK layer under "calibration"."""
     out = Path(out)
     if isinstance(dictionaries, CrossLayerTranscoderBase):
@@ -212,15 +225,9 @@ def export_circuit_tracer(
                 f"circuit-tracer's transcoder sets have one width and size for every layer, got {sorted(widths)}"
             )
         files, reports = {}, {}
+        by_layer = _held_out_by_layer(held_out, len(dictionaries), dictionaries[0].activation_dim)
         for layer, ae in enumerate(dictionaries):
-            data = (
-                held_out.get(layer)
-                if isinstance(held_out, Mapping)
-                else held_out[layer]
-                if held_out is not None
-                else None
-            )
-            tensors, report = _transcoder_tensors(ae, layer, data)
+            tensors, report = _transcoder_tensors(ae, layer, by_layer.get(layer))
             files[f"layer_{layer}.safetensors"] = tensors
             if report is not None:
                 reports[layer] = report
@@ -307,6 +314,8 @@ def _read_transcoder(tensors: dict, path: Path) -> JumpReluAutoEncoder:
 
 def _read_clt(folder: Path, load_file) -> JumpReluCrossLayerTranscoder:
     L = len(list(folder.glob("W_enc_*.safetensors")))
+    if L == 0:
+        raise CheckpointError(f"{folder} holds no W_enc_0.safetensors: not a circuit-tracer cross-layer transcoder")
     encoders, decoders, b_enc, b_dec, thresholds = [], {}, [], [], []
     for s in range(L):
         try:
@@ -374,11 +383,7 @@ def transcoders_by_layer(folders: Sequence[Path]) -> tuple[Dictionary | list[Dic
 def needs_held_out(dictionaries: Dictionary | Sequence[Dictionary]) -> bool:
     """Whether exporting needs held-out activations (a TopK dictionary to calibrate)."""
     items = [dictionaries] if isinstance(dictionaries, Dictionary) else list(dictionaries)
-    return any(
-        type(ae) in (AutoEncoderTopK, TopKCrossLayerTranscoder)
-        or (type(ae) is BatchTopKSAE and float(ae.threshold) < 0)
-        for ae in items
-    )
+    return any(_needs_calibration(ae) for ae in items)
 
 
 def read_mlp_pairs(model, layers: Sequence[int], docs, n_tokens: int, ctx_len: int = 128) -> torch.Tensor:
@@ -394,6 +399,6 @@ def read_mlp_pairs(model, layers: Sequence[int], docs, n_tokens: int, ctx_len: i
     sites = [get_submodule(model, layer, "mlp") for layer in layers]
     n_ctxs = max(1, -(-n_tokens // ctx_len))
     buffer = ActivationBuffer(docs, model, sites, io="in_and_out", stack_sites=len(sites) > 1, n_ctxs=n_ctxs,
-                              ctx_len=ctx_len, out_batch_size=n_tokens, refresh_batch_size=32)  # fmt: skip
+                              ctx_len=ctx_len, out_batch_size=n_tokens, refresh_batch_size=32, seed=0)  # fmt: skip
     pairs = next(buffer)
     return pairs if len(sites) > 1 else pairs.unsqueeze(1)

@@ -592,6 +592,7 @@ def _check_asked_site(folder, site: dict, asked: str, args) -> None:
 
 def cmd_eval(args) -> None:
     from .checkpoint import load_dictionary
+    from .dictionaries import CrossLayerTranscoderBase
     from .sites import recorded_site
     from .suite import Entry, check_suites, find_dictionaries
 
@@ -604,8 +605,8 @@ def cmd_eval(args) -> None:
     for folder in find_dictionaries(args.dictionaries):
         ae, config = load_dictionary(folder, device=args.device)
         dictionaries.append((folder, ae, config, recorded_site(folder, config)))
-    if any(getattr(ae, "num_layers", 1) > 1 and ae.transcoder for _, ae, _, _ in dictionaries):
-        return _eval_clt(args, dictionaries)
+    if any(isinstance(ae, CrossLayerTranscoderBase) for _, ae, _, _ in dictionaries):
+        return _eval_clt(args, suites, dictionaries)
     model, docs, plan = _eval_plan(args, dictionaries)
     entries = [Entry(str(folder), ae, config) for folder, ae, config, _ in dictionaries]
     rows = []
@@ -619,16 +620,17 @@ def cmd_eval(args) -> None:
     _eval_output(args, suites, entries, rows, docs.record)
 
 
-def _eval_clt(args, dictionaries) -> None:
+def _eval_clt(args, suites: list[str], dictionaries) -> None:
     """A cross-layer transcoder replaces every MLP at once: `replacement.evaluate_replacement`."""
     from .replacement import evaluate_replacement
 
     if len(dictionaries) > 1:
         raise SystemExit("error: a cross-layer transcoder replaces every MLP: evaluate it by itself")
+    if args.layer or args.site or suites != ["core"] or args.plots:
+        raise SystemExit("error: a cross-layer transcoder is scored on every MLP at once (the core suite): drop "
+                         "--layer, --site, --suite and --plots")  # fmt: skip
     folder, ae, _, site = dictionaries[0]
-    if args.model is None and site.get("model") not in (None, _default_model_id()):
-        args.model = site["model"]
-    model, docs = _load_model(args), _documents(args)
+    model, docs = _model_for(args, site.get("model")), _documents(args)
     result = evaluate_replacement(model, ae, docs, n_contexts=args.n_batches * args.batch_texts,
                                   ctx_len=args.ctx_len, batch_size=args.batch_texts)  # fmt: skip
     if args.json:
@@ -1053,7 +1055,8 @@ def _add_export_command(sub) -> None:
         default=16384,
         help="held-out tokens that TopK thresholds are calibrated on (default: 16384)",
     )
-    _add_model_args(p, "unused (the recorded site is exported)")
+    p.add_argument("--model", help="the model to calibrate on (default: the recorded one)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     _add_text_args(p, "held-out")
     p.set_defaults(func=cmd_export)
 
@@ -1068,11 +1071,8 @@ def cmd_export(args) -> None:
     dictionaries, layers, lm_name = transcoders_by_layer(find_dictionaries(args.dictionaries))
     held_out = None
     if needs_held_out(dictionaries):
-        if args.model is None and lm_name is not None:
-            args.model = None if lm_name == _default_model_id() else lm_name
-        model = _load_model(args)
-        pairs = read_mlp_pairs(model, layers, _documents(args), args.held_out_tokens, args.ctx_len)
-        held_out = pairs if not isinstance(dictionaries, list) else {i: pairs[:, i] for i in range(len(layers))}
+        model = _model_for(args, lm_name)
+        held_out = read_mlp_pairs(model, layers, _documents(args), args.held_out_tokens, args.ctx_len)
     record = export_circuit_tracer(dictionaries, args.out, held_out, model_name=lm_name)
     kind = record["model_kind"]
     print(f"wrote a circuit-tracer {kind} of {len(layers)} layers to {args.out}")
@@ -1080,10 +1080,16 @@ def cmd_export(args) -> None:
         print(f"  {layer}: {json.dumps(report)}")
 
 
-def _default_model_id() -> str:
+def _model_for(args, recorded: str | None):
+    """The model a command reads: --model, refused if it contradicts the recorded one; else the
+    recorded one (the offline default when that is what was recorded, or nothing was)."""
     from .models import DEFAULT_MODEL_NAME
 
-    return DEFAULT_MODEL_NAME
+    if args.model is not None and not _same_model(args.model, recorded):
+        raise SystemExit(f"error: the dictionary was trained on {recorded!r}, not {args.model!r}: drop --model")
+    if args.model is None and recorded not in (None, DEFAULT_MODEL_NAME):
+        args.model = recorded
+    return _load_model(args)
 
 
 def _add_features_command(sub) -> None:

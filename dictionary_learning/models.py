@@ -154,15 +154,21 @@ def _walk(obj, path: str):
     return obj
 
 
-def num_layers(model) -> int:
-    """The number of transformer blocks of a model of a known family (nnsight-wrapped or plain)."""
+def _family(model, fix: str) -> tuple[torch.nn.Module, tuple[str, str, str, str]]:
+    """(the torch model, its family's attribute paths); an unknown family is an error ending in `fix`."""
     hf = torch_model(model) if hasattr(model, "trace") else model
     model_type = getattr(hf.config, "model_type", None)
     if model_type not in MODEL_FAMILIES:
         raise ValueError(
-            f"cannot count the layers of a {model_type!r} model (known: {', '.join(sorted(MODEL_FAMILIES))})"
+            f"the {model_type!r} family is not one this package knows{fix} (known: {', '.join(sorted(MODEL_FAMILIES))})"
         )
-    return len(_walk(hf, MODEL_FAMILIES[model_type][1]))
+    return hf, MODEL_FAMILIES[model_type]
+
+
+def num_layers(model) -> int:
+    """The number of transformer blocks of a model of a known family (nnsight-wrapped or plain)."""
+    hf, (_, blocks, _, _) = _family(model, "")
+    return len(_walk(hf, blocks))
 
 
 def get_submodule(model, layer: int, kind: str = "resid"):
@@ -171,14 +177,7 @@ def get_submodule(model, layer: int, kind: str = "resid"):
     output ("mlp"), or the token embedding ("embed", layer ignored). Works on nnsight and plain models."""
     if kind not in SUBMODULE_KINDS:
         raise ValueError(f"kind must be one of {SUBMODULE_KINDS}, got {kind!r}")
-    hf = torch_model(model) if hasattr(model, "trace") else model
-    model_type = getattr(hf.config, "model_type", None)
-    if model_type not in MODEL_FAMILIES:
-        raise ValueError(
-            f"get_submodule does not know the {model_type!r} family; pass the submodule itself "
-            f"(known: {', '.join(sorted(MODEL_FAMILIES))})"
-        )
-    embed, blocks, attn, mlp = MODEL_FAMILIES[model_type]
+    hf, (embed, blocks, attn, mlp) = _family(model, ": pass get_submodule the submodule itself")
     if kind == "embed":
         return _walk(model, embed)
     n_layers = len(_walk(hf, blocks))

@@ -9,6 +9,7 @@ the codes of the layers it has passed and writes to layer l from all of them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,11 @@ def mlp_replacements(model, dictionaries: CrossLayerTranscoderBase | Sequence[Di
     transcoder per layer (a list, index = layer), or a CLT (its codes kept through the pass)."""
     names = _mlp_names(model, _check_layers(model, dictionaries))
     if not isinstance(dictionaries, CrossLayerTranscoderBase):
+        for layer, d in enumerate(dictionaries):
+            if isinstance(d, Dictionary) and not d.transcoder:  # it would reconstruct the MLP's input
+                raise ValueError(
+                    f"layer {layer}: a {type(d).__name__} SAE cannot stand in for an MLP: give transcoders"
+                )
         return dict(zip(names, dictionaries))
     clt, codes = dictionaries, []
 
@@ -59,6 +65,52 @@ def _token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> to
     return -logp.gather(-1, ids[:, 1:, None])[..., 0][keep]
 
 
+@dataclass
+class _Totals:
+    """What `evaluate_replacement` accumulates over its batches."""
+
+    layers: int
+    ce: tuple[list, list, list] = field(default_factory=lambda: ([], [], []))  # clean, replaced, zeroed
+    kl: list = field(default_factory=list)
+    l0: list = field(default_factory=list)
+    contexts: int = 0
+    rows: int = 0
+    err: torch.Tensor | None = None  # [L] summed squared errors of the local reconstructions
+    sq: torch.Tensor | None = None  # [L] summed squared norms of the MLP outputs
+    total: torch.Tensor | None = None  # [L, D] summed MLP outputs (with sq: their variance)
+
+    def add_local(self, dictionaries, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Each layer's reconstruction of the clean MLP output `y [n, L, D]` from its input `x`."""
+        if isinstance(dictionaries, CrossLayerTranscoderBase):
+            y_hat, f = dictionaries(x, output_features=True)
+        else:
+            pairs = [ae(x[:, i], output_features=True) for i, ae in enumerate(dictionaries)]
+            y_hat, f = torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+        y = y.double()
+        parts = ((y - y_hat.double()).pow(2).sum((0, 2)), y.pow(2).sum((0, 2)), y.sum(0))
+        if self.err is None:
+            self.err, self.sq, self.total = parts
+        else:
+            self.err, self.sq, self.total = (a + b for a, b in zip((self.err, self.sq, self.total), parts))
+        self.rows += y.shape[0]
+        self.l0.append((f != 0).sum(-1).float())
+
+    def summary(self) -> dict[str, Any]:
+        ce_clean, ce_replaced, ce_zero = (float(torch.cat(c).mean()) for c in self.ce)
+        variance = self.sq - self.total.pow(2).sum(-1) / self.rows  # sum ||y||^2 - ||sum y||^2 / n
+        return {
+            "ce_clean": ce_clean,
+            "ce_replaced": ce_replaced,
+            "ce_zero": ce_zero,
+            "frac_recovered": (ce_zero - ce_replaced) / (ce_zero - ce_clean),
+            "kl_div": float(torch.cat(self.kl).mean()),
+            "fve": (1 - self.err / variance).tolist(),
+            "l0": torch.cat(self.l0).mean(0).tolist(),
+            "n_tokens": self.rows,
+            "n_contexts": self.contexts,
+        }
+
+
 @torch.no_grad()
 def evaluate_replacement(
     model,
@@ -78,10 +130,10 @@ def evaluate_replacement(
     replace = mlp_replacements(model, dictionaries)
     zero = {name: torch.zeros_like for name in names}
     reads = [(name, io) for name in names for io in ("in", "out")]
-    sums: dict[str, Any] = {"ce": [[], [], []], "kl": [], "err": torch.zeros(layers), "var": [], "l0": [], "n": 0}
+    totals = _Totals(layers)
     texts = iter(texts)
-    while sums["n"] < n_contexts:
-        batch = [t for _, t in zip(range(min(batch_size, n_contexts - sums["n"])), texts)]
+    while totals.contexts < n_contexts:
+        batch = [t for _, t in zip(range(min(batch_size, n_contexts - totals.contexts)), texts)]
         if not batch:
             break
         tokens = tokenize_batch(model.tokenizer, batch, ctx_len)
@@ -89,45 +141,16 @@ def evaluate_replacement(
         clean, saved = run_model(model, ids, mask, read=reads)
         replaced, _ = run_model(model, ids, mask, transcode=replace)
         zeroed, _ = run_model(model, ids, mask, replace=zero)
-        for i, logits in enumerate((clean, replaced, zeroed)):
-            sums["ce"][i].append(_token_ce(logits, ids, mask))
+        for ce, logits in zip(totals.ce, (clean, replaced, zeroed)):
+            ce.append(_token_ce(logits, ids, mask))
         keep = mask.bool()
         p = torch.log_softmax(clean.float(), -1)[keep]
         q = torch.log_softmax(replaced.float(), -1)[keep]
-        sums["kl"].append((p.exp() * (p - q)).sum(-1))
+        totals.kl.append((p.exp() * (p - q)).sum(-1))
         x = torch.stack([saved[(name, "in")][keep] for name in names], 1)  # [n, L, D]
         y = torch.stack([saved[(name, "out")][keep] for name in names], 1)
-        _local(dictionaries, x, y, sums)
-        sums["n"] += len(batch)
-    if sums["n"] == 0:
+        totals.add_local(dictionaries, x, y)
+        totals.contexts += len(batch)
+    if totals.contexts == 0:
         raise ValueError("no text to evaluate the replacement on")
-    return _summary(sums)
-
-
-def _local(dictionaries, x: torch.Tensor, y: torch.Tensor, sums: dict) -> None:
-    """Each layer's reconstruction of the clean MLP output from the clean MLP input."""
-    if isinstance(dictionaries, CrossLayerTranscoderBase):
-        y_hat, f = dictionaries(x, output_features=True)
-    else:
-        pairs = [ae(x[:, i], output_features=True) for i, ae in enumerate(dictionaries)]
-        y_hat, f = torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
-    sums["err"] += (y - y_hat).pow(2).sum((0, 2)).float()
-    sums["var"].append(y.float())
-    sums["l0"].append((f != 0).sum(-1).float())
-
-
-def _summary(sums: dict) -> dict[str, Any]:
-    ce_clean, ce_replaced, ce_zero = (float(torch.cat(c).mean()) for c in sums["ce"])
-    y = torch.cat(sums["var"])
-    variance = (y - y.mean(0)).pow(2).sum((0, 2))
-    return {
-        "ce_clean": ce_clean,
-        "ce_replaced": ce_replaced,
-        "ce_zero": ce_zero,
-        "frac_recovered": (ce_zero - ce_replaced) / (ce_zero - ce_clean),
-        "kl_div": float(torch.cat(sums["kl"]).mean()),
-        "fve": (1 - sums["err"] / variance).tolist(),
-        "l0": torch.cat(sums["l0"]).mean(0).tolist(),
-        "n_tokens": int(y.shape[0]),
-        "n_contexts": sums["n"],
-    }
+    return totals.summary()

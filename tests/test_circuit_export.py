@@ -128,6 +128,10 @@ def test_bad_exports_are_named(tmp_path):
         export_circuit_tracer(topk, tmp_path / "b", {i: torch.randn(8, D) for i in range(L)})
     with pytest.raises(ValueError, match="TopK cross-layer transcoder .* give held-out MLP inputs and outputs"):
         export_circuit_tracer(TopKCrossLayerTranscoder(D, F, L, K), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"held-out activations must be \[N, 3, 2, 16\]"):
+        export_circuit_tracer(topk, tmp_path / "b", torch.randn(8, L + 1, 2, D))
+    record = export_circuit_tracer(topk, tmp_path / "b", held_out_pairs())  # every layer's [N, L, 2, d] at once
+    assert set(record["dictionary_learning"]["calibration"]) == {"0", "1", "2"}
     wide = [JumpReluAutoEncoder(D, F, output_dim=D + 1) for _ in range(L)]
     with pytest.raises(ValueError, match="write the input's width; this one writes 17"):
         export_circuit_tracer(wide, tmp_path / "d")
@@ -163,6 +167,11 @@ def test_export_from_the_command_line_calibrates_topk_on_the_recorded_model(tmp_
     assert '"l0": 2.0' in printed or '"l0": [2.0' in printed
     assert len(load_circuit_tracer(tmp_path / "set_ct")) == 2
     assert isinstance(load_circuit_tracer(tmp_path / "clt_ct"), JumpReluCrossLayerTranscoder)
+    with pytest.raises(SystemExit, match="trained on .*, not 'another/model': drop --model"):
+        main(["export", str(tmp_path / "clt"), "--format", "circuit-tracer", "--out", str(tmp_path / "x"),
+              "--model", "another/model", *tiny[2:]])  # fmt: skip
+    with pytest.raises(SystemExit, match="scored on every MLP at once"):
+        main(["eval", str(tmp_path / "clt" / "trainer_0"), *tiny, "--suite", "core,absorption"])
     with pytest.raises(ValueError, match=r"no transcoder for layers \[0\]"):
         transcoders_by_layer([tmp_path / "set" / "trainer_1"])
     with pytest.raises(SystemExit, match="a cross-layer transcoder, which replaces every MLP alone"):

@@ -246,3 +246,27 @@ def test_the_decoder_s_gradients_are_those_of_the_plain_sum():
     assert torch.autograd.gradcheck(_SumWrites.apply, (b, *writes))
     plain = b + sum(F.pad(w, (0, 0, s, 0)) for s, w in enumerate(writes))
     torch.testing.assert_close(_SumWrites.apply(b, *writes), plain)
+
+
+def test_clt_seams_refuse_what_would_be_reinterpreted():
+    ae = TopKCrossLayerTranscoder(D, 32, L, k=4)
+    with pytest.raises(ValueError, match=r"reads codes of shape \[..., num_layers=4, 32\], got \(8, 128\)"):
+        ae.decode(torch.zeros(8, L * 32))  # flat codes would reshape into [2, 4, 32] silently
+    with pytest.raises(ValueError, match=r"layer 4 of 4: expected MLP inputs \[..., 32\]"):
+        ae.encode_layer(torch.zeros(8, D), 4)
+    with pytest.raises(ValueError, match=r"decode_sparse takes indices and values \[N, 4, K\]"):
+        ae.decode_sparse(torch.zeros(8, L, 4, dtype=torch.long), torch.zeros(8, L, 3))
+    other = TopKCrossLayerTranscoder(D, 32, L, k=2)
+    other.load_state_dict(ae.state_dict())  # the cached k follows the loaded buffer
+    assert other.active_k == 4 and other.encode(torch.randn(3, L, D)).count_nonzero(-1).max() <= 4
+
+
+def test_a_replacement_refuses_saes_standing_in_for_mlps():
+    import tiny_models
+
+    from dictionary_learning.dictionaries import AutoEncoderTopK
+    from dictionary_learning.replacement import mlp_replacements
+
+    model = tiny_models.llama(n_layers=2)
+    with pytest.raises(ValueError, match="layer 0: a AutoEncoderTopK SAE cannot stand in for an MLP"):
+        mlp_replacements(model, [AutoEncoderTopK(32, 16, 2), AutoEncoderTopK(32, 16, 2, transcoder=True)])

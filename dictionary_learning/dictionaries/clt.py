@@ -62,7 +62,7 @@ class CrossLayerTranscoderBase(Dictionary):
         L, D, F = num_layers, activation_dim, dict_size
         self.activation_dim, self.dict_size, self.num_layers = D, F, L
         # Each latent starts reading and writing one random unit direction at its own layer; its rows for
-        # later layers start small (1/sqrt(L - s) of a unit in all), so the model is a per-layer transcoder at first.
+        # later layers start small (norm about 0.1 each), so the model is nearly a per-layer transcoder at first.
         directions = torch.randn(L, F, D)
         directions /= directions.norm(dim=-1, keepdim=True)
         self.W_enc = nn.Parameter(directions.transpose(1, 2).contiguous())  # [L, D, F]
@@ -76,14 +76,21 @@ class CrossLayerTranscoderBase(Dictionary):
         self.b_dec = nn.Parameter(torch.zeros(L, D))
 
     # ------------------------------------------------------------------------------------ shapes
-    def check_layers(self, x: torch.Tensor, what: str = "MLP inputs") -> None:
-        """`x` must be `[..., L, D]`; the error names the fix."""
-        L, D = self.num_layers, self.activation_dim
+    def check_layers(self, x: torch.Tensor, width: int | None = None, what: str = "MLP inputs") -> None:
+        """`x` must be `[..., L, width]` (width: activation_dim); the error names the fix."""
+        L, D = self.num_layers, width or self.activation_dim
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or tuple(x.shape[-2:]) != (L, D):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
                 f"{type(self).__name__} reads {what} of shape [..., num_layers={L}, {D}], got {shape}: read every "
                 f"layer's MLP (a buffer or cache over all {L} MLPs with io='in_and_out', stack_sites=True)"
+            )
+
+    def _check_layer(self, x: torch.Tensor, layer: int) -> None:
+        if not 0 <= layer < self.num_layers or x.ndim < 1 or x.shape[-1] != self.activation_dim:
+            raise ValueError(
+                f"layer {layer} of {self.num_layers}: expected MLP inputs [..., {self.activation_dim}], "
+                f"got {tuple(x.shape)}"
             )
 
     @property
@@ -105,6 +112,7 @@ class CrossLayerTranscoderBase(Dictionary):
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """`[..., L, F]` codes -> `[..., L, D]` MLP outputs (dense: every latent's rows)."""
+        self.check_layers(f, self.dict_size, "codes")
         L, D = self.num_layers, self.activation_dim
         lead = f.shape[:-2]
         f_NLF = f.reshape(-1, L, self.dict_size)
@@ -116,6 +124,9 @@ class CrossLayerTranscoderBase(Dictionary):
         ids and their activations per source layer; a value of 0 adds nothing) -> `[N, L, D]`. Reads
         and (in backward) writes only those latents' decoder rows."""
         N, L, D = indices.shape[0], self.num_layers, self.activation_dim
+        if indices.ndim != 3 or indices.shape[1] != L or values.shape != indices.shape:
+            raise ValueError(f"decode_sparse takes indices and values [N, {L}, K], got {tuple(indices.shape)} and "
+                             f"{tuple(values.shape)}")  # fmt: skip
         writes = [
             F_.embedding_bag(
                 indices[:, s], self.W_dec[s].view(self.dict_size, -1), per_sample_weights=values[:, s], mode="sum"
@@ -127,6 +138,7 @@ class CrossLayerTranscoderBase(Dictionary):
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """One source layer's code `[..., F]` from that layer's MLP input `[..., D]` (what a forward
         pass with the CLT in place of every MLP computes when it reaches the layer)."""
+        self._check_layer(x, layer)
         pre = torch.addmm(self.b_enc[layer], x.reshape(-1, self.activation_dim), self.W_enc[layer])
         return self._activate(pre, layer).reshape(*x.shape[:-1], self.dict_size)
 
@@ -137,8 +149,13 @@ class CrossLayerTranscoderBase(Dictionary):
             out = out + f @ self.W_dec[s][:, layer - s]
         return out
 
-    def _activate(self, pre_NF: torch.Tensor, layer: int) -> torch.Tensor:
+    def _activate(self, pre: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """The activation of pre-activations `[..., L, F]`, or `[..., F]` of one `layer`."""
         raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., L, D]` MLP inputs -> `[..., L, F]` codes."""
+        return self._activate(self.pre_activations(x))
 
     def forward(self, x: torch.Tensor, output_features: bool = False):
         """Every layer's MLP output `[..., L, D]` from every layer's MLP input."""
@@ -199,31 +216,37 @@ class CrossLayerTranscoderBase(Dictionary):
 @register_dictionary
 class TopKCrossLayerTranscoder(CrossLayerTranscoderBase):
     """CLT whose latents of each source layer are the k largest ReLU pre-activations of that layer
-    (k per layer, per token). circuit-tracer loads JumpReLU CLTs: `calibrate_thresholds` gives one
-    that keeps about k latents per layer (see `interop_circuit_tracer`)."""
+    (k per layer, per token). circuit-tracer loads JumpReLU CLTs: `circuit_export.export_circuit_tracer`
+    writes one whose thresholds keep about k latents per layer on held-out activations."""
 
     def __init__(self, activation_dim: int, dict_size: int, num_layers: int, k: int):
         super().__init__()
         check_sizes(activation_dim, dict_size, k)
         self._init_clt(activation_dim, dict_size, num_layers)
         self.register_buffer("k", torch.tensor(k, dtype=torch.long))
+        self._k = int(k)  # read every step without a device sync (the buffer is what files keep)
+
+    @property
+    def active_k(self) -> int:
+        """k as a Python int (the `k` buffer without a device read)."""
+        return self._k
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._k = int(self.k)
 
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values, indices `[..., L, k]` of each layer's k largest ReLU pre-activations, pre `[..., L, F]`)."""
         pre = self.pre_activations(x)
-        values, indices = torch.relu(pre).topk(int(self.k), dim=-1, sorted=False)
+        values, indices = torch.relu(pre).topk(self._k, dim=-1, sorted=False)
         return values, indices, pre
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        values, indices, pre = self.topk(x)
+    def _activate(self, pre, layer=None):
+        values, indices = torch.relu(pre).topk(self._k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values)
 
-    def _activate(self, pre_NF, layer):
-        values, indices = torch.relu(pre_NF).topk(int(self.k), dim=-1, sorted=False)
-        return torch.zeros_like(pre_NF).scatter_(-1, indices, values)
-
     def architecture_config(self) -> dict[str, Any]:
-        return super().architecture_config() | {"k": int(self.k)}
+        return super().architecture_config() | {"k": self._k}
 
     @classmethod
     def _expected_keys(cls) -> tuple[str, ...]:
@@ -258,11 +281,8 @@ class JumpReluCrossLayerTranscoder(CrossLayerTranscoderBase):
             return pre * (pre > self.threshold)
         return JumpReLUFunction.apply(pre, self.threshold, bandwidth)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.jump(self.pre_activations(x))
-
-    def _activate(self, pre_NF, layer):
-        return pre_NF * (pre_NF > self.threshold[layer])
+    def _activate(self, pre, layer=None):
+        return self.jump(pre) if layer is None else pre * (pre > self.threshold[layer])
 
     @classmethod
     def _expected_keys(cls) -> tuple[str, ...]:

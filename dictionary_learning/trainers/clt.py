@@ -96,17 +96,12 @@ class _CLTRecipe(RecipeTrainer):
 
     def setup(self, cfg) -> None:
         self.lr = default_topk_lr(cfg.dict_size) if cfg.lr is None else cfg.lr
-        self.optimizer = adam(self.ae.parameters(), [], 1.0, lr=self.lr, betas=self.betas)
-        self._set_schedule(self.lr_schedule(cfg))
+        self.optimizer = adam(self.ae.parameters(), [], 1.0, lr=self.lr, betas=(0.9, 0.999))
+        self._set_schedule(get_lr_schedule(cfg.steps, cfg.warmup_steps, cfg.decay_start))
         L, F = cfg.num_layers, cfg.dict_size
         self.num_tokens_since_fired = torch.zeros(L, F, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
-        self.output_variance = None
-
-    betas = (0.9, 0.999)
-
-    def lr_schedule(self, cfg):
-        return get_lr_schedule(cfg.steps, cfg.warmup_steps, cfg.decay_start)
+        self.output_variance = None  # [L], from the first batch (`_prepare`); resumed with the state
 
     def _resolved_config(self):
         return {"lr": self.lr}
@@ -174,19 +169,16 @@ class TopKCLTTrainer(_CLTRecipe):
         x_in, y = self.input_and_target(x)
         ae = self.ae
         values, indices, pre = ae.topk(x_in)
-        if self.sparse:
-            y_hat = ae.decode_sparse(indices, values)
-        else:
-            y_hat = ae.decode(torch.zeros_like(pre).scatter(-1, indices, values))
+        f = torch.zeros_like(pre).scatter(-1, indices, values)  # [B, L, F]
+        y_hat = ae.decode_sparse(indices, values) if self.sparse else ae.decode(f)
         recon, logs = self.reconstruction(y, y_hat)
-        fired = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, indices, values.detach() > 0)
-        counter, n_tokens, dead = self.counters(fired.reshape(-1, *pre.shape[-2:]).any(0), x_in.shape[0])
+        f = f.detach()
+        counter, n_tokens, dead = self.counters((f > 0).any(0), x_in.shape[0])
         auxk = torch.zeros((), device=y.device)
         if self.auxk_alpha > 0 and self.tokens_seen + n_tokens >= self.dead_feature_tokens:
             auxk = self.auxk(pre, dead, (y - y_hat).detach())
         loss = recon + self.auxk_alpha * auxk
         logs |= {"auxk_loss": auxk, "loss": loss, "dead_features": dead.sum()}
-        f = torch.zeros_like(pre).scatter(-1, indices, values.detach())
         return StepOutput(loss, y_hat, f, logs, {"counter": counter, "tokens": n_tokens}, target=y)
 
     def dictionary_args(self, cfg) -> tuple:
@@ -245,7 +237,7 @@ class JumpReluCLTTrainer(_CLTRecipe):
         pre_act = ((ae.threshold - pre).relu() * norms_LF).sum((-2, -1)).mean()
         scale = 1.0 if step is None else self.sparsity_warmup_fn(step)
         loss = recon + scale * self.sparsity_penalty * tanh + self.pre_act_loss * pre_act
-        fired = (f.detach() > 0).reshape(-1, *pre.shape[-2:])
+        fired = f.detach() > 0  # [B, L, F]
         counter, n_tokens, dead = self.counters(fired.any(0), x_in.shape[0])
         l0 = fired.sum((-2, -1)).float().mean()
         logs |= {"sparsity_loss": tanh, "pre_act_loss": pre_act, "l0": l0, "loss": loss, "dead_features": dead.sum()}
