@@ -11,10 +11,14 @@ The hooks are `mlp.hook_in` (the MLP's input: the post-attention norm's output) 
 which circuit-tracer maps for both its TransformerLens and nnsight backends.
 
 circuit-tracer loads ReLU and JumpReLU activations only. A TopK dictionary keeps the k largest
-latents per token, which no per-latent threshold reproduces exactly: it is exported with one
-threshold per layer, calibrated on held-out MLP inputs so that as many latents fire on average as
-TopK keeps (k per token); `export_circuit_tracer` returns, per layer, the variance of the MLP
-output that the TopK code and the calibrated JumpReLU code explain on those tokens.
+latents per token, which no per-latent threshold reproduces exactly: it is exported as a JumpReLU
+whose thresholds are calibrated on held-out MLP inputs. The default rule (`calibration="latent"`)
+gives each latent its own threshold, at which it fires on as many of those tokens as the TopK code
+kept it, so every latent keeps its firing rate and a layer keeps k per token on average; the other
+(`"layer"`) gives all of a layer's latents one threshold that keeps k per token on average.
+`export_circuit_tracer` reports, per layer, the variance of the MLP output that the TopK code and
+the calibrated JumpReLU code explain on the calibration tokens. A BatchTopK dictionary whose
+training tracked its inference threshold keeps that threshold.
 
 `config.yaml` also records the sha256 of every weight file (`dictionary_learning.sha256`, a key
 circuit-tracer ignores): `load_circuit_tracer` refuses a folder whose files were changed since.
@@ -31,6 +35,7 @@ import torch
 
 from .dictionaries import (
     AutoEncoderTopK,
+    BatchTopKCrossLayerTranscoder,
     BatchTopKSAE,
     CrossLayerTranscoderBase,
     Dictionary,
@@ -41,7 +46,7 @@ from .dictionaries import (
 from .files import CheckpointError, save_state_dict
 from .safe_io import atomic_write, sha256_file
 
-__all__ = ["export_circuit_tracer", "load_circuit_tracer", "calibrate_threshold"]
+__all__ = ["export_circuit_tracer", "load_circuit_tracer", "calibrate_threshold", "rate_matched_thresholds"]
 
 CONFIG = "config.yaml"
 HOOKS = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
@@ -60,13 +65,47 @@ def calibrate_threshold(pre_NF: torch.Tensor, k: int) -> float:
     return max(float(kept[-2:].mean()), 0.0)  # between the k-th and the next: rounding keeps the k-th
 
 
+@torch.no_grad()
+def rate_matched_thresholds(a_NF: torch.Tensor, kept_NF: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """`[F]` thresholds at which each latent's `a > threshold` holds on as many rows of `a_NF`
+    (ReLU pre-activations) as `kept_NF` (the dictionary's own code) kept it: midway between its n-th
+    and (n+1)-th largest value for n kept rows; above its largest for a latent never kept. Never below 0."""
+    N, F = a_NF.shape
+    out = torch.empty(F, device=a_NF.device)
+    for start in range(0, F, chunk):  # sorting [N, chunk] at a time bounds the memory
+        ranked = a_NF[:, start : start + chunk].float().sort(0, descending=True).values
+        n = kept_NF[:, start : start + chunk].sum(0)
+        nth = ranked.gather(0, (n - 1).clamp(0, N - 1)[None])[0]
+        next_ = ranked.gather(0, n.clamp(max=N - 1)[None])[0]
+        threshold = torch.where(n == 0, ranked[0], (nth + next_) / 2)
+        out[start : start + chunk] = torch.where(n >= N, 0.0, threshold)
+    return out.clamp_min(0)
+
+
+CALIBRATIONS = ("latent", "layer")
+
+
+def _thresholds(a_NF: torch.Tensor, kept_NF: torch.Tensor, k: int, rule: str) -> torch.Tensor:
+    """`[F]` JumpReLU thresholds standing in for a top-k code `kept_NF` (see the module's docstring)."""
+    if rule == "latent":
+        return rate_matched_thresholds(a_NF, kept_NF)
+    return torch.full((a_NF.shape[1],), calibrate_threshold(a_NF, k), device=a_NF.device)
+
+
+def _check_rule(calibration: str) -> None:
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+
+
 def _fve(y: torch.Tensor, y_hat: torch.Tensor) -> float:
     y, y_hat = y.float(), y_hat.float()
     return float(1 - (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
 
 # ------------------------------------------------------------------------------ a per-layer set
-def _transcoder_tensors(ae: Dictionary, layer: int, held_out: torch.Tensor | None) -> tuple[dict, dict | None]:
+def _transcoder_tensors(
+    ae: Dictionary, layer: int, held_out: torch.Tensor | None, calibration: str = "latent"
+) -> tuple[dict, dict | None]:
     """circuit-tracer's tensors for one of our transcoders, and for a TopK one the calibration report."""
     if not getattr(ae, "transcoder", False) or isinstance(ae, CrossLayerTranscoderBase):
         raise ValueError(
@@ -78,7 +117,7 @@ def _transcoder_tensors(ae: Dictionary, layer: int, held_out: torch.Tensor | Non
             f"layer {layer}: circuit-tracer's transcoders write the input's width; this one writes {ae.output_dim}"
         )
     if _needs_calibration(ae):
-        return _topk_tensors(ae, layer, held_out)
+        return _topk_tensors(ae, layer, held_out, calibration)
     fields, state = ae.saelens_state()  # Standard -> "transcoder" (ReLU), JumpReLU -> "jumprelu_transcoder"
     if fields["architecture"] not in (
         "transcoder",
@@ -97,7 +136,7 @@ def _transcoder_tensors(ae: Dictionary, layer: int, held_out: torch.Tensor | Non
     return tensors, None
 
 
-def _topk_tensors(ae, layer: int, held_out: torch.Tensor | None) -> tuple[dict, dict]:
+def _topk_tensors(ae, layer: int, held_out: torch.Tensor | None, calibration: str) -> tuple[dict, dict]:
     if held_out is None:
         raise ValueError(
             f"layer {layer}: a {type(ae).__name__} keeps the top k latents, which circuit-tracer cannot load: give "
@@ -111,16 +150,16 @@ def _topk_tensors(ae, layer: int, held_out: torch.Tensor | None) -> tuple[dict, 
     x, y = held_out[:, 0], held_out[:, 1]
     with torch.no_grad():
         a = ae.relu_pre_activations(x)
-        threshold = calibrate_threshold(a, ae.active_k)
+        topk = ae.encode(x, use_threshold=False) if isinstance(ae, BatchTopKSAE) else ae.encode(x)
+        threshold = _thresholds(a, topk > 0, ae.active_k, calibration)
         jump = a * (a > threshold)
-        topk_fve = _fve(y, ae(x))
-        jump_fve = _fve(y, ae.decode(jump) + ae.skip(x))
-        l0 = float((jump > 0).sum(-1).float().mean())
+        report = {"k": ae.active_k, "rule": calibration, "threshold_median": float(threshold.median()),
+                  "l0": float((jump > 0).sum(-1).float().mean()), "fve_topk": _fve(y, ae.decode(topk) + ae.skip(x)),
+                  "fve_jumprelu": _fve(y, ae.decode(jump) + ae.skip(x))}  # fmt: skip
     tensors = {"W_enc": W_FD, "b_enc": b_F, "W_dec": ae.decoder_FD(), "b_dec": ae.b_dec,
-               "activation_function.threshold": torch.full((ae.dict_size,), threshold)}  # fmt: skip
+               "activation_function.threshold": threshold}  # fmt: skip
     if ae.skip_connection:
         tensors["W_skip"] = ae.W_skip.T
-    report = {"k": ae.active_k, "threshold": threshold, "l0": l0, "fve_topk": topk_fve, "fve_jumprelu": jump_fve}
     return tensors, report
 
 
@@ -147,23 +186,28 @@ def _held_out_by_layer(held_out: Any, layers: int, width: int) -> dict[int, torc
 def _needs_calibration(ae: Dictionary) -> bool:
     """A TopK dictionary (k per token), or a BatchTopK one whose inference threshold was never set."""
     topk = type(ae) in (AutoEncoderTopK, TopKCrossLayerTranscoder)
-    return topk or (type(ae) is BatchTopKSAE and float(ae.threshold) < 0)
+    batch = type(ae) in (BatchTopKSAE, BatchTopKCrossLayerTranscoder)
+    return topk or (batch and bool((ae.threshold < 0).any()))
 
 
 # ------------------------------------------------------------------------------------ a CLT
-def _clt_tensors(ae: CrossLayerTranscoderBase, held_out: torch.Tensor | None) -> tuple[dict, dict | None]:
+def _clt_tensors(
+    ae: CrossLayerTranscoderBase, held_out: torch.Tensor | None, calibration: str = "latent"
+) -> tuple[dict, dict | None]:
     L, D = ae.num_layers, ae.activation_dim
     report = None
     if isinstance(ae, JumpReluCrossLayerTranscoder):
         thresholds = ae.threshold.detach()  # the same JumpReLU as circuit-tracer's: pre * 1[pre > threshold]
-    elif isinstance(ae, TopKCrossLayerTranscoder):
+    elif _needs_calibration(ae):
         if held_out is None:
             raise ValueError(
-                "a TopK cross-layer transcoder keeps the top k latents per layer, which circuit-tracer cannot load: "
-                "give held-out MLP inputs and outputs of every layer ([N, L, 2, d]) to calibrate JumpReLU thresholds"
+                f"a {type(ae).__name__} keeps the top k latents per layer, which circuit-tracer cannot load: give "
+                f"held-out MLP inputs and outputs of every layer ([N, L, 2, d]) to calibrate JumpReLU thresholds"
             )
         _check_held_out(held_out, (L, 2, D), "held-out activations", "(every layer's MLP input, output)")
-        thresholds, report = _calibrate_clt(ae, held_out)
+        thresholds, report = _calibrate_clt(ae, held_out, calibration)
+    elif isinstance(ae, BatchTopKCrossLayerTranscoder):  # its tracked thresholds: ReLU(pre) > t_l, t_l >= 0
+        thresholds = ae.threshold.detach().clamp_min(0)[:, None].expand(L, ae.dict_size)
     else:
         raise ValueError(f"circuit-tracer has no {type(ae).__name__}")
     files = {}
@@ -179,17 +223,19 @@ def _clt_tensors(ae: CrossLayerTranscoderBase, held_out: torch.Tensor | None) ->
 
 
 @torch.no_grad()
-def _calibrate_clt(ae: TopKCrossLayerTranscoder, held_out: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _calibrate_clt(ae: TopKCrossLayerTranscoder, held_out: torch.Tensor, calibration: str) -> tuple[torch.Tensor, dict]:
     x, y = held_out[:, :, 0], held_out[:, :, 1]
-    pre = ae.pre_activations(x)
-    k = ae.active_k
-    per_layer = [calibrate_threshold(torch.relu(pre[:, s]), k) for s in range(ae.num_layers)]
-    thresholds = torch.tensor(per_layer).unsqueeze(1).expand(ae.num_layers, ae.dict_size).clone()
+    pre, k = ae.pre_activations(x), ae.active_k
+    topk = ae.encode(x)  # the training rule: top k per token, or BatchTopK's k * N per layer
+    thresholds = torch.stack(
+        [_thresholds(torch.relu(pre[:, s]), topk[:, s] > 0, k, calibration) for s in range(ae.num_layers)]
+    )
     jump = pre * (pre > thresholds)
-    y_topk, y_jump = ae(x), ae.decode(jump)
+    y_topk, y_jump = ae.decode(topk), ae.decode(jump)
     report = {
         "k": k,
-        "threshold": per_layer,
+        "rule": calibration,
+        "threshold_median": thresholds.median(-1).values.tolist(),
         "l0": (jump > 0).sum(-1).float().mean(0).tolist(),
         "fve_topk": [_fve(y[:, s], y_topk[:, s]) for s in range(ae.num_layers)],
         "fve_jumprelu": [_fve(y[:, s], y_jump[:, s]) for s in range(ae.num_layers)],
@@ -203,16 +249,19 @@ def export_circuit_tracer(
     out: str | Path,
     held_out: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
     model_name: str | None = None,
+    calibration: str = "latent",
 ) -> dict[str, Any]:
     """Write `dictionaries` as a circuit-tracer folder `out`: one cross-layer transcoder, or one MLP
     transcoder per layer (a list whose i-th entry is layer i's, every layer of the model, no gaps).
 
     `held_out`: what TopK dictionaries are calibrated on: `[N, L, 2, d]` (every layer's MLP input and
-    output), or for a set also `{layer: [N, 2, d]}` or a list by layer. Returns the record
-    written to config.yaml, with the calibration report of each TopK layer under "calibration"."""
+    output), or for a set also `{layer: [N, 2, d]}` or a list by layer. `calibration`: "latent"
+    (a threshold per latent matching its TopK firing rate) or "layer" (one per layer). Returns the
+    record written to config.yaml, with the calibration report of each TopK layer under "calibration"."""
     out = Path(out)
+    _check_rule(calibration)
     if isinstance(dictionaries, CrossLayerTranscoderBase):
-        files, report = _clt_tensors(dictionaries, held_out)
+        files, report = _clt_tensors(dictionaries, held_out, calibration)
         kind, layers = "cross_layer_transcoder", dictionaries.num_layers
         reports = {} if report is None else {"clt": report}
     else:
@@ -227,7 +276,7 @@ def export_circuit_tracer(
         files, reports = {}, {}
         by_layer = _held_out_by_layer(held_out, len(dictionaries), dictionaries[0].activation_dim)
         for layer, ae in enumerate(dictionaries):
-            tensors, report = _transcoder_tensors(ae, layer, by_layer.get(layer))
+            tensors, report = _transcoder_tensors(ae, layer, by_layer.get(layer), calibration)
             files[f"layer_{layer}.safetensors"] = tensors
             if report is not None:
                 reports[layer] = report

@@ -526,7 +526,6 @@ def _same_model(a: str | None, b: str | None) -> bool:
 def _eval_plan(args, dictionaries):
     """Per dictionary (folder, dictionary, site to read, io); checks every recorded model, site,
     width and text against what was asked, failing with one line that names both."""
-    from .data import training_overlap
     from .models import DEFAULT_MODEL_NAME, get_submodule
     from .nnsight_io import model_id, resolve_site
 
@@ -567,13 +566,20 @@ def _eval_plan(args, dictionaries):
         else:
             raise SystemExit(f"error: {folder} does not record its site: give --layer (and --site)")
         plan.append((folder, ae, asked, site.get("io") or "out"))
-        overlap = training_overlap((config.get("buffer") or {}).get("text"), docs.record)
-        if overlap and not args.allow_training_text:
-            raise SystemExit(
-                f"error: {folder}: {overlap}. Evaluate on held-out text (--part held-out, the default) or other "
-                f"text, or pass --allow-training-text"
-            )
+        _check_overlap(args, folder, config, docs)
     return model, docs, plan
+
+
+def _check_overlap(args, folder, config: dict, docs) -> None:
+    """Refuse text the dictionary was trained on, unless --allow-training-text."""
+    from .data import training_overlap
+
+    overlap = training_overlap((config.get("buffer") or {}).get("text"), docs.record)
+    if overlap and not args.allow_training_text:
+        raise SystemExit(
+            f"error: {folder}: {overlap}. Evaluate on held-out text (--part held-out, the default) or other "
+            f"text, or pass --allow-training-text"
+        )
 
 
 def _check_asked_site(folder, site: dict, asked: str, args) -> None:
@@ -779,9 +785,28 @@ def _print_crosscoder_rows(folder, m: dict) -> None:
         site += 1
 
 
+def _clt_reader(args, folder, ae, config: dict):
+    """(model, text, a reader of every layer's MLP input): what a CLT's dashboards read."""
+    from .models import get_submodule, num_layers
+    from .reader import ActivationReader
+    from .sites import recorded_site
+
+    if args.layer or args.site:
+        raise SystemExit("error: a cross-layer transcoder reads every layer's MLP: drop --layer and --site")
+    model, docs = _model_for(args, recorded_site(folder, config).get("model")), _documents(args)
+    _check_overlap(args, folder, config, docs)
+    if num_layers(model) != ae.num_layers:
+        raise SystemExit(f"error: {folder} replaces {ae.num_layers} MLPs, but the model has {num_layers(model)}")
+    mlps = [get_submodule(model, layer, "mlp") for layer in range(ae.num_layers)]
+    reader = ActivationReader(docs, model, mlps, io="in", ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts,
+                              pack=not args.no_pack)  # fmt: skip
+    return model, docs, reader
+
+
 def cmd_features(args) -> None:
     from .checkpoint import load_dictionary
     from .dashboard import collect_feature_stats, write_dashboard
+    from .dictionaries import CrossLayerTranscoderBase
     from .nnsight_io import model_id
     from .sites import recorded_site
 
@@ -789,13 +814,17 @@ def cmd_features(args) -> None:
     if not Path(folder).exists() and "://" not in folder:
         raise SystemExit(f"error: {folder} does not exist: give a checkpoint folder (with ae.pt and config.json)")
     ae, config = load_dictionary(folder, device=args.device)
-    model, docs, plan = _eval_plan(args, [(folder, ae, config, recorded_site(folder, config))])
-    _, _, site, io = plan[0]
-    reader = _reader(args, docs, model, config, site, io)
-    _check_width(folder, reader, ae, model)
+    if isinstance(ae, CrossLayerTranscoderBase):
+        model, docs, reader = _clt_reader(args, folder, ae, config)
+    else:
+        model, docs, plan = _eval_plan(args, [(folder, ae, config, recorded_site(folder, config))])
+        _, _, site, io = plan[0]
+        reader = _reader(args, docs, model, config, site, io)
+        _check_width(folder, reader, ae, model)
     stats = collect_feature_stats(ae, reader, reader.data, batch_size=args.batch_texts, max_contexts=args.contexts)
     recipe = (config.get("trainer") or {}).get("trainer_class", type(ae).__name__)
-    title = f"{Path(folder).name} ({recipe}, {reader.names[0]} of {model_id(model)})"
+    where = "every MLP" if isinstance(ae, CrossLayerTranscoderBase) else reader.names[0]
+    title = f"{Path(folder).name} ({recipe}, {where} of {model_id(model)})"
     out = Path(args.out or Path(folder) / "features")
     index = write_dashboard(stats, out, title=title, features=args.features)
     print(f"wrote {index} ({stats.n_tokens} {docs.record['part']} tokens of {docs.record['source']})")
@@ -1055,6 +1084,12 @@ def _add_export_command(sub) -> None:
         default=16384,
         help="held-out tokens that TopK thresholds are calibrated on (default: 16384)",
     )
+    p.add_argument(
+        "--calibration",
+        choices=["latent", "layer"],
+        default="latent",
+        help="TopK thresholds: one per latent matching its TopK firing rate (default), or one per layer",
+    )
     p.add_argument("--model", help="the model to calibrate on (default: the recorded one)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     _add_text_args(p, "held-out")
@@ -1073,7 +1108,7 @@ def cmd_export(args) -> None:
     if needs_held_out(dictionaries):
         model = _model_for(args, lm_name)
         held_out = read_mlp_pairs(model, layers, _documents(args), args.held_out_tokens, args.ctx_len)
-    record = export_circuit_tracer(dictionaries, args.out, held_out, model_name=lm_name)
+    record = export_circuit_tracer(dictionaries, args.out, held_out, model_name=lm_name, calibration=args.calibration)
     kind = record["model_kind"]
     print(f"wrote a circuit-tracer {kind} of {len(layers)} layers to {args.out}")
     for layer, report in (record["dictionary_learning"].get("calibration") or {}).items():
@@ -1106,7 +1141,10 @@ def _add_features_command(sub) -> None:
     p.add_argument("--contexts", type=positive_int, default=256, help="contexts to read (default: 256)")
     p.add_argument("--batch-texts", type=positive_int, default=32, help="contexts per forward pass (default: 32)")
     p.add_argument(
-        "--features", type=int, nargs="+", help="features to write pages for (default: every one that fired)"
+        "--features",
+        type=int,
+        nargs="+",
+        help="features to write pages for (default: every one that fired); a CLT's latent j of layer s is s * F + j",
     )
     p.add_argument(
         "--allow-training-text", action="store_true", help="read text the dictionary was trained on all the same"

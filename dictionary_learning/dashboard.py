@@ -5,6 +5,10 @@ suppresses through the unembedding, first-position features flagged), as static 
 
     stats = collect_feature_stats(ae, reader, contexts)          # the pass over the text
     write_dashboard(stats, "runs/demo/features", title="...")    # index.html + feature_<i>.html
+
+A cross-layer transcoder's latents are numbered `s * F + j` (latent j of source layer s; the reader
+reads every layer's MLP input); its pages add the norm of the latent's decoder for each output layer,
+and its logit lens is the sum of what it writes to every layer (its direct write to the residual stream).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .dictionaries.base import device_of
+from .dictionaries.clt import CrossLayerTranscoderBase
 from .dictionaries.crosscoder import relative_decoder_norms
 from .interp import feature_activations
 from .nnsight_io import torch_model
@@ -42,6 +47,7 @@ class FeatureStats:
     promoted: list[list[tuple[str, float]]] = field(default_factory=list)  # per feature: top unembedding tokens
     suppressed: list[list[tuple[str, float]]] = field(default_factory=list)
     relative_norms: torch.Tensor | None = None  # a two-site crosscoder's relative decoder norm per feature
+    layer_norms: torch.Tensor | None = None  # a CLT's [L * F, L]: each latent's decoder norm per output layer
 
     def __post_init__(self) -> None:
         # the entries grouped by feature, so each feature's slice is found without a scan
@@ -52,6 +58,13 @@ class FeatureStats:
     @property
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    def name(self, feature: int) -> str:
+        """ "Feature i", or a CLT's "Latent j of layer s"."""
+        if self.layer_norms is None:
+            return f"Feature {feature}"
+        per_layer = self.n_features // self.layer_norms.shape[1]
+        return f"Latent {feature % per_layer} of layer {feature // per_layer}"
 
     def density(self) -> torch.Tensor:
         """`[F]` fraction of tokens on which each feature is non-zero."""
@@ -68,7 +81,14 @@ def collect_feature_stats(
     dictionary, reader, contexts: Iterable, batch_size: int = 32, max_contexts: int = 256, top_tokens: int = 10
 ) -> FeatureStats:
     """Run `contexts` (strings or token-id sequences; e.g. packed held-out text) through the reader's
-    model and `dictionary` at the reader's first site, keeping every non-zero activation."""
+    model and `dictionary` at the reader's first site (a CLT: at every site, each layer's MLP input),
+    keeping every non-zero activation."""
+    clt = isinstance(dictionary, CrossLayerTranscoderBase)
+    if clt and len(reader.sites) != dictionary.num_layers:
+        raise ValueError(
+            f"a cross-layer transcoder of {dictionary.num_layers} layers reads every layer's MLP input: give a "
+            f"reader of those {dictionary.num_layers} MLPs (io='in'), not of {len(reader.sites)} site(s)"
+        )
     items = []
     for item in contexts:
         items.append(item)
@@ -80,6 +100,7 @@ def collect_feature_stats(
     for start in range(0, len(items), batch_size):
         tokens = reader.tokenize(items[start : start + batch_size])
         f_BLF = feature_activations(dictionary, reader, tokens).cpu()
+        f_BLF = f_BLF.flatten(-2) if clt else f_BLF  # a CLT's [B, T, L, F] -> latents s * F + j
         row_offset = sum(r.shape[0] for r in id_rows)
         b, pos, feat = torch.nonzero(f_BLF, as_tuple=True)
         parts.append((b + row_offset, pos, feat, f_BLF[b, pos, feat].float()))
@@ -90,10 +111,13 @@ def collect_feature_stats(
     rows, positions, features, values = (torch.cat([p[i] for p in parts]) for i in range(4))
     tokenizer = reader.tokenizer
     pieces = {int(i): tokenizer.decode([int(i)]) for i in ids.unique()}
-    stats = FeatureStats(ids, torch.cat(lengths), rows, positions, features, values, dictionary.dict_size, pieces)
+    n_features = dictionary.dict_size * (dictionary.num_layers if clt else 1)
+    stats = FeatureStats(ids, torch.cat(lengths), rows, positions, features, values, n_features, pieces)
     stats.promoted, stats.suppressed = logit_lens_tokens(dictionary, reader.model, tokenizer, top_tokens)
-    if getattr(dictionary, "num_layers", None) == 2:
+    if not clt and getattr(dictionary, "num_layers", None) == 2:
         stats.relative_norms = relative_decoder_norms(dictionary).detach().float().cpu()
+    if clt:
+        stats.layer_norms = dictionary.decoder_norms_by_target().detach().float().cpu().flatten(0, 1)
     return stats
 
 
@@ -110,7 +134,9 @@ def logit_lens_tokens(dictionary, model, tokenizer, k: int = 10):
     base = getattr(hf, "base_model", hf)
     norm = getattr(base, "norm", None) or getattr(base, "final_layer_norm", None) or getattr(base, "ln_f", None)
     scale = norm.weight.detach().float() if getattr(norm, "weight", None) is not None else 1.0
-    if hasattr(dictionary, "num_layers"):  # a crosscoder: what it writes to its last site
+    if isinstance(dictionary, CrossLayerTranscoderBase):  # everything a latent writes: [L * F, D]
+        decoder_FD = torch.cat([W.sum(1) for W in dictionary.W_dec])
+    elif hasattr(dictionary, "num_layers"):  # a crosscoder: what it writes to its last site
         decoder_FD = dictionary.decoder.weight[-1]
     else:
         decoder_FD = dictionary.decoder_FD() if hasattr(dictionary, "decoder_FD") else _decoder_rows(dictionary)
@@ -186,22 +212,34 @@ def _context_html(stats: FeatureStats, feature: int, row: int, peak: int, scale:
     return "".join(spans)
 
 
-def _histogram_svg(values: torch.Tensor, bins: int = 24, width: int = 300, height: int = 110) -> str:
+def _histogram_svg(values: torch.Tensor, bins: int = 24) -> str:
     """An SVG bar chart of the non-zero activation values."""
     if values.numel() == 0:
         return "<p>never fired</p>"
     top = float(values.max())
-    counts = torch.histc(values.float(), bins=bins, min=0.0, max=top if top > 0 else 1.0)
-    peak = float(counts.max()) or 1.0
-    bar = width / bins
+    counts = torch.histc(values.float(), bins=bins, min=0.0, max=top if top > 0 else 1.0).tolist()
+    return _bars_svg(counts, [f"{int(c)} tokens" for c in counts], "0", f"{top:.2f}", "#f08a24")
+
+
+def _layer_norms_svg(norms: torch.Tensor) -> str:
+    """A CLT latent's decoder norm for each output layer, as bars (layer 0 on the left)."""
+    values = norms.tolist()
+    titles = [f"layer {layer}: {v:.3f}" for layer, v in enumerate(values)]
+    return _bars_svg(values, titles, "layer 0", f"layer {len(values) - 1}", "#3b7dd8")
+
+
+def _bars_svg(heights: list[float], titles: list[str], left: str, right: str, colour: str) -> str:
+    width, height = 300, 110
+    peak = max(heights) or 1.0
+    bar = width / len(heights)
     rects = [
-        f'<rect x="{i * bar:.1f}" y="{height - 16 - c / peak * (height - 20):.1f}" width="{bar - 1:.1f}" '
-        f'height="{c / peak * (height - 20):.1f}" fill="#f08a24"><title>{int(c)} tokens</title></rect>'
-        for i, c in enumerate(counts.tolist())
+        f'<rect x="{i * bar:.1f}" y="{height - 16 - h / peak * (height - 20):.1f}" width="{max(bar - 1, 0.5):.1f}" '
+        f'height="{h / peak * (height - 20):.1f}" fill="{colour}"><title>{html.escape(t)}</title></rect>'
+        for i, (h, t) in enumerate(zip(heights, titles))
     ]
     axis = (
-        f'<text x="0" y="{height - 2}" font-size="10">0</text>'
-        f'<text x="{width}" y="{height - 2}" font-size="10" text-anchor="end">{top:.2f}</text>'
+        f'<text x="0" y="{height - 2}" font-size="10">{left}</text>'
+        f'<text x="{width}" y="{height - 2}" font-size="10" text-anchor="end">{right}</text>'
     )
     return f'<svg width="{width}" height="{height}" role="img">{"".join(rects)}{axis}</svg>'
 
@@ -299,14 +337,20 @@ def feature_page(stats: FeatureStats, feature: int, title: str = "", before: int
             f"{token_list(stats.promoted[feature], 'pos')}</table>"
             f"<h2>Suppressed tokens</h2><table>{token_list(stats.suppressed[feature], 'neg')}</table></div>"
         )
-    heading = f"Feature {feature}" + (f" of {title}" if title else "")
+    heading = stats.name(feature) + (f" of {title}" if title else "")
+    writes = ""
+    if stats.layer_norms is not None:
+        writes = (
+            f'<div class="card"><h2>Decoder norm by output layer</h2>{_layer_norms_svg(stats.layer_norms[feature])}'
+            f'<p class="meta">what it writes to each later MLP output; the logit lens below reads the sum</p></div>'
+        )
     body = f"""<p><a href="index.html">&larr; all features</a></p>
 <h1>{html.escape(heading)}</h1>
 <div class="meta">density {100 * density:.3f} % ({values.numel():,} of {stats.n_tokens:,} tokens) &middot;
 max activation {scale if values.numel() else 0:.3f}{flag}{_relative_norm_note(stats, feature)}</div>
 <div class="grid"><div>
 <div class="card"><h2>Activation histogram (non-zero values)</h2>{_histogram_svg(values)}</div>
-{lens}</div>
+{writes}{lens}</div>
 <div><div class="card"><h2>Top activations</h2>
 <p class="meta">{before} tokens before the peak (outlined) and {after} after; darker = stronger; hover a token
 for its value. One example per context, repeated text left out.</p>
@@ -341,12 +385,17 @@ def index_page(stats: FeatureStats, title: str = "", linked: set[int] | None = N
         relative = (
             f'<td class="num">{float(stats.relative_norms[f]):.2f}</td>' if stats.relative_norms is not None else ""
         )
+        if stats.layer_norms is not None:  # a CLT: the layer it reads, the layer it writes most to
+            per_layer = stats.n_features // stats.layer_norms.shape[1]
+            relative = f'<td class="num">{f // per_layer}</td><td class="num">{int(stats.layer_norms[f].argmax())}</td>'
         rows.append(
             f'<tr><td>{name}</td><td class="num">{100 * float(density[f]):.3f}</td><td class="num">{log_density}</td>'
             f'<td class="num">{float(maxima[f]):.2f}</td>{relative}<td>{tokens}</td><td>{flag}</td></tr>'
         )
     alive = int((density > 0).sum())
     relative_header = "<th>rel. decoder norm</th>" if stats.relative_norms is not None else ""
+    if stats.layer_norms is not None:
+        relative_header = "<th>reads layer</th><th>writes most to</th>"
     heading = f"Features of {title}" if title else "Features"
     body = f"""<h1>{html.escape(heading)}</h1>
 <div class="meta">{stats.n_features:,} features, {alive:,} fired on {stats.n_tokens:,} tokens

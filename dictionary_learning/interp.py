@@ -37,7 +37,8 @@ class FeatureProfile(NamedTuple):
 
 @torch.no_grad()
 def feature_activations(dictionary, reader: ActivationReader, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Features `[B, L, F]` of a token batch at the reader's (first) site; zero at padding."""
+    """Features `[B, L, F]` of a token batch at the reader's (first) site; zero at padding. A
+    cross-layer transcoder reads every site (each layer's MLP input): `[B, L, layers, F]`."""
     device = model_device(reader.model)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     if hasattr(dictionary, "num_layers"):  # a crosscoder: every site (of each model), stacked [B, L, sites, D]
@@ -53,7 +54,8 @@ def feature_activations(dictionary, reader: ActivationReader, tokens: dict[str, 
             x_BLD = x_BLD[0]
     dict_device = device_of(dictionary)
     f_BLF = dictionary.encode(x_BLD.to(dict_device, torch.float32))
-    return f_BLF * mask.to(f_BLF.device)[..., None]
+    mask = mask.to(f_BLF.device).view(*mask.shape, *[1] * (f_BLF.ndim - 2))
+    return f_BLF * mask
 
 
 @torch.no_grad()

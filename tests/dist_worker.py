@@ -13,10 +13,13 @@ import torch
 from dictionary_learning import TrainingInterrupted, trainSAE
 from dictionary_learning.synthetic import PlantedFeatures
 from dictionary_learning.trainers import (
+    BatchTopKCLTTrainer,
     BatchTopKCrossCoderTrainer,
     CrossCoderTrainer,
+    JumpReluCLTTrainer,
     JumpReluTrainer,
     StandardTrainer,
+    TopKCLTTrainer,
     TopKTrainer,
 )
 
@@ -37,6 +40,15 @@ CROSSCODERS = [
     dict(trainer=BatchTopKCrossCoderTrainer, num_layers=2, k=4, threshold_start_step=3, lr=1e-3, **COMMON),
 ]
 
+# Cross-layer transcoders of 3 layers on [B, 3, 2, D]: per-token recipes equal one process; BatchTopK
+# selects within each replica's share (its replicas agree, and its thresholds are the min over replicas)
+CLT_COMMON = dict(COMMON, num_layers=3, lr=1e-3)
+CLTS = [
+    dict(trainer=TopKCLTTrainer, k=2, **CLT_COMMON),
+    dict(trainer=JumpReluCLTTrainer, sparsity_warmup_steps=3, **CLT_COMMON),
+    dict(trainer=BatchTopKCLTTrainer, k=2, threshold_start_step=3, **CLT_COMMON),
+]
+
 
 def batches(n: int = STEPS) -> list[torch.Tensor]:
     return [x * 3 + 0.5 for x in PlantedFeatures(d=D, seed=1).batches(n, batch_size=BATCH)]
@@ -45,6 +57,10 @@ def batches(n: int = STEPS) -> list[torch.Tensor]:
 def paired_batches(n: int = STEPS) -> list[torch.Tensor]:
     M = torch.randn(D, D, generator=torch.Generator().manual_seed(2)) / D**0.5
     return [torch.stack([x, x @ M], dim=1) for x in batches(n)]
+
+
+def clt_batches(n: int = STEPS) -> list[torch.Tensor]:
+    return [torch.stack([p, p * 0.5 + 0.1, p.flip(-1)], dim=1) for p in paired_batches(n)]
 
 
 def scenario(name: str, rank: int, out: Path):
@@ -84,6 +100,8 @@ def scenario(name: str, rank: int, out: Path):
         return trainSAE(paired_batches(), TRANSCODERS, STEPS, progress=False, transcoder=True, dist_timeout=60)
     if name == "crosscoders":
         return trainSAE(paired_batches(), CROSSCODERS, STEPS, progress=False, dist_timeout=60)
+    if name == "clts":
+        return trainSAE(clt_batches(), CLTS, STEPS, save_dir=out / "run", progress=False, dist_timeout=60)
     if name == "mismatch":
         configs = [dict(CONFIGS[0], k=4 + rank)]
         return trainSAE(batches(), configs, STEPS, progress=False, dist_timeout=60)

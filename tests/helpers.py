@@ -97,6 +97,9 @@ LEARNING_CONFIGS = {
 # is tests/test_clt.py's, on planted cross-layer latents (4 layers of 32, 12 latents each).
 CLT_CONFIGS = {
     "TopKCLTTrainer": dict(activation_dim=32, dict_size=32, num_layers=4, warmup_steps=20, lr=3e-3, seed=0, k=4),
+    "BatchTopKCLTTrainer": dict(
+        activation_dim=32, dict_size=32, num_layers=4, warmup_steps=20, lr=3e-3, seed=0, k=1, threshold_start_step=50
+    ),  # k = the planted codes' L0 per layer (0.96): a looser batch budget splits latents between two
     "JumpReluCLTTrainer": dict(
         activation_dim=32,
         dict_size=32,

@@ -17,11 +17,17 @@ import torch
 from helpers import randomized, tiny_cli_folder
 from safetensors.torch import save_file
 
-from dictionary_learning.circuit_export import export_circuit_tracer, load_circuit_tracer, transcoders_by_layer
+from dictionary_learning.circuit_export import (
+    export_circuit_tracer,
+    load_circuit_tracer,
+    rate_matched_thresholds,
+    transcoders_by_layer,
+)
 from dictionary_learning.cli import main
 from dictionary_learning.dictionaries import (
     AutoEncoder,
     AutoEncoderTopK,
+    BatchTopKCrossLayerTranscoder,
     BatchTopKSAE,
     JumpReluAutoEncoder,
     JumpReluCrossLayerTranscoder,
@@ -43,17 +49,27 @@ def held_out_pairs(n: int = 512, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, L, 2, D, generator=torch.Generator().manual_seed(seed))
 
 
-def expected(dictionaries, x_NLD: torch.Tensor, record: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def written_thresholds(folder: Path):
+    """The thresholds in an exported folder: a CLT's `[L, F]`, or a set's list by layer (None: ReLU)."""
+    from safetensors.torch import load_file
+
+    layers = len(list(folder.glob("W_enc_*.safetensors")))
+    if layers:
+        return torch.stack([load_file(str(folder / f"W_enc_{s}.safetensors"))[f"threshold_{s}"] for s in range(layers)])
+    files = [load_file(str(folder / f"layer_{i}.safetensors")) for i in range(len(list(folder.glob("layer_*"))))]
+    return [tensors.get("activation_function.threshold") for tensors in files]
+
+
+def expected(dictionaries, x_NLD: torch.Tensor, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
     """What circuit-tracer must compute, from OUR classes' own code: activations `[L, N, F]` and
-    reconstructions `[L, N, D]`; a TopK dictionary with its calibrated threshold as its own
-    threshold inference (`use_threshold=True`)."""
-    calibration = record["dictionary_learning"].get("calibration") or {}
+    reconstructions `[L, N, D]`; a TopK dictionary as a JumpReLU of its ReLU pre-activations at the
+    calibrated thresholds written in the folder (`thresholds`: the CLT's `[L, F]`, or a set's by layer)."""
     with torch.no_grad():
         if isinstance(dictionaries, (TopKCrossLayerTranscoder, JumpReluCrossLayerTranscoder)):
             ae = dictionaries
-            if isinstance(ae, TopKCrossLayerTranscoder):
+            own = isinstance(ae, BatchTopKCrossLayerTranscoder) and bool((ae.threshold >= 0).all())
+            if isinstance(ae, TopKCrossLayerTranscoder) and not own:
                 pre = ae.pre_activations(x_NLD)
-                thresholds = torch.tensor(calibration["clt"]["threshold"])[:, None]
                 acts = pre * (pre > thresholds)
             else:
                 acts = ae.encode(x_NLD)
@@ -62,8 +78,8 @@ def expected(dictionaries, x_NLD: torch.Tensor, record: dict) -> tuple[torch.Ten
         for layer, ae in enumerate(dictionaries):
             x = x_NLD[:, layer]
             if type(ae) is AutoEncoderTopK:
-                ae.threshold.fill_(calibration[str(layer)]["threshold"])
-                f = ae.encode(x, use_threshold=True)
+                a = ae.relu_pre_activations(x)
+                f = a * (a > thresholds[layer])
             else:
                 f = ae.encode(x)
             acts.append(f)
@@ -78,6 +94,10 @@ def export_cases() -> dict:
     for ae in batch_topk:
         ae.threshold.fill_(0.3)  # its own inference threshold is exported
     torch.manual_seed(0)
+    clt_batch_topk = randomized(BatchTopKCrossLayerTranscoder(D, F, L, K))
+    clt_batch_topk.threshold.copy_(torch.tensor([0.2, 0.3, 0.4]))
+    untracked = randomized(BatchTopKCrossLayerTranscoder(D, F, L, K))
+    untracked.threshold.fill_(-1.0)  # never tracked: calibrated on held-out activations
     return {
         "set_relu_skip": (per_layer(lambda: AutoEncoder(D, F, transcoder=True, skip_connection=True)), None),
         "set_jumprelu": (per_layer(lambda: JumpReluAutoEncoder(D, F, transcoder=True)), None),
@@ -85,14 +105,16 @@ def export_cases() -> dict:
         "set_batchtopk": (batch_topk, None),
         "clt_jumprelu": (randomized(JumpReluCrossLayerTranscoder(D, F, L)), None),
         "clt_topk": (randomized(TopKCrossLayerTranscoder(D, F, L, K)), held_out_pairs()),
+        "clt_batchtopk": (clt_batch_topk, None),  # its tracked thresholds are exported
+        "clt_batchtopk_untracked": (untracked, held_out_pairs()),
     }
 
 
 def test_exports_read_back_by_our_reader_compute_what_our_dictionaries_compute(tmp_path):
     x = held_out_pairs(32, seed=2)[:, :, 0]
     for name, (dictionaries, held_out) in export_cases().items():
-        record = export_circuit_tracer(dictionaries, tmp_path / name, held_out, model_name="m")
-        acts, recon = expected(dictionaries, x, record)
+        export_circuit_tracer(dictionaries, tmp_path / name, held_out, model_name="m")
+        acts, recon = expected(dictionaries, x, written_thresholds(tmp_path / name))
         loaded = load_circuit_tracer(tmp_path / name)
         with torch.no_grad():
             if isinstance(loaded, list):
@@ -105,16 +127,38 @@ def test_exports_read_back_by_our_reader_compute_what_our_dictionaries_compute(t
         assert (acts > 0).any() and (acts == 0).any(), name  # the thresholds matter on these inputs
 
 
-def test_topk_thresholds_keep_k_latents_and_the_report_says_what_they_keep(tmp_path):
+@pytest.mark.parametrize("rule", ["latent", "layer"])
+def test_topk_thresholds_keep_k_latents_and_the_report_says_what_they_keep(tmp_path, rule):
     dictionaries, held_out = export_cases()["set_topk"]
-    record = export_circuit_tracer(dictionaries, tmp_path / "set", held_out)
+    record = export_circuit_tracer(dictionaries, tmp_path / "set", held_out, calibration=rule)
+    thresholds = written_thresholds(tmp_path / "set")
     for layer in range(L):
         report = record["dictionary_learning"]["calibration"][str(layer)]
-        assert abs(report["l0"] - K) < 0.1 and report["threshold"] > 0
+        assert abs(report["l0"] - K) < 0.1 and report["threshold_median"] > 0 and report["rule"] == rule
         assert {"fve_topk", "fve_jumprelu"} <= set(report)
+        assert (thresholds[layer].unique().numel() == 1) == (rule == "layer")
     clt, held_out = export_cases()["clt_topk"]
-    report = export_circuit_tracer(clt, tmp_path / "clt", held_out)["dictionary_learning"]["calibration"]["clt"]
+    report = export_circuit_tracer(clt, tmp_path / "clt", held_out, calibration=rule)["dictionary_learning"]
+    report = report["calibration"]["clt"]
     assert all(abs(l0 - K) < 0.1 for l0 in report["l0"]) and len(report["fve_jumprelu"]) == L
+    with pytest.raises(ValueError, match=r"calibration must be one of \('latent', 'layer'\), got 'rank'"):
+        export_circuit_tracer(clt, tmp_path / "x", held_out, calibration="rank")
+
+
+def test_rate_matched_thresholds_give_each_latent_its_topk_firing_rate():
+    torch.manual_seed(0)
+    ae = randomized(AutoEncoderTopK(D, F, K, transcoder=True))
+    x = torch.randn(4096, D)
+    with torch.no_grad():
+        a, kept = ae.relu_pre_activations(x), ae.encode(x) > 0
+    thresholds = rate_matched_thresholds(a, kept, chunk=7)  # chunks that do not divide F
+    assert thresholds.shape == (F,) and bool((thresholds >= 0).all())
+    torch.testing.assert_close((a > thresholds).sum(0), kept.sum(0), atol=0, rtol=0)  # no ties in random data
+    kept = torch.zeros(8, 3, dtype=torch.bool)
+    kept[:, 1] = True  # latent 1 kept on every row, 0 and 2 on none
+    a = torch.rand(8, 3) + 0.1
+    t = rate_matched_thresholds(a, kept)
+    assert t[1] == 0 and torch.equal(t[[0, 2]], a[:, [0, 2]].max(0).values) and not (a[:, [0, 2]] > t[[0, 2]]).any()
 
 
 def test_bad_exports_are_named(tmp_path):
@@ -126,7 +170,7 @@ def test_bad_exports_are_named(tmp_path):
         export_circuit_tracer(topk, tmp_path / "b")
     with pytest.raises(ValueError, match=r"held-out activations must be \[N, 2, 16\]"):
         export_circuit_tracer(topk, tmp_path / "b", {i: torch.randn(8, D) for i in range(L)})
-    with pytest.raises(ValueError, match="TopK cross-layer transcoder .* give held-out MLP inputs and outputs"):
+    with pytest.raises(ValueError, match="a TopKCrossLayerTranscoder keeps .* give held-out MLP inputs and outputs"):
         export_circuit_tracer(TopKCrossLayerTranscoder(D, F, L, K), tmp_path / "c")
     with pytest.raises(ValueError, match=r"held-out activations must be \[N, 3, 2, 16\]"):
         export_circuit_tracer(topk, tmp_path / "b", torch.randn(8, L + 1, 2, D))
@@ -192,8 +236,8 @@ def test_real_circuit_tracer_computes_what_our_dictionaries_compute(tmp_path):
     x = held_out_pairs(32, seed=2)[:, :, 0]
     want = {}
     for name, (dictionaries, held_out) in export_cases().items():
-        record = export_circuit_tracer(dictionaries, tmp_path / name, held_out)
-        want[name] = expected(dictionaries, x, record)
+        export_circuit_tracer(dictionaries, tmp_path / name, held_out)
+        want[name] = expected(dictionaries, x, written_thresholds(tmp_path / name))
         save_file({"x": x.transpose(0, 1).contiguous()}, str(tmp_path / f"{name}.safetensors"))
     got = run_side("formats", tmp_path)
     assert set(got) == set(want)
@@ -231,8 +275,8 @@ def test_circuit_tracer_builds_graphs_from_our_smollm2_exports_with_both_backend
     dictionaries = {"set": transcoders, "clt": clt}
     want = {}
     for name, d in dictionaries.items():
-        record = export_circuit_tracer(d, tmp_path / name, held_out if name == "clt" else None)
-        want[name] = expected(d, x, record)[0]  # [L, N, F]
+        export_circuit_tracer(d, tmp_path / name, held_out if name == "clt" else None)
+        want[name] = expected(d, x, written_thresholds(tmp_path / name))[0]  # [L, N, F]
         save_file({"ids": ids[0].to(torch.int32)}, str(tmp_path / f"{name}.safetensors"))
     got = run_side("model", tmp_path)
     for key, result in got.items():

@@ -1,4 +1,4 @@
-"""Cross-layer transcoders: planted cross-layer latents are recovered by both recipes, the sparse
+"""Cross-layer transcoders: planted cross-layer latents are recovered by every recipe, the sparse
 decoder equals the dense one (values and gradients), files round-trip, trainSAE trains one from a
 tiny model's buffer and resumes it exactly, `train --clt` and `--layer all` work from the command
 line, and bad input is named."""
@@ -15,9 +15,13 @@ from helpers import CLT_CONFIGS, tiny_cli_folder
 
 from dictionary_learning import load_dictionary, trainSAE
 from dictionary_learning.cli import main
-from dictionary_learning.dictionaries import JumpReluCrossLayerTranscoder, TopKCrossLayerTranscoder
+from dictionary_learning.dictionaries import (
+    BatchTopKCrossLayerTranscoder,
+    JumpReluCrossLayerTranscoder,
+    TopKCrossLayerTranscoder,
+)
 from dictionary_learning.files import CheckpointError
-from dictionary_learning.trainers import JumpReluCLTTrainer, TopKCLTTrainer
+from dictionary_learning.trainers import BatchTopKCLTTrainer, JumpReluCLTTrainer, TopKCLTTrainer
 
 L, D, PER_LAYER = 4, 32, 12  # 48 planted latents, 12 per source layer
 
@@ -51,7 +55,7 @@ class PlantedCLT:
         return found
 
 
-RECIPES = [TopKCLTTrainer, JumpReluCLTTrainer]
+RECIPES = [TopKCLTTrainer, BatchTopKCLTTrainer, JumpReluCLTTrainer]
 
 
 def clt_trainer(cls, steps: int, **kwargs):
@@ -71,6 +75,9 @@ def test_a_clt_recovers_planted_cross_layer_latents(cls):
     assert data.recovered(trainer.ae) >= 42, data.recovered(trainer.ae)
     if cls is JumpReluCLTTrainer:
         assert float(out.losses["l0"]) < 8 and bool((trainer.ae.threshold > 0).all())
+    if cls is BatchTopKCLTTrainer:  # the tracked thresholds keep about k (1) latents per layer at inference
+        l0 = (trainer.ae.encode(data.batch(2048)[:, :, 0]) > 0).sum(-1).float().mean(0)
+        assert bool((trainer.ae.threshold > 0).all()) and bool(((l0 > 0.5) & (l0 < 2)).all()), l0
 
 
 def test_the_sparse_decoder_equals_the_dense_one_in_values_and_gradients():
@@ -93,14 +100,16 @@ def test_the_sparse_decoder_equals_the_dense_one_in_values_and_gradients():
     assert ae.decoder_norms_by_target().shape == (L, 32, L)
 
 
-@pytest.mark.parametrize("cls", [TopKCrossLayerTranscoder, JumpReluCrossLayerTranscoder])
+@pytest.mark.parametrize("cls", [TopKCrossLayerTranscoder, BatchTopKCrossLayerTranscoder, JumpReluCrossLayerTranscoder])
 @pytest.mark.parametrize("safetensors", [False, True])
 def test_clt_files_round_trip(tmp_path, cls, safetensors):
     torch.manual_seed(0)
-    ae = cls(D, 32, L, 4) if cls is TopKCrossLayerTranscoder else cls(D, 32, L)
+    ae = cls(D, 32, L) if cls is JumpReluCrossLayerTranscoder else cls(D, 32, L, 4)
     with torch.no_grad():
         ae.b_enc.normal_()
         ae.b_dec.normal_()
+        if cls is BatchTopKCrossLayerTranscoder:
+            ae.threshold.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
     ae.save_pretrained(tmp_path / "clt", safetensors=safetensors)
     loaded, config = load_dictionary(tmp_path / "clt")
     assert type(loaded) is cls and loaded.num_layers == L and config["trainer"]["num_layers"] == L
@@ -185,15 +194,67 @@ def test_train_clt_and_a_transcoder_per_layer_from_the_command_line(tmp_path, ca
     assert "expected a layer (3), a range (0-29) or 'all', got 'one'" in capsys.readouterr().err
 
 
+def test_clt_dashboards_show_where_each_latent_reads_and_writes(tmp_path, capsys):
+    import tiny_models
+
+    from dictionary_learning.dashboard import collect_feature_stats, feature_page
+    from dictionary_learning.reader import ActivationReader
+
+    model = tiny_models.llama(n_layers=3)
+    texts = [" ".join(tiny_models.SENTENCES[i : i + 5]) for i in range(0, 35, 2)]
+    torch.manual_seed(0)
+    ae = TopKCrossLayerTranscoder(32, 8, 3, k=2)
+    mlps = [model.model.layers[i].mlp for i in range(3)]
+    reader = ActivationReader(texts, model, mlps, io="in", ctx_len=16)
+    stats = collect_feature_stats(ae, reader, reader.data, batch_size=4, max_contexts=8)
+    kept = 2 * 3 * stats.n_tokens  # k per layer and token, less the few top-k values that ReLU zeroes
+    assert stats.n_features == 24 and 0.9 * kept < len(stats.values) <= kept
+    assert torch.equal(stats.layer_norms, ae.decoder_norms_by_target().flatten(0, 1))
+    assert stats.name(13) == "Latent 5 of layer 1" and stats.layer_norms[13, 0] == 0  # writes nothing before layer 1
+    page = feature_page(stats, 13)
+    assert "Decoder norm by output layer" in page and "layer 2: " in page
+    with pytest.raises(ValueError, match="reads every layer's MLP input: give a reader of those 3 MLPs"):
+        collect_feature_stats(ae, ActivationReader(texts, model, mlps[0], io="in", ctx_len=16), texts)
+
+    tiny = tiny_cli_folder(tmp_path)
+    main(["train", *tiny, "--layer", "all", "--clt", "--trainer", "TopKCLTTrainer:k=2", "--set", "dict_size=8",
+          "--steps", "4", "--batch-size", "16", "--n-ctxs", "8", "--out", str(tmp_path / "clt")])  # fmt: skip
+    capsys.readouterr()
+    main(["features", str(tmp_path / "clt" / "trainer_0"), *tiny, "--features", "0", "9", "--out", str(tmp_path / "f")])
+    index = (tmp_path / "f" / "index.html").read_text()
+    assert "every MLP" in index and "reads layer" in index and "writes most to" in index
+    assert "Latent 1 of layer 1" in (tmp_path / "f" / "feature_9.html").read_text()
+    with pytest.raises(SystemExit, match="reads every layer's MLP: drop --layer and --site"):
+        main(["features", str(tmp_path / "clt" / "trainer_0"), *tiny, "--layer", "0"])
+
+
 def test_a_clt_layer_by_layer_equals_its_whole_forward():
     torch.manual_seed(0)
-    for ae in (TopKCrossLayerTranscoder(D, 32, L, k=4), JumpReluCrossLayerTranscoder(D, 32, L, threshold=0.1)):
+    batch_topk = BatchTopKCrossLayerTranscoder(D, 32, L, k=4)
+    batch_topk.threshold.fill_(0.05)
+    jump_relu = JumpReluCrossLayerTranscoder(D, 32, L, threshold=0.1)
+    for ae in (TopKCrossLayerTranscoder(D, 32, L, k=4), jump_relu, batch_topk):
         x = PlantedCLT().batch(16)[:, :, 0]
         with torch.no_grad():
             codes = [ae.encode_layer(x[:, s], s) for s in range(L)]
             by_layer = torch.stack([ae.decode_layer(codes, layer) for layer in range(L)], 1)
             torch.testing.assert_close(by_layer, ae(x))
             torch.testing.assert_close(torch.stack(codes, 1), ae.encode(x))
+
+
+def test_batch_topk_clt_keeps_k_per_layer_over_the_batch_until_its_thresholds_are_set():
+    torch.manual_seed(0)
+    ae = BatchTopKCrossLayerTranscoder(D, 32, L, k=4)
+    x = PlantedCLT().batch(64)[:, :, 0]
+    f = ae.encode(x)  # thresholds unset: the batch rule, k * 64 per layer
+    assert (f > 0).sum((0, 2)).tolist() == [4 * 64] * L and (f > 0).sum(-1).max() > 4
+    values, indices, pre = ae.topk(x)
+    torch.testing.assert_close(torch.zeros_like(pre).scatter(-1, indices, values), f)
+    torch.testing.assert_close(ae.decode_sparse(indices, values), ae(x))
+    ae.threshold.copy_(torch.tensor([0.0, 0.1, 0.2, 1e9]))
+    f = ae.encode(x)
+    assert bool((f[:, 3] == 0).all()) and bool(((f[:, 1] == 0) | (f[:, 1] > 0.1)).all())
+    torch.testing.assert_close(f[:, 0], torch.relu(ae.pre_activations(x))[:, 0])
 
 
 def test_the_replacement_model_of_a_tiny_model():

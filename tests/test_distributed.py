@@ -78,6 +78,22 @@ def test_data_parallel_transcoders_and_crosscoders_equal_one_process(tmp_path, n
         assert_close(a, b)
 
 
+def test_data_parallel_cross_layer_transcoders_equal_one_process(tmp_path):
+    results, errors = spawn("clts", tmp_path)
+    assert errors == ["", ""], errors
+    expected = trainSAE(dist_worker.clt_batches(), dist_worker.CLTS, dist_worker.STEPS, progress=False)
+    for rank_result in results:  # TopK and JumpReLU select per token: one process on the combined batch
+        for got, want in zip(rank_result[:2], expected[:2]):
+            assert_close(got, want.state_dict())
+    for a, b in zip(*results):  # every replica holds the same weights, BatchTopK's thresholds included
+        assert_close(a, b)
+    assert bool((results[0][2]["threshold"] > 0).all())
+    for i, want in enumerate(results[0]):  # rank 0 wrote the checkpoints; they load
+        ae, config = load_dictionary(tmp_path / "run" / f"trainer_{i}")
+        assert_close(ae.state_dict(), want)
+        assert config["trainer"]["num_layers"] == 3
+
+
 def test_data_parallel_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     results, errors = spawn("resume", tmp_path)
     assert errors == ["", ""], errors

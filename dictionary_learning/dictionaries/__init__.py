@@ -1,7 +1,12 @@
 """Dictionary architectures; importing this package registers every one of them."""
 
 from .base import DICTIONARY_REGISTRY, Dictionary, FeatureLayout, register_dictionary
-from .clt import CrossLayerTranscoderBase, JumpReluCrossLayerTranscoder, TopKCrossLayerTranscoder
+from .clt import (
+    BatchTopKCrossLayerTranscoder,
+    CrossLayerTranscoderBase,
+    JumpReluCrossLayerTranscoder,
+    TopKCrossLayerTranscoder,
+)
 from .crosscoder import BatchTopKCrossCoder, CrossCoder, relative_decoder_norms
 from .gated import GatedAutoEncoder
 from .identity import IdentityDict
@@ -19,6 +24,7 @@ __all__ = [
     "BatchTopKCrossCoder",
     "BatchTopKSAE",
     "CrossCoder",
+    "BatchTopKCrossLayerTranscoder",
     "CrossLayerTranscoderBase",
     "Dictionary",
     "FeatureLayout",

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..ops import JumpReLUFunction
 from .base import Dictionary, check_sizes, register_dictionary
+from .topk import batch_topk
 
 
 class _SumWrites(torch.autograd.Function):
@@ -296,3 +297,54 @@ class JumpReluCrossLayerTranscoder(CrossLayerTranscoderBase):
     def _from_state_dict_shapes(cls, state_dict, **kwargs):
         D, F, L = cls._sizes(state_dict)
         return cls(D, F, L)
+
+
+@register_dictionary
+class BatchTopKCrossLayerTranscoder(TopKCrossLayerTranscoder):
+    """CLT trained with batch-level top-k per source layer: over a batch of N tokens, each layer keeps
+    its k * N largest ReLU pre-activations, so a token may use more or fewer than k of a layer's
+    latents (k on average). Inference keeps the latents above each layer's `threshold` `[L]`: the
+    EMA of the smallest kept activation that `BatchTopKCLTTrainer` tracks. While a layer's threshold
+    is unset (negative: before tracking starts), `encode` applies the batch rule to the batch given."""
+
+    bias_names = ("b_enc", "b_dec", "threshold")
+
+    def __init__(self, activation_dim: int, dict_size: int, num_layers: int, k: int):
+        super().__init__(activation_dim, dict_size, num_layers, k)
+        self.register_buffer("threshold", torch.full((num_layers,), -1.0))
+
+    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """The training code of `[..., L, F]` pre-activations: per layer, the k * N largest ReLU
+        values of the N rows (gradients flow to the kept pre-activations)."""
+        L, F = self.num_layers, self.dict_size
+        a_LM = torch.relu(pre).reshape(-1, L, F).transpose(0, 1).reshape(L, -1)  # [L, N * F]
+        kept = min(a_LM.shape[1] // F * self._k, a_LM.shape[1])
+        values, indices = a_LM.topk(kept, dim=-1, sorted=False)
+        f_LM = torch.zeros_like(a_LM).scatter(-1, indices, values)
+        return f_LM.view(L, -1, F).transpose(0, 1).reshape(pre.shape)
+
+    def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, indices `[N, L, K]`, pre `[N, L, F]`) of the batch's code, K the most latents any
+        row keeps in one layer (padded with zeros, which add nothing to `decode_sparse`)."""
+        pre = self.pre_activations(x)
+        f = self.batch_topk(pre)
+        width = max(int((f > 0).sum(-1).max()), 1)
+        values, indices = f.topk(width, dim=-1, sorted=False)
+        return values, indices, pre
+
+    def _activate(self, pre, layer=None):
+        threshold = self.threshold if layer is None else self.threshold[layer]
+        if bool((threshold < 0).any()):
+            if layer is None:
+                return self.batch_topk(pre)
+            return batch_topk(pre.reshape(-1, self.dict_size), self._k).view_as(pre)
+        a = torch.relu(pre)
+        return a * (a > (threshold if layer is not None else threshold.unsqueeze(-1)))
+
+    @classmethod
+    def _expected_keys(cls) -> tuple[str, ...]:
+        return ("W_enc", "b_enc", "b_dec", "k", "threshold", "W_dec.0")
+
+    @classmethod
+    def _keys_of(cls, keys: set[str]) -> tuple[str, ...]:
+        return (*super()._keys_of(keys), "threshold")

@@ -2,7 +2,7 @@
 
 from .abs_top_k import AbsTopKSAE, AbsTopKTrainer
 from .batch_top_k import BatchTopKSAE, BatchTopKTrainer
-from .clt import JumpReluCLTTrainer, TopKCLTTrainer
+from .clt import BatchTopKCLTTrainer, JumpReluCLTTrainer, TopKCLTTrainer
 from .crosscoder import BatchTopKCrossCoderTrainer, CrossCoderTrainer
 from .gated_anneal import GatedAnnealTrainer
 from .gdm import GatedSAETrainer
@@ -19,6 +19,7 @@ __all__ = [
     "AbsTopKSAE",
     "AbsTopKTrainer",
     "AutoEncoderTopK",
+    "BatchTopKCLTTrainer",
     "BatchTopKCrossCoderTrainer",
     "BatchTopKSAE",
     "BatchTopKTrainer",

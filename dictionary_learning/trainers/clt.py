@@ -8,6 +8,8 @@ decoder-norm constraint (a latent's decoder norms per layer say where it writes)
 and start `b_dec` at each layer's mean output.
 
 `TopKCLTTrainer`: each source layer keeps its k largest latents per token; AuxK per source layer.
+`BatchTopKCLTTrainer`: each source layer keeps its k * B largest latents of the batch (the same loss);
+inference uses a threshold per layer, the EMA of the smallest kept activation.
 `JumpReluCLTTrainer`: JumpReLU with Anthropic's tanh sparsity penalty weighted by each latent's
 whole decoder norm, plus the pre-activation loss (January 2025 update).
 """
@@ -19,7 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
-from ..dictionaries.clt import JumpReluCrossLayerTranscoder, TopKCrossLayerTranscoder
+from ..dictionaries.clt import (
+    BatchTopKCrossLayerTranscoder,
+    JumpReluCrossLayerTranscoder,
+    TopKCrossLayerTranscoder,
+)
 from .schedules import get_sparsity_warmup_fn
 from .top_k import DEAD_FEATURE_TOKENS
 from .trainer import (
@@ -34,7 +40,7 @@ from .trainer import (
     tokens_since_fired,
 )
 
-__all__ = ["JumpReluCLTTrainer", "TopKCLTTrainer"]
+__all__ = ["BatchTopKCLTTrainer", "JumpReluCLTTrainer", "TopKCLTTrainer"]
 
 MIN_THRESHOLD = 1e-4
 
@@ -168,7 +174,7 @@ class TopKCLTTrainer(_CLTRecipe):
         """`sum_l mean_b ||y_l - y_hat_l||^2 / Var(y_l) + auxk_alpha * AuxK`."""
         x_in, y = self.input_and_target(x)
         ae = self.ae
-        values, indices, pre = ae.topk(x_in)
+        values, indices, pre = ae.topk(x_in)  # per token (TopK) or per batch (BatchTopK), [B, L, K]
         f = torch.zeros_like(pre).scatter(-1, indices, values)  # [B, L, F]
         y_hat = ae.decode_sparse(indices, values) if self.sparse else ae.decode(f)
         recon, logs = self.reconstruction(y, y_hat)
@@ -194,6 +200,46 @@ class TopKCLTTrainer(_CLTRecipe):
         aux = self.ae.decode_sparse(indices, values) - self.ae.b_dec
         scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return (residual - aux).pow(2).sum(-1).mean() / scale
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchTopKCLTConfig(TopKCLTConfig):
+    positional = (
+        "steps activation_dim dict_size num_layers k layer lm_name dict_class lr auxk_alpha warmup_steps decay_start "
+        "threshold_beta threshold_start_step dead_feature_tokens seed device wandb_name submodule_name sparse"
+    )
+    k: int
+    """latents kept per source layer and token on average: k * B per layer and batch"""
+    dict_class: type | str = BatchTopKCrossLayerTranscoder
+    threshold_beta: float = 0.999
+    """EMA decay of each layer's inference threshold"""
+    threshold_start_step: int = 1000
+    """step from which the inference thresholds are tracked"""
+    wandb_name: str = "BatchTopKCLTTrainer"
+
+
+@register_trainer
+class BatchTopKCLTTrainer(TopKCLTTrainer):
+    """BatchTopK CLT: `TopKCLTTrainer.loss` on the batch-level code of each source layer
+    (`BatchTopKCrossLayerTranscoder.topk`); after `threshold_start_step` each layer's threshold
+    follows the EMA of the smallest activation that layer kept."""
+
+    Config = BatchTopKCLTConfig
+
+    def _commit(self, out, step):
+        super()._commit(out, step)
+        if step > self.threshold_start_step:
+            self._update_thresholds(out.f.detach())
+
+    @torch.no_grad()
+    def _update_thresholds(self, f: torch.Tensor) -> None:
+        """EMA of each layer's smallest kept activation `[L]` (over every replica's rows); a layer that
+        kept nothing leaves its threshold as it was."""
+        smallest = distributed.min_(torch.where(f > 0, f, torch.inf).flatten(0, -3).amin((0, 2)).float())
+        seen = torch.isfinite(smallest)
+        threshold = self.ae.threshold
+        ema = self.threshold_beta * threshold + (1 - self.threshold_beta) * smallest
+        threshold.copy_(torch.where(seen, torch.where(threshold < 0, smallest, ema), threshold))
 
 
 @dataclass(frozen=True, kw_only=True)
