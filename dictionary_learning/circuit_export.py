@@ -46,7 +46,13 @@ from .dictionaries import (
 from .files import CheckpointError, save_state_dict
 from .safe_io import atomic_write, sha256_file
 
-__all__ = ["export_circuit_tracer", "load_circuit_tracer", "calibrate_threshold", "rate_matched_thresholds"]
+__all__ = [
+    "export_circuit_tracer",
+    "load_circuit_tracer",
+    "calibrate_threshold",
+    "jumprelu_thresholds",
+    "rate_matched_thresholds",
+]
 
 CONFIG = "config.yaml"
 HOOKS = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
@@ -69,7 +75,8 @@ def calibrate_threshold(pre_NF: torch.Tensor, k: int) -> float:
 def rate_matched_thresholds(a_NF: torch.Tensor, kept_NF: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """`[F]` thresholds at which each latent's `a > threshold` holds on as many rows of `a_NF`
     (ReLU pre-activations) as `kept_NF` (the dictionary's own code) kept it: midway between its n-th
-    and (n+1)-th largest value for n kept rows; above its largest for a latent never kept. Never below 0."""
+    and (n+1)-th largest value for n kept rows; at its largest for a latent never kept (so it fires on
+    none of these rows). Never below 0."""
     N, F = a_NF.shape
     out = torch.empty(F, device=a_NF.device)
     for start in range(0, F, chunk):  # sorting [N, chunk] at a time bounds the memory
@@ -85,8 +92,10 @@ def rate_matched_thresholds(a_NF: torch.Tensor, kept_NF: torch.Tensor, chunk: in
 CALIBRATIONS = ("latent", "layer")
 
 
-def _thresholds(a_NF: torch.Tensor, kept_NF: torch.Tensor, k: int, rule: str) -> torch.Tensor:
-    """`[F]` JumpReLU thresholds standing in for a top-k code `kept_NF` (see the module's docstring)."""
+def jumprelu_thresholds(a_NF: torch.Tensor, kept_NF: torch.Tensor, k: int, rule: str) -> torch.Tensor:
+    """`[F]` JumpReLU thresholds standing in for the top-k code `kept_NF` of the ReLU pre-activations
+    `a_NF` (k per row): `rule` "latent" (`rate_matched_thresholds`) or "layer" (`calibrate_threshold`)."""
+    _check_rule(rule)
     if rule == "latent":
         return rate_matched_thresholds(a_NF, kept_NF)
     return torch.full((a_NF.shape[1],), calibrate_threshold(a_NF, k), device=a_NF.device)
@@ -151,7 +160,7 @@ def _topk_tensors(ae, layer: int, held_out: torch.Tensor | None, calibration: st
     with torch.no_grad():
         a = ae.relu_pre_activations(x)
         topk = ae.encode(x, use_threshold=False) if isinstance(ae, BatchTopKSAE) else ae.encode(x)
-        threshold = _thresholds(a, topk > 0, ae.active_k, calibration)
+        threshold = jumprelu_thresholds(a, topk > 0, ae.active_k, calibration)
         jump = a * (a > threshold)
         report = {"k": ae.active_k, "rule": calibration, "threshold_median": float(threshold.median()),
                   "l0": float((jump > 0).sum(-1).float().mean()), "fve_topk": _fve(y, ae.decode(topk) + ae.skip(x)),
@@ -228,7 +237,7 @@ def _calibrate_clt(ae: TopKCrossLayerTranscoder, held_out: torch.Tensor, calibra
     pre, k = ae.pre_activations(x), ae.active_k
     topk = ae.encode(x)  # the training rule: top k per token, or BatchTopK's k * N per layer
     thresholds = torch.stack(
-        [_thresholds(torch.relu(pre[:, s]), topk[:, s] > 0, k, calibration) for s in range(ae.num_layers)]
+        [jumprelu_thresholds(torch.relu(pre[:, s]), topk[:, s] > 0, k, calibration) for s in range(ae.num_layers)]
     )
     jump = pre * (pre > thresholds)
     y_topk, y_jump = ae.decode(topk), ae.decode(jump)

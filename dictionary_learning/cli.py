@@ -956,8 +956,9 @@ def _add_train_command(sub) -> None:
     kind.add_argument(
         "--clt",
         action="store_true",
-        help="train a cross-layer transcoder (TopKCLTTrainer, JumpReluCLTTrainer) over the --layer MLPs "
-        "(consecutive; usually all): each layer's MLP input and output read in one pass, stacked [B, L, 2, d]",
+        help="train a cross-layer transcoder (TopKCLTTrainer, BatchTopKCLTTrainer, JumpReluCLTTrainer) over the "
+        "--layer MLPs (consecutive; usually all): each layer's MLP input and output read in one pass, stacked "
+        "[B, L, 2, d]",
     )
     kind.add_argument(
         "--paired-model", help="with --crosscoder: a second model (e.g. the fine-tuned one) read on the same tokens"
