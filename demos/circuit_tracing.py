@@ -4,14 +4,15 @@
     python demos/circuit_tracing.py --circuit-tracer-python .venv_ct/bin/python   # and the graphs
 
 1. One buffer over every MLP of the model (`io="in_and_out"`, stacked `[B, L, 2, d]`) feeds, from
-   the same batches (the buffer is read twice with one seed): a TopK transcoder per layer
-   (`--latents` each) and one TopK cross-layer transcoder with as many latents per layer, both with
-   k latents per layer and token;
+   the same batches (the buffer is read twice with one seed): a transcoder per layer (`--latents`
+   each) and one cross-layer transcoder with as many latents per layer, both with k latents per layer
+   and token, both TopK (`--recipe topk`, the default) or both BatchTopK (`--recipe batchtopk`: k
+   on average, exported to circuit-tracer with the thresholds their training tracked);
 2. evaluates each as a replacement of every MLP at once on held-out articles: each layer's variance
    explained, and the next-token loss with every MLP replaced (loss recovered against zeroing
    every MLP);
-3. exports both to circuit-tracer (`export_circuit_tracer`; the TopK thresholds calibrated on
-   held-out activations) and, given the circuit-tracer venv, builds an attribution graph for one
+3. exports both to circuit-tracer (`export_circuit_tracer`; TopK thresholds calibrated on
+   held-out activations, one per latent) and, given the circuit-tracer venv, builds an attribution graph for one
    prompt with each: replacement and completeness scores, and a picture of the CLT's graph;
 4. writes results.json and prints a table with the time each step took.
 """
@@ -34,9 +35,13 @@ from dictionary_learning.circuit_export import export_circuit_tracer, read_mlp_p
 from dictionary_learning.models import default_texts, get_submodule, num_layers
 from dictionary_learning.nnsight_io import model_id, torch_model
 from dictionary_learning.replacement import evaluate_replacement
-from dictionary_learning.trainers import TopKCLTTrainer, TopKTrainer
+from dictionary_learning.trainers import BatchTopKCLTTrainer, BatchTopKTrainer, TopKCLTTrainer, TopKTrainer
 
 CTX_LEN = 128
+RECIPES = {
+    "topk": ("TopK", TopKTrainer, TopKCLTTrainer),
+    "batchtopk": ("BatchTopK", BatchTopKTrainer, BatchTopKCLTTrainer),
+}
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 SIDE_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "circuit_tracer_side.py"
 
@@ -58,17 +63,20 @@ def per_layer(data, names: list[str]):
 def train_both(args, model, out: Path) -> tuple[list, object, dict]:
     layers, width = num_layers(model), torch_model(model).config.hidden_size
     names = [f"mlp_layer{layer}" for layer in range(layers)]
+    _, per_layer_recipe, clt_recipe = RECIPES[args.recipe]
     common = dict(activation_dim=width, dict_size=args.latents, k=args.k, warmup_steps=max(1, args.steps // 20),
                   seed=0, lm_name=model_id(model), device=args.device)  # fmt: skip
     seconds = {}
     start = time.perf_counter()
-    configs = [dict(trainer=TopKTrainer, layer=layer, submodule_name=name, threshold_start_step=args.steps // 2,
+    configs = [dict(trainer=per_layer_recipe, layer=layer, submodule_name=name, threshold_start_step=args.steps // 2,
                     **common) for layer, name in enumerate(names)]  # fmt: skip
     data = per_layer(batches(model, layers, args.batch_size, args.n_ctxs), names)
     transcoders = trainSAE(data, configs, args.steps, transcoder=True, save_dir=out / "per_layer", progress=True)
     seconds["train per-layer set"] = time.perf_counter() - start
     start = time.perf_counter()
-    config = dict(trainer=TopKCLTTrainer, num_layers=layers, **common)
+    config = dict(trainer=clt_recipe, num_layers=layers, **common)
+    if clt_recipe is BatchTopKCLTTrainer:
+        config["threshold_start_step"] = args.steps // 2
     (clt,) = trainSAE(batches(model, layers, args.batch_size, args.n_ctxs), [config], args.steps,
                       save_dir=out / "clt", progress=True)  # fmt: skip
     seconds["train CLT"] = time.perf_counter() - start
@@ -142,10 +150,11 @@ def draw(graph: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def table(results: dict, scores: dict, seconds: dict) -> str:
+def table(results: dict, scores: dict, seconds: dict, recipe: str = "TopK") -> str:
     lines = [f"{'replacement':28s} {'mean FVE':>8s} {'min FVE':>8s} {'CE clean':>8s} {'CE repl.':>8s} "
              f"{'recovered':>9s} {'KL':>6s} {'replacement':>11s} {'completeness':>12s}"]  # fmt: skip
-    for name, label in (("per_layer", "TopK transcoder per layer"), ("clt", "TopK cross-layer transcoder")):
+    labels = (("per_layer", f"{recipe} transcoder per layer"), ("clt", f"{recipe} cross-layer transcoder"))
+    for name, label in labels:
         r, s = results[name], scores.get(name, {})
         fve = r["fve"]
         graph = f"{s['replacement']:11.3f} {s['completeness']:12.3f}" if s else f"{'-':>11s} {'-':>12s}"
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_run_arguments(parser, "runs/circuit_tracing_demo")
     parser.add_argument("--latents", type=int, default=256, help="latents per layer, in both (default: 256)")
     parser.add_argument("--k", type=int, default=16, help="latents kept per layer and token (default: 16)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="topk", help="TopK or BatchTopK (default: topk)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each (default: 300)")
     parser.add_argument("--batch-size", type=int, default=512, help="tokens per step (default: 512)")
     parser.add_argument("--n-ctxs", type=int, default=64, help="contexts the buffer holds (default: 64)")
@@ -188,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"args": vars(args), "results": results, "scores": scores, "seconds": seconds, "calibration": calibration}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{model_id(model)}: {args.steps} steps of {args.batch_size} tokens, {args.latents} latents per layer, "
-          f"k={args.k}; {results['clt']['n_tokens']} held-out tokens\n{table(results, scores, seconds)}")  # fmt: skip
+          f"k={args.k}; {results['clt']['n_tokens']} held-out tokens\n"
+          f"{table(results, scores, seconds, RECIPES[args.recipe][0])}")  # fmt: skip
     return summary
 
 

@@ -60,7 +60,7 @@ class FeatureStats:
         return int(self.lengths.sum())
 
     def name(self, feature: int) -> str:
-        """ "Feature i", or a CLT's "Latent j of layer s"."""
+        """A feature's title: `Feature i`, or a CLT's `Latent j of layer s`."""
         if self.layer_norms is None:
             return f"Feature {feature}"
         per_layer = self.n_features // self.layer_norms.shape[1]

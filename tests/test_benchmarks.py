@@ -44,3 +44,12 @@ def test_step_benchmark_times_transcoders_and_crosscoders():
     for name in names.split(","):
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert re.search(r"ours +\d+\.\d+ s/step", line) and "| dense" in line, line
+
+
+@pytest.mark.slow
+def test_clt_decoder_benchmark_times_the_three_paths():
+    script = SCRIPT.parent / "clt_decoder.py"
+    tiny = ["--layers", "3", "--width", "16", "--latents", "32", "--k", "4", "--tokens", "64", "--repeats", "1"]
+    out = subprocess.run([sys.executable, str(script), *tiny], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert all(re.search(rf"^{name} +\d+\.\d+ s", out.stdout, re.M) for name in ("dense", "padded", "ragged"))

@@ -92,6 +92,16 @@ def test_the_sparse_decoder_equals_the_dense_one_in_values_and_gradients():
     (g_sparse,) = torch.autograd.grad(sparse.pow(2).sum(), [ae.W_dec[1]])
     (g_dense,) = torch.autograd.grad(dense.pow(2).sum(), [ae.W_dec[1]])
     torch.testing.assert_close(g_sparse, g_dense)
+    f = torch.zeros_like(pre).scatter(-1, indices, values)
+    f[0, 1] = 0  # a row with no latent in one layer, and rows with more than k in another
+    f[1:4, 2, :8] = torch.rand(3, 8) + 0.1
+    f.requires_grad_(True)
+    active, dense = ae.decode_active(f), ae.decode(f)
+    torch.testing.assert_close(active, dense)
+    g_active = torch.autograd.grad(active.pow(2).sum(), [ae.W_dec[2], ae.b_dec, f])
+    g_dense = torch.autograd.grad(dense.pow(2).sum(), [ae.W_dec[2], ae.b_dec, f])
+    torch.testing.assert_close(g_active[:2], g_dense[:2])
+    torch.testing.assert_close(g_active[2], g_dense[2] * (f != 0))  # the zeros are not read: no gradient
     # layer s writes nothing to the layers before it
     f = torch.zeros(1, L, 32)
     f[0, 2, 5] = 1.0

@@ -70,3 +70,28 @@ def test_the_transcoder_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert all(r["l0"] == 4 for r in saved["results"][:3])  # TopK: exactly k
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "out" / "plots" / "transcoders.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("recipe", ["topk", "batchtopk"])
+def test_the_circuit_tracing_demo_runs_end_to_end_on_a_tiny_model(tmp_path, recipe):
+    import circuit_tracing
+
+    model = tiny_models.llama()
+    model._module.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    argv = ["--model", str(tmp_path / "tiny"), "--recipe", recipe, "--steps", "6", "--latents", "16", "--k", "2",
+            "--batch-size", "32", "--n-ctxs", "4", "--eval-contexts", "2", "--calibration-tokens", "256",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    summary = circuit_tracing.main(argv)
+    assert set(summary["results"]) == {"per_layer", "clt"} and not summary["scores"]  # no graphs without the venv
+    for name in ("per_layer", "clt"):
+        result = summary["results"][name]
+        assert len(result["fve"]) == 2 and result["ce_clean"] > 0 and result["n_tokens"] > 0
+        assert (tmp_path / "out" / "circuit_tracer" / name / "config.yaml").is_file()
+    calibration = summary["calibration"]
+    if recipe == "topk":  # TopK is calibrated (one threshold per latent); BatchTopK keeps its tracked thresholds
+        assert calibration["clt"]["clt"]["rule"] == "latent" and set(calibration["per_layer"]) == {"0", "1"}
+    else:
+        assert calibration == {"per_layer": None, "clt": None}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["args"]["recipe"] == recipe

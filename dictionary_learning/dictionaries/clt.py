@@ -136,6 +136,25 @@ class CrossLayerTranscoderBase(Dictionary):
         ]
         return _SumWrites.apply(self.b_dec, *writes)
 
+    def decode_active(self, f: torch.Tensor) -> torch.Tensor:
+        """`[N, L, F]` codes -> `[N, L, D]` from each row's non-zero latents only, however many a row
+        has (a BatchTopK code), with no padding: reads and (in backward) writes only their decoder rows."""
+        self.check_layers(f, self.dict_size, "codes")
+        if f.ndim != 3:
+            raise ValueError(
+                f"decode_active takes codes [N, {self.num_layers}, {self.dict_size}], got {tuple(f.shape)}"
+            )
+        N, L, D = f.shape[0], self.num_layers, self.activation_dim
+        writes = []
+        for s in range(L):
+            rows, latents = f[:, s].detach().nonzero(as_tuple=True)  # row-major: each row's latents together
+            starts = torch.zeros(N, dtype=torch.long, device=f.device)
+            starts[1:] = torch.bincount(rows, minlength=N).cumsum(0)[:-1]
+            written = F_.embedding_bag(latents, self.W_dec[s].view(self.dict_size, -1), starts,
+                                       per_sample_weights=f[:, s][rows, latents], mode="sum")  # fmt: skip
+            writes.append(written.view(N, L - s, D))
+        return _SumWrites.apply(self.b_dec, *writes)
+
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """One source layer's code `[..., F]` from that layer's MLP input `[..., D]` (what a forward
         pass with the CLT in place of every MLP computes when it reaches the layer)."""
@@ -325,7 +344,8 @@ class BatchTopKCrossLayerTranscoder(TopKCrossLayerTranscoder):
 
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values, indices `[N, L, K]`, pre `[N, L, F]`) of the batch's code, K the most latents any
-        row keeps in one layer (padded with zeros, which add nothing to `decode_sparse`)."""
+        row keeps in one layer (padded with zeros, which add nothing to `decode_sparse`; training
+        decodes with `decode_active`, which needs no padding)."""
         pre = self.pre_activations(x)
         f = self.batch_topk(pre)
         width = max(int((f > 0).sum(-1).max()), 1)

@@ -176,7 +176,7 @@ class TopKCLTTrainer(_CLTRecipe):
         ae = self.ae
         values, indices, pre = ae.topk(x_in)  # per token (TopK) or per batch (BatchTopK), [B, L, K]
         f = torch.zeros_like(pre).scatter(-1, indices, values)  # [B, L, F]
-        y_hat = ae.decode_sparse(indices, values) if self.sparse else ae.decode(f)
+        y_hat = self.decode_code(indices, values, f) if self.sparse else ae.decode(f)
         recon, logs = self.reconstruction(y, y_hat)
         f = f.detach()
         counter, n_tokens, dead = self.counters((f > 0).any(0), x_in.shape[0])
@@ -189,6 +189,10 @@ class TopKCLTTrainer(_CLTRecipe):
 
     def dictionary_args(self, cfg) -> tuple:
         return cfg.activation_dim, cfg.dict_size, cfg.num_layers, cfg.k
+
+    def decode_code(self, indices, values, f) -> torch.Tensor:
+        """The sparse path's decoder: the k kept latents' rows of each row (`decode_sparse`)."""
+        return self.ae.decode_sparse(indices, values)
 
     def auxk(self, pre, dead_LF, residual) -> torch.Tensor:
         """Each source layer's top `D / 2` dead latents (by pre-activation) decode the residual of the
@@ -225,6 +229,10 @@ class BatchTopKCLTTrainer(TopKCLTTrainer):
     follows the EMA of the smallest activation that layer kept."""
 
     Config = BatchTopKCLTConfig
+
+    def decode_code(self, indices, values, f) -> torch.Tensor:
+        """Rows keep different numbers of latents: each row's own, without padding (`decode_active`)."""
+        return self.ae.decode_active(f)
 
     def _commit(self, out, step):
         super()._commit(out, step)
