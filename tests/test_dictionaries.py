@@ -62,7 +62,7 @@ SPECIAL_DTYPES = {"k": torch.int32, "threshold": torch.float32, "group_sizes": t
 
 
 def test_every_reference_class_is_registered_and_exported():
-    clts = {"TopKCrossLayerTranscoder", "JumpReluCrossLayerTranscoder"}  # their keys: tests/test_clt.py
+    clts = {"TopKCrossLayerTranscoder", "BatchTopKCrossLayerTranscoder", "JumpReluCrossLayerTranscoder"}  # test_clt.py
     assert set(DICTIONARY_REGISTRY) == set(REFERENCE_STATE_DICTS) | clts
     for name in [*REFERENCE_STATE_DICTS, *clts]:
         assert getattr(dictionary_learning, name) is DICTIONARY_REGISTRY[name]
