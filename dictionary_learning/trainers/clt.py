@@ -174,8 +174,7 @@ class TopKCLTTrainer(_CLTRecipe):
         """`sum_l mean_b ||y_l - y_hat_l||^2 / Var(y_l) + auxk_alpha * AuxK`."""
         x_in, y = self.input_and_target(x)
         ae = self.ae
-        values, indices, pre = ae.topk(x_in)  # per token (TopK) or per batch (BatchTopK), [B, L, K]
-        f = torch.zeros_like(pre).scatter(-1, indices, values)  # [B, L, F]
+        f, indices, values, pre = self.code(x_in)  # per token (TopK) or per batch (BatchTopK)
         y_hat = self.decode_code(indices, values, f) if self.sparse else ae.decode(f)
         recon, logs = self.reconstruction(y, y_hat)
         f = f.detach()
@@ -189,6 +188,11 @@ class TopKCLTTrainer(_CLTRecipe):
 
     def dictionary_args(self, cfg) -> tuple:
         return cfg.activation_dim, cfg.dict_size, cfg.num_layers, cfg.k
+
+    def code(self, x_in) -> tuple:
+        """(code `[B, L, F]`, its indices and values `[B, L, k]`, pre-activations `[B, L, F]`)."""
+        values, indices, pre = self.ae.topk(x_in)
+        return torch.zeros_like(pre).scatter(-1, indices, values), indices, values, pre
 
     def decode_code(self, indices, values, f) -> torch.Tensor:
         """The sparse path's decoder: the k kept latents' rows of each row (`decode_sparse`)."""
@@ -229,6 +233,11 @@ class BatchTopKCLTTrainer(TopKCLTTrainer):
     follows the EMA of the smallest activation that layer kept."""
 
     Config = BatchTopKCLTConfig
+
+    def code(self, x_in) -> tuple:
+        """The batch-level code itself (no padded indices: `decode_active` reads the code)."""
+        pre = self.ae.pre_activations(x_in)
+        return self.ae.batch_topk(pre), None, None, pre
 
     def decode_code(self, indices, values, f) -> torch.Tensor:
         """Rows keep different numbers of latents: each row's own, without padding (`decode_active`)."""
