@@ -1173,10 +1173,10 @@ def _add_download_command(sub) -> None:
 
 
 def cmd_synthetic(args) -> None:
-    from .synthetic_bench import SyntheticRun, run_synthetic, table
+    from .synthetic_bench import SyntheticRun, recipe_parts, run_synthetic, table
 
-    recipes = tuple(r.strip() for r in args.trainers.split(",") if r.strip())
-    unknown = [r for r in recipes if r not in TRAINER_REGISTRY]
+    recipes = synthetic_recipes(args.trainers)
+    unknown = [recipe_parts(r)[0] for r in recipes if recipe_parts(r)[0] not in TRAINER_REGISTRY]
     if unknown:
         raise SystemExit(f"error: unknown trainer {unknown[0]!r}; choose from {', '.join(TRAINER_REGISTRY)}")
     if args.saelens_python and not Path(args.saelens_python).exists():
@@ -1184,11 +1184,37 @@ def cmd_synthetic(args) -> None:
     run = SyntheticRun(recipes=recipes, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
                        n_features=args.features, d=args.d, mean_l0=args.mean_l0, dict_size=args.dict_size,
                        k=args.k, lr=args.lr)  # fmt: skip
+    for recipe in recipes:  # a variant's options are checked before anything trains
+        try:
+            run.config(recipe, 0)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     rows = run_synthetic(run, args.saelens_python)
     print("\n".join(table(rows, run)))
     if args.json:
         Path(args.json).write_text(json.dumps({"run": run.__dict__, "rows": rows}, indent=1, default=str))
         print(f"wrote {args.json}")
+
+
+def synthetic_recipes(text: str) -> tuple:
+    """`--trainers` of `synthetic`: "TopKTrainer,TopKTrainer:encoder_init_norm=0.1,0.3" -> ("TopKTrainer",
+    ("TopKTrainer", {"encoder_init_norm": 0.1}), ("TopKTrainer", {"encoder_init_norm": 0.3})). Each
+    recipe in `--trainer`'s syntax (one variant per combination of the listed values); a token
+    starts a new recipe when it names a trainer or holds a colon, or when the one before sets nothing."""
+    specs: list[str] = []
+    for token in (t.strip() for t in _split_top_level(text)):
+        if not token:
+            continue
+        if not specs or ":" in token or token in TRAINER_REGISTRY or "=" not in specs[-1]:
+            specs.append(token)
+        else:
+            specs[-1] += "," + token
+    recipes: list = []
+    for spec in specs:
+        name, options = parse_trainer_spec(spec)
+        for values in itertools.product(*options.values()):
+            recipes.append((name, dict(zip(options, values))) if options else name)
+    return tuple(recipes)
 
 
 def _add_synthetic_command(sub) -> None:
@@ -1201,7 +1227,8 @@ def _add_synthetic_command(sub) -> None:
         "Matryoshka train beside ours on the same batches, width, k, lr and steps.",
     )
     p.add_argument("--trainers", default="TopKTrainer,BatchTopKTrainer,MatryoshkaBatchTopKTrainer",
-                   help="comma-separated recipes (default: the TopK family)")  # fmt: skip
+                   help="comma-separated recipes (default: the TopK family); a variant sets options as "
+                        "--trainer does: TopKTrainer:encoder_init_norm=0.1,lr=1e-3")  # fmt: skip
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per recipe (default: 3)")
     p.add_argument("--steps", type=positive_int, default=1500, help="training steps (default: 1500)")
     p.add_argument("--batch-size", type=positive_int, default=1024, help="samples per step (default: 1024)")

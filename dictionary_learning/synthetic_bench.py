@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .ground_truth import ground_truth_metrics
-from .synthetic import SyntheticModel
+from .synthetic import SyntheticModel, stream_generator
 
 # Our recipe -> SAELens's training architecture of the same dictionary.
 SAELENS_ARCHITECTURES = {
@@ -36,7 +36,7 @@ METRICS = ("mcc", "f1", "shrinkage", "fve", "l0", "dead")
 class SyntheticRun:
     """What one comparison trains: the model, the stream, and every recipe's shared settings."""
 
-    recipes: tuple[str, ...] = ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer")
+    recipes: tuple[Recipe, ...] = ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer")
     seeds: int = 3
     steps: int = 1500
     batch_size: int = 1024
@@ -51,10 +51,12 @@ class SyntheticRun:
     def model(self) -> SyntheticModel:
         return SyntheticModel(n_features=self.n_features, d=self.d, mean_l0=self.mean_l0, seed=0)
 
-    def config(self, recipe: str, seed: int) -> dict[str, Any]:
-        """Our trainer config for `recipe` (k-based recipes at k, JumpReLU at target L0 = k)."""
+    def config(self, recipe: Recipe, seed: int) -> dict[str, Any]:
+        """Our trainer config for `recipe` (k-based recipes at k, JumpReLU at target L0 = k), with the
+        options a variant sets over these."""
         from .trainers import TRAINER_REGISTRY
 
+        recipe, options = recipe_parts(recipe)
         config: dict[str, Any] = dict(trainer=TRAINER_REGISTRY[recipe], activation_dim=self.d, dict_size=self.dict_size,
                                       lr=self.lr, seed=seed, device="cpu")  # fmt: skip
         fields = TRAINER_REGISTRY[recipe].config_keys()
@@ -64,10 +66,37 @@ class SyntheticRun:
             config["target_l0"] = float(self.k)
         if "group_fractions" in fields:
             config["group_fractions"] = MATRYOSHKA_FRACTIONS
-        return config
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise ValueError(f"{recipe} has no option {unknown[0]!r}; its options: {', '.join(fields)}")
+        return config | options
 
 
-def train_ours(run: SyntheticRun, batches: torch.Tensor, recipe: str) -> tuple[list, float]:
+Recipe = str | tuple[str, dict[str, Any]]  # a registered trainer, or one with config options: a variant
+
+
+def recipe_parts(recipe: Recipe) -> tuple[str, dict[str, Any]]:
+    """(trainer name, the variant's options) of `"TopKTrainer"` or `("TopKTrainer", {"encoder_init_norm": 0.1})`."""
+    return (recipe, {}) if isinstance(recipe, str) else (recipe[0], dict(recipe[1]))
+
+
+def recipe_label(recipe: Recipe) -> str:
+    """How tables and JSON name a recipe: `TopKTrainer:encoder_init_norm=0.1` (the CLI's syntax)."""
+    name, options = recipe_parts(recipe)
+    return ":".join([name, ",".join(f"{k}={_value_text(v)}" for k, v in options.items())]) if options else name
+
+
+def _value_text(value: Any) -> str:
+    """A value as the CLI reads it back: JSON, or a bare string where JSON would not parse it."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def train_ours(run: SyntheticRun, batches: torch.Tensor, recipe: Recipe) -> tuple[list, float]:
     """Every seed of `recipe` trained in lock-step on `batches`; (dictionaries, seconds per step each)."""
     from .training import trainSAE
 
@@ -109,16 +138,19 @@ def run_synthetic(run: SyntheticRun, saelens_python: str | None = None) -> list[
     seconds per step, and the per-seed values."""
     model = run.model()
     batches = torch.stack(list(model.batches(run.steps, run.batch_size, seed=1)))
-    codes, x = model.sample(run.eval_samples, torch.Generator().manual_seed(2))
-    rows = []
+    codes, x = model.sample(run.eval_samples, stream_generator("held-out", 0))
+    rows: list[dict[str, Any]] = []
     for recipe in run.recipes:
         sides = [("ours", lambda r=recipe: train_ours(run, batches, r))]
-        if saelens_python and recipe in SAELENS_ARCHITECTURES:
-            sides.append(("SAELens", lambda r=recipe: train_saelens(run, batches, saelens_python, r)))
+        base = recipe_parts(recipe)[0]  # SAELens trains each architecture once, beside its first variant
+        trained = {r["recipe"] for r in rows if r["library"] == "SAELens"}
+        if saelens_python and base in SAELENS_ARCHITECTURES and base not in trained:
+            sides.append(("SAELens", lambda r=base: train_saelens(run, batches, saelens_python, r)))
         for library, train in sides:
             dictionaries, seconds = train()
             scores = [ground_truth_metrics(ae, x, codes, model.directions) for ae in dictionaries]
-            row = {"library": library, "recipe": recipe, "seconds_per_step": seconds, "seeds": scores}
+            name = recipe_label(recipe) if library == "ours" else base
+            row = {"library": library, "recipe": name, "seconds_per_step": seconds, "seeds": scores}
             for metric in METRICS:
                 values = [s[metric] for s in scores]
                 row[metric] = statistics.fmean(values)
@@ -129,11 +161,12 @@ def run_synthetic(run: SyntheticRun, saelens_python: str | None = None) -> list[
 
 def table(rows: list[dict[str, Any]], run: SyntheticRun) -> list[str]:
     """The comparison as text: mean +- sd over seeds."""
+    w = max([27, *(len(r["recipe"]) for r in rows)])
     lines = [
         f"synthetic model: {run.n_features} features in {run.d} dims, mean L0 {run.mean_l0}; {run.steps} steps of "
         f"{run.batch_size}, {run.dict_size} latents, k {run.k}, lr {run.lr}; {run.seeds} seeds; "
         f"{run.eval_samples} held-out samples",
-        f"{'library':8s} {'recipe':27s} {'MCC':>13s} {'F1':>13s} {'shrinkage':>13s} {'FVE':>13s} {'L0':>11s} "
+        f"{'library':8s} {'recipe':{w}s} {'MCC':>13s} {'F1':>13s} {'shrinkage':>13s} {'FVE':>13s} {'L0':>11s} "
         f"{'dead':>9s} {'s/step':>7s}",
     ]
 
@@ -145,5 +178,5 @@ def table(rows: list[dict[str, Any]], run: SyntheticRun) -> list[str]:
         cells += [cell(r, "l0", "{:.1f}"), cell(r, "dead", "{:.0f}")]
         widths = (13, 13, 13, 13, 11, 9)
         row = " ".join(f"{c:>{w}s}" for c, w in zip(cells, widths))
-        lines.append(f"{r['library']:8s} {r['recipe']:27s} {row} {r['seconds_per_step']:7.4f}")
+        lines.append(f"{r['library']:8s} {r['recipe']:{w}s} {row} {r['seconds_per_step']:7.4f}")
     return lines

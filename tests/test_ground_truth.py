@@ -124,9 +124,9 @@ def test_ground_truth_metrics_equal_saelens_on_the_same_samples(tmp_path):
 def test_the_synthetic_command_scores_recipes_over_seeds(tmp_path, capsys):
     from dictionary_learning.cli import main
 
-    args = ["synthetic", "--trainers", "TopKTrainer,JumpReluTrainer", "--seeds", "2", "--steps", "40", "--batch-size",
-            "256", "--features", "96", "--d", "32", "--dict-size", "96", "--k", "4", "--mean-l0", "4",
-            "--json", str(tmp_path / "s.json")]  # fmt: skip
+    args = ["synthetic", "--trainers", "TopKTrainer,JumpReluTrainer,TopKTrainer:encoder_init_norm=0.1", "--seeds", "2",
+            "--steps", "40", "--batch-size", "256", "--features", "96", "--d", "32", "--dict-size", "96", "--k", "4",
+            "--mean-l0", "4", "--json", str(tmp_path / "s.json")]  # fmt: skip
     if SIDE_PYTHON:
         args += ["--saelens-python", SIDE_PYTHON]
     main(args)
@@ -134,8 +134,32 @@ def test_the_synthetic_command_scores_recipes_over_seeds(tmp_path, capsys):
     assert "ours     TopKTrainer" in out and "ours     JumpReluTrainer" in out and "±" in out
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert all(len(r["seeds"]) == 2 and 0 <= r["mcc"] <= 1 for r in rows)
+    ours = {r["recipe"]: r for r in rows if r["library"] == "ours"}
+    assert ours["TopKTrainer:encoder_init_norm=0.1"]["seeds"] != ours["TopKTrainer"]["seeds"]  # the option is used
+    assert [r["library"] for r in rows].count("SAELens") == (1 if SIDE_PYTHON else 0)  # once per architecture
     assert ("SAELens     TopKTrainer" in out.replace("SAELens  TopKTrainer", "SAELens     TopKTrainer")) == bool(
         SIDE_PYTHON
     )
     with pytest.raises(SystemExit, match="unknown trainer 'TopK'"):
         main(["synthetic", "--trainers", "TopK"])
+    with pytest.raises(SystemExit, match="TopKTrainer has no option 'encoder_norm'"):
+        main(["synthetic", "--trainers", "TopKTrainer:encoder_norm=0.1"])
+    with pytest.raises(SystemExit, match="expected NAME or NAME:key=value"):
+        main(["synthetic", "--trainers", "TopKTrainer:0.1"])
+
+
+def test_the_synthetic_command_reads_variants_in_the_trainer_option_s_syntax():
+    from dictionary_learning.cli import synthetic_recipes
+    from dictionary_learning.synthetic_bench import recipe_label
+
+    recipes = synthetic_recipes("TopKTrainer, TopKTrainer:encoder_init_norm=0.1,0.3,optimizer_name=adam,signum,"
+                                "BatchTopKTrainer:group_fractions=[0.5,0.5],MatchingPursuitTrainer")  # fmt: skip
+    assert [recipe_label(r) for r in recipes] == [
+        "TopKTrainer",
+        "TopKTrainer:encoder_init_norm=0.1,optimizer_name=adam",
+        "TopKTrainer:encoder_init_norm=0.1,optimizer_name=signum",
+        "TopKTrainer:encoder_init_norm=0.3,optimizer_name=adam",
+        "TopKTrainer:encoder_init_norm=0.3,optimizer_name=signum",
+        "BatchTopKTrainer:group_fractions=[0.5,0.5]",
+        "MatchingPursuitTrainer",
+    ]

@@ -2,7 +2,8 @@
 Bidirectional Features").
 
 The TopK recipe unchanged (its loss, AuxK, geometric-median init, threshold, sparse path) on a
-dictionary whose code keeps the k pre-activations of largest magnitude with their signs.
+dictionary whose code keeps the k pre-activations of largest magnitude with their signs. Not a
+reference recipe, so its encoder starts at SAELens's row norm 0.1 by default (`encoder_init_norm`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ __all__ = ["AbsTopKSAE", "AbsTopKTrainer"]
 class AbsTopKConfig(TopKConfig):
     dict_class: type | str = AbsTopKSAE
     wandb_name: str = "AbsTopKSAE"
+    encoder_init_norm: float | None = 0.1
+    """norm of each encoder row at initialisation (0.1, SAELens's; None: the unit-norm decoder's
+    transpose, TopK's default, 0.054 lower MCC on the synthetic ground truth)"""
 
 
 @register_trainer

@@ -106,7 +106,7 @@ class BatchTopKCrossCoderConfig(BatchTopKConfig):
     positional = (
         "steps activation_dim dict_size num_layers k layer lm_name dict_class lr auxk_alpha warmup_steps decay_start "
         "threshold_beta threshold_start_step k_anneal_steps seed device wandb_name submodule_name sparse "
-        "transcoder output_dim skip_connection optimizer_name"
+        "transcoder output_dim skip_connection optimizer_name encoder_init_norm"
     )
     num_layers: int
     """sites stacked in each [B, L, D] batch (layers of one model, or one layer of several models)"""

