@@ -1176,7 +1176,7 @@ def cmd_synthetic(args) -> None:
     from .synthetic_bench import SyntheticRun, recipe_parts, run_synthetic, table
 
     recipes = synthetic_recipes(args.trainers)
-    unknown = [recipe_parts(r)[0] for r in recipes if recipe_parts(r)[0] not in TRAINER_REGISTRY]
+    unknown = [name for name, _ in map(recipe_parts, recipes) if name not in TRAINER_REGISTRY]
     if unknown:
         raise SystemExit(f"error: unknown trainer {unknown[0]!r}; choose from {', '.join(TRAINER_REGISTRY)}")
     if args.saelens_python and not Path(args.saelens_python).exists():
@@ -1184,10 +1184,12 @@ def cmd_synthetic(args) -> None:
     run = SyntheticRun(recipes=recipes, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
                        n_features=args.features, d=args.d, mean_l0=args.mean_l0, dict_size=args.dict_size,
                        k=args.k, lr=args.lr)  # fmt: skip
-    for recipe in recipes:  # a variant's options are checked before anything trains
+    for recipe in recipes:  # every recipe's whole config is checked before anything trains
+        name = recipe_parts(recipe)[0]
         try:
-            run.config(recipe, 0)
-        except ValueError as error:
+            options = {k: v for k, v in run.config(recipe, 0).items() if k != "trainer"}
+            TRAINER_REGISTRY[name].Config.from_call(name, (), options | {"steps": run.steps})
+        except (TypeError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
     rows = run_synthetic(run, args.saelens_python)
     print("\n".join(table(rows, run)))
@@ -1223,8 +1225,9 @@ def _add_synthetic_command(sub) -> None:
         help="train recipes on a synthetic model and score them against its ground truth",
         description="Train recipes on activations of a synthetic model with known features (Zipfian firing, "
         "hierarchy, correlations), several seeds each, and print MCC, F1, shrinkage, FVE, L0, dead latents and "
-        "seconds per step (mean ± sd over seeds). With --saelens-python, SAELens's TopK, BatchTopK and "
-        "Matryoshka train beside ours on the same batches, width, k, lr and steps.",
+        "seconds per step (mean ± sd over seeds). With --saelens-python, SAELens's recipe of each architecture "
+        "both libraries train (TopK, BatchTopK, Matryoshka, AbsTopK, matching pursuit) trains beside ours on the "
+        "same batches, width, k, lr and steps.",
     )
     p.add_argument("--trainers", default="TopKTrainer,BatchTopKTrainer,MatryoshkaBatchTopKTrainer",
                    help="comma-separated recipes (default: the TopK family); a variant sets options as "

@@ -30,6 +30,8 @@ SAELENS_ARCHITECTURES = {
 }
 MATRYOSHKA_FRACTIONS = [0.25, 0.25, 0.5]  # both libraries' groups: widths F/4, F/2, F
 METRICS = ("mcc", "f1", "shrinkage", "fve", "l0", "dead")
+# Options a variant may not set: the run sets them for every recipe alike.
+RUN_OWNED = {"seed": "--seeds", "steps": "--steps", "activation_dim": "--d", "device": "the CPU"}
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,11 @@ class SyntheticRun:
             config["target_l0"] = float(self.k)
         if "group_fractions" in fields:
             config["group_fractions"] = MATRYOSHKA_FRACTIONS
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise ValueError(f"{recipe} has no option {unknown[0]!r}; its options: {', '.join(fields)}")
-        return config | options
+        TRAINER_REGISTRY[recipe].Config.check(recipe, options)
+        owned = sorted(set(options) & set(RUN_OWNED))
+        if owned:
+            raise ValueError(f"{recipe}: {owned[0]} is the run's, the same for every recipe ({RUN_OWNED[owned[0]]})")
+        return config | options  # a variant's k, lr or width take precedence over the run's
 
 
 Recipe = str | tuple[str, dict[str, Any]]  # a registered trainer, or one with config options: a variant
@@ -161,12 +164,12 @@ def run_synthetic(run: SyntheticRun, saelens_python: str | None = None) -> list[
 
 def table(rows: list[dict[str, Any]], run: SyntheticRun) -> list[str]:
     """The comparison as text: mean +- sd over seeds."""
-    w = max([27, *(len(r["recipe"]) for r in rows)])
+    name_width = max([27, *(len(r["recipe"]) for r in rows)])
     lines = [
         f"synthetic model: {run.n_features} features in {run.d} dims, mean L0 {run.mean_l0}; {run.steps} steps of "
         f"{run.batch_size}, {run.dict_size} latents, k {run.k}, lr {run.lr}; {run.seeds} seeds; "
         f"{run.eval_samples} held-out samples",
-        f"{'library':8s} {'recipe':{w}s} {'MCC':>13s} {'F1':>13s} {'shrinkage':>13s} {'FVE':>13s} {'L0':>11s} "
+        f"{'library':8s} {'recipe':{name_width}s} {'MCC':>13s} {'F1':>13s} {'shrinkage':>13s} {'FVE':>13s} {'L0':>11s} "
         f"{'dead':>9s} {'s/step':>7s}",
     ]
 
@@ -178,5 +181,5 @@ def table(rows: list[dict[str, Any]], run: SyntheticRun) -> list[str]:
         cells += [cell(r, "l0", "{:.1f}"), cell(r, "dead", "{:.0f}")]
         widths = (13, 13, 13, 13, 11, 9)
         row = " ".join(f"{c:>{w}s}" for c, w in zip(cells, widths))
-        lines.append(f"{r['library']:8s} {r['recipe']:{w}s} {row} {r['seconds_per_step']:7.4f}")
+        lines.append(f"{r['library']:8s} {r['recipe']:{name_width}s} {row} {r['seconds_per_step']:7.4f}")
     return lines

@@ -142,8 +142,12 @@ def test_the_synthetic_command_scores_recipes_over_seeds(tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="unknown trainer 'TopK'"):
         main(["synthetic", "--trainers", "TopK"])
-    with pytest.raises(SystemExit, match="TopKTrainer has no option 'encoder_norm'"):
+    with pytest.raises(SystemExit, match="unknown config keys 'encoder_norm' \\(did you mean 'encoder_init_norm'"):
         main(["synthetic", "--trainers", "TopKTrainer:encoder_norm=0.1"])
+    with pytest.raises(SystemExit, match="seed is the run's, the same for every recipe \\(--seeds\\)"):
+        main(["synthetic", "--trainers", "TopKTrainer:seed=3"])  # else every seed's run would be the same one
+    with pytest.raises(SystemExit, match="encoder_init_norm must be a positive number"):
+        main(["synthetic", "--trainers", "TopKTrainer,TopKTrainer:encoder_init_norm=-1"])  # before TopK trains
     with pytest.raises(SystemExit, match="expected NAME or NAME:key=value"):
         main(["synthetic", "--trainers", "TopKTrainer:0.1"])
 
